@@ -1,0 +1,2 @@
+"""eva-train: masked image modeling pretraining of EVA vision transformers."""
+__version__ = "0.1.0"

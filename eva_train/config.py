@@ -1,0 +1,292 @@
+"""Typed configuration: dataclass defaults <- recipe file (TOML) <- `--section.key=value` overrides.
+
+Defaults are the EVA-01 recipe (see DESIGN.md); a recipe states only what differs. Everything is
+validated once by `validate()`, before any process group, model or data worker exists, and each
+error is one line naming the problem and the fix.
+"""
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the fix in the message."""
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "eva_g_p14"          # a name from eva_train.models.variants
+    img_size: int = 224                 # pixels, square
+    drop_path_rate: float = 0.1
+    mode: str = "mim"                   # "mim": mask tokens in the encoder (EVA); "mae": visible-only encoder + decoder
+    decoder_depth: int = 4              # mae mode only
+    decoder_width: int = 512            # mae mode only
+    decoder_heads: int = 16             # mae mode only
+    checkpoint_fraction: float = 1.0    # fraction of blocks under activation checkpointing (0 = none)
+    kernels: str = ""                   # "", auto, triton, torch, apex ("" = $EVA_KERNELS or auto)
+    init_from: str = ""                 # optional local weights to start from (EVA/timm/mmpretrain/ours)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "ViT-L-14"              # open_clip model name, or "tiny" for the demo's small tower
+    checkpoint: str = ""                # local file with the tower's weights (required unless random_init)
+    random_init: bool = False           # demo only: a randomly initialised teacher, said loudly in the log
+    precision: str = "bf16"             # teacher compute dtype on GPU (fp32 on CPU)
+
+
+@dataclass
+class MaskConfig:
+    num_masking_patches: int = 105      # of 256 at 224/14 (about 40%); scaled with the grid at other sizes
+    min_block_patches: int = 16
+    min_aspect: float = 0.3             # max aspect is 1 / min_aspect
+
+
+@dataclass
+class DataConfig:
+    index: List[str] = field(default_factory=list)      # Arrow index files for training
+    val_index: List[str] = field(default_factory=list)  # Arrow index files for validation ([] = no val)
+    demo_root: str = ""                 # demo only: folder where procedural images + index are made on first use
+    num_workers: int = 8                # DataLoader workers per rank
+    min_crop_scale: float = 0.2         # RandomResizedCrop scale (min_crop_scale, 1)
+    bad_sample_threshold: float = 0.01  # abort when more than this fraction of samples failed to decode
+    prefetch_factor: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3                    # peak learning rate (absolute, for global_batch_size)
+    min_lr: float = 1e-5
+    betas: Tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 0               # if 0, warmup_epochs is used
+    warmup_epochs: float = 2.0
+    grad_clip: float = 3.0              # max global grad norm (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 4096       # images per optimizer step, all ranks
+    micro_batch_size: int = 32          # images per rank per forward
+    epochs: float = 150.0               # used when total_steps == 0
+    total_steps: int = 0
+    precision: str = "bf16"             # bf16, fp16 or fp32
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    deepspeed_config: str = "ds_configs/zero3.json"
+    val_every_steps: int = 0            # 0 = only at the end (when a val index is given)
+    max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 2                  # most recent checkpoints kept
+    keep_every: int = 0                 # also keep every checkpoint whose step is a multiple of this (0 = none)
+    resume: str = "auto"                # "auto" (latest complete in output_dir), "none", or a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = 10
+    wandb: bool = True                  # offline automatically without credentials / network
+    wandb_project: str = "eva-train"
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_every_steps: int = 0            # kNN monitor interval (0 = off)
+    knn_train_index: List[str] = field(default_factory=list)
+    knn_val_index: List[str] = field(default_factory=list)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_max_images: int = 10000
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: str = "demo"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
+
+
+def available_recipes() -> List[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Turn a TOML value or a CLI string into the field's declared type."""
+    origin = get_origin(hint)
+    if origin in (list, List, tuple, Tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = get_args(hint)
+        item_type = args[0] if args else str
+        items = [_coerce(v, item_type, where) for v in value]
+        return tuple(items) if origin in (tuple, Tuple) else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:
+        if hint is int and isinstance(value, str) and not value.lstrip("-").isdigit():
+            as_float = float(value)  # accept 1e4 for an int field, but not 2.5
+            if not as_float.is_integer():
+                raise ValueError(value)
+            return int(as_float)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}")
+    target = getattr(cfg, section)
+    hints = get_type_hints(type(target))
+    if key not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys: {known}")
+    setattr(target, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def load_recipe(name_or_path: str) -> Tuple[str, Dict[str, Any]]:
+    """Return (recipe name, raw TOML dict) for a recipe name in recipes/ or a path to a .toml file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPE_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ConfigError(
+            f"recipe '{name_or_path}' not found; use one of {', '.join(available_recipes())} or a path to a .toml file")
+    with open(path, "rb") as f:
+        return path.stem, tomllib.load(f)
+
+
+def parse_overrides(args: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """`--section.key=value` (or `--section.key value`) -> [(section, key, value)]."""
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {arg!r}; overrides look like --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
+            value, i = args[i + 1], i + 1
+        section, _, key = name.partition(".")
+        out.append((section, key, value))
+        i += 1
+    return out
+
+
+def build_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- recipe <- overrides. Does not validate (call `validate`)."""
+    cfg = Config()
+    cfg.recipe, raw = load_recipe(recipe or "demo")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"recipe {cfg.recipe}: top-level key '{section}' must be a [section] table")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, f"recipe {cfg.recipe}")
+    for section, key, value in parse_overrides(overrides):
+        _apply(cfg, section, key, value, "command line")
+    return cfg
+
+
+def derived_grad_accum(cfg: Config, world_size: int) -> int:
+    """Gradient accumulation steps implied by the batch sizes; an error if they do not multiply out."""
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x world size {world_size}; "
+            f"change one of them so global = micro x ranks x accumulation")
+    return cfg.train.global_batch_size // per_step
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cheap checks that must pass before anything expensive starts."""
+    from eva_train.models.variants import VARIANTS  # light import: a dict of configs
+
+    m = cfg.model
+    if m.variant not in VARIANTS:
+        raise ConfigError(f"model.variant '{m.variant}' is unknown; choose one of {', '.join(sorted(VARIANTS))}")
+    patch = VARIANTS[m.variant].patch_size
+    if m.img_size <= 0 or m.img_size % patch:
+        raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch} of "
+                          f"{m.variant}; use a multiple of {patch} (e.g. {patch * (max(m.img_size, patch) // patch)})")
+    if m.mode not in ("mim", "mae"):
+        raise ConfigError(f"model.mode '{m.mode}' is unknown; use mim or mae")
+    if not 0.0 <= m.checkpoint_fraction <= 1.0:
+        raise ConfigError(f"model.checkpoint_fraction={m.checkpoint_fraction} must lie in [0, 1]")
+    if m.kernels not in ("", "auto", "triton", "torch", "apex"):
+        raise ConfigError(f"model.kernels '{m.kernels}' is unknown; use auto, triton, torch or apex")
+    if cfg.train.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision '{cfg.train.precision}' is unknown; use bf16, fp16 or fp32")
+    if cfg.train.total_steps <= 0 and cfg.train.epochs <= 0:
+        raise ConfigError("train.total_steps and train.epochs are both 0; set one of them")
+    grid = m.img_size // patch
+    if not 0 < cfg.mask.num_masking_patches < grid * grid:
+        raise ConfigError(f"mask.num_masking_patches={cfg.mask.num_masking_patches} must lie in (0, {grid * grid})")
+    derived_grad_accum(cfg, world_size)
+    _validate_teacher(cfg.teacher)
+    _validate_paths(cfg)
+
+
+def _validate_teacher(t: TeacherConfig) -> None:
+    if t.random_init:
+        return
+    if not t.checkpoint:
+        raise ConfigError(f"teacher.checkpoint is empty; give the local path of the {t.name} weights "
+                          f"(--teacher.checkpoint=PATH); only the demo may use teacher.random_init=true")
+    if not os.path.isfile(t.checkpoint):
+        raise ConfigError(f"teacher.checkpoint '{t.checkpoint}' does not exist; download the {t.name} "
+                          f"weights to a local file and pass its path")
+
+
+def _validate_paths(cfg: Config) -> None:
+    if not cfg.data.index and not cfg.data.demo_root:
+        raise ConfigError("data.index is empty; build one with tools/build_index.py and pass --data.index=PATH")
+    for path in list(cfg.data.index) + list(cfg.data.val_index):
+        if not os.path.isfile(path):
+            raise ConfigError(f"data index '{path}' does not exist; build it with "
+                              f"`python tools/build_index.py SOURCE --out {path}`")
+    out = Path(cfg.train.output_dir)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"train.output_dir '{out}' is not writable ({probe} denies writing); "
+                          f"pass --output_dir to a folder you can write")

@@ -1,0 +1,65 @@
+"""Plain-PyTorch references for the fused kernels.
+
+They are the CPU fallback, the ground truth of the kernel tests and a benchmark provider.
+Statistics and softmax run in fp32 whatever the input dtype, like the kernels.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """LayerNorm over the last dim; with `residual`, normalizes x + residual and returns
+    `(normalized, x + residual)` (the pre-LN block's fused "add then norm")."""
+    summed = x if residual is None else x + residual
+    y = F.layer_norm(summed.float(), summed.shape[-1:],
+                     None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps).to(x.dtype)
+    return y if residual is None else (y, summed)
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): timm/EVA-02 interleaved layout
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    prefix, patches = x[..., :num_prefix_tokens, :], x[..., num_prefix_tokens:, :]
+    rotated = patches.float() * cos.float() + rotate_pairs(patches.float()) * sin.float()
+    return torch.cat([prefix, rotated.to(x.dtype)], dim=-2)
+
+
+def rope_2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    sin: torch.Tensor,
+    cos: torch.Tensor,
+    num_prefix_tokens: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EVA-02 2D rotary embedding on q and k.
+
+    q, k: (B, heads, N, head_dim); sin, cos: (N - num_prefix_tokens, head_dim), the timm
+    `RotaryEmbeddingCat` tables (pairwise interleaved; first half of the frequencies over
+    rows, second half over columns). The first `num_prefix_tokens` tokens (cls) pass
+    through unchanged.
+    """
+    return apply_rope(q, sin, cos, num_prefix_tokens), apply_rope(k, sin, cos, num_prefix_tokens)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Non-causal softmax attention; q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """PyTorch's fused SDPA: the fast torch path used by the model when Triton is off."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

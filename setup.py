@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="eva-train",
+    version="0.1.0",
+    description="Pretrain EVA vision transformers (up to EVA-g) with DeepSpeed ZeRO-3",
+    python_requires=">=3.10",
+    packages=find_packages(include=["eva_train", "eva_train.*"]) + ["eva_kernels"],
+    package_dir={"eva_kernels": "kernels"},
+    package_data={"eva_train": ["recipes/*.toml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.16",
+        "triton; platform_system == 'Linux'",
+        "timm>=1.0.15",
+        "open_clip_torch>=2.30",
+        "pyarrow>=15",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "tqdm",
+        "psutil",
+        "wandb",
+    ],
+    extras_require={"dev": ["pytest>=8", "matplotlib"]},
+    entry_points={"console_scripts": ["eva-pretrain=eva_train.pretrain:main"]},
+)
