@@ -43,6 +43,7 @@ class TeacherConfig:
 
 @dataclass
 class MaskConfig:
+    strategy: str = "block"             # "block" (BEiT block-wise, EVA) or "random" (exact count, MAE-style)
     num_masking_patches: int = 105      # of 256 at 224/14 (about 40%); scaled with the grid at other sizes
     min_block_patches: int = 16
     min_aspect: float = 0.3             # max aspect is 1 / min_aspect
