@@ -111,6 +111,7 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_max_images: int = 10000
+    knn_batch_size: int = 64            # images per rank per forward in the kNN monitor
     final_report: bool = False          # after training: kNN + linear probe, pretrained vs random init (demo)
 
 
