@@ -23,13 +23,18 @@ export SLURM_CONF="$conf"
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 
 ensure_installed() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null; then
+    # The daemons do not need shellcheck, but the tests lint the sbatch scripts with it.
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+        && command -v shellcheck >/dev/null; then
         return
     fi
-    [[ $(id -u) -eq 0 ]] || die "slurm is not installed and we are not root; run: sudo apt-get install -y slurmctld slurmd slurm-client"
-    command -v apt-get >/dev/null || die "slurm is not installed and apt-get is missing; install slurmctld, slurmd and slurm-client by hand"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client >/dev/null \
-        || die "apt-get install slurmctld slurmd slurm-client failed; run apt-get update first"
+    [[ $(id -u) -eq 0 ]] || die "slurm is not installed and we are not root; run: sudo apt-get install -y slurmctld slurmd slurm-client shellcheck"
+    command -v apt-get >/dev/null || die "slurm is not installed and apt-get is missing; install slurmctld, slurmd, slurm-client and shellcheck by hand"
+    local pkgs=(slurmctld slurmd slurm-client shellcheck)
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${pkgs[@]}" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q "${pkgs[@]}" >/dev/null; } \
+        || die "apt-get install ${pkgs[*]} failed; check the Debian mirror"
 }
 
 write_conf() {
