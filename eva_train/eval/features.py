@@ -1,0 +1,50 @@
+"""Feature extraction on all ranks with the same number of forwards, gathered in sample order."""
+from typing import Callable, Tuple
+
+import torch
+import torch.distributed as dist
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
+def normalize_images(images_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalised floats (the student's normalisation) on `device`."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
+    x = images_uint8.to(device, non_blocking=True).float()
+    return ((x - mean) / std).to(dtype)
+
+
+@torch.no_grad()
+def extract_local(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (features (n,D) fp32, labels (n,), valid (n,)) in its loader order."""
+    feats, labels, valid = [], [], []
+    for batch in loader:
+        images = normalize_images(batch["images"], device, dtype)
+        feats.append(forward(images).float())                       # (B, D)
+        labels.append(batch["label"].to(device))
+        valid.append(batch["valid"].to(device))
+    if not feats:
+        raise ValueError("the evaluation loader gave no batches on this rank; the labeled set is empty")
+    return torch.cat(feats), torch.cat(labels), torch.cat(valid)
+
+
+def gather_in_order(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Undo the strided sharding of `eval_loader`: rank r held positions r, r+W, ...; returns all
+    positions 0..padded_len-1 in order. Every rank gets the full tensor."""
+    if world_size == 1 or not dist.is_initialized():
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local.contiguous())
+    stacked = torch.stack(parts, dim=1)                             # (n_per_rank, W, ...)
+    return stacked.reshape(-1, *local.shape[1:])                    # (n_per_rank * W, ...)
+
+
+def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
+                     world_size: int, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """All samples' (features (N, D) fp32, labels (N,)) on every rank, padding removed."""
+    feats, labels, valid = extract_local(forward, loader, device, dtype)
+    feats = gather_in_order(feats, world_size)
+    labels = gather_in_order(labels, world_size)
+    valid = gather_in_order(valid.to(torch.uint8), world_size).bool()   # gloo cannot gather bool
+    return feats[valid], labels[valid]
