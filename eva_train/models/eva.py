@@ -4,7 +4,6 @@ State-dict names equal timm's `Eva` (num_classes=0, global_pool='token'), so a t
 same dims loads our backbone with strict=True; MIM-only tensors are `mask_token` and `lm_head.*`,
 as in official EVA-01 checkpoints.
 """
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from eva_train.models.blocks import INIT_STD, Block, InitLinear, LayerNorm
 from eva_train.models.pos_embed import resize_pos_embed, rope_sin_cos
-from eva_train.models.variants import EvaConfig
+from eva_train.models.variants import EvaConfig, num_checkpointed_blocks
 
 
 class PatchEmbed(nn.Module):
@@ -79,7 +78,7 @@ class EVA(nn.Module):
         """Run the first round(fraction * depth) blocks under activation checkpointing in training."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"grad checkpointing fraction {fraction} must lie in [0, 1]")
-        self.checkpoint_blocks = int(math.floor(fraction * len(self.blocks) + 0.5))
+        self.checkpoint_blocks = num_checkpointed_blocks(fraction, len(self.blocks))
 
     def _rope(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         return (self.rope_sin, self.rope_cos) if self.cfg.rope else None

@@ -35,6 +35,11 @@ class EvaConfig:
         return self.default_img_size // self.patch_size
 
 
+def num_checkpointed_blocks(fraction: float, depth: int) -> int:
+    """Blocks run under activation checkpointing for a fraction of the depth (round half up)."""
+    return int(fraction * depth + 0.5)
+
+
 def _eva02(embed_dim: int, depth: int, num_heads: int, large: bool, **kw) -> EvaConfig:
     """EVA-02: SwiGLU with hidden = embed * 4 * 2/3 (truncated, as timm's int()), RoPE; B/L add
     sub-LN and separate q/k/v projections."""
