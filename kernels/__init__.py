@@ -8,11 +8,26 @@ variable `EVA_KERNELS`, else "auto".
 - "torch":  PyTorch always (SDPA for attention).
 - "apex":   like "auto", but LayerNorm through NVIDIA apex's FusedLayerNorm when importable.
 Inputs a kernel does not support are routed to the reference, never computed wrong.
+`describe()` says what the switch resolves to (the engine records it in the resolved config).
+
+The public functions share names with their submodules (`layer_norm`, `attention`), so reach a
+submodule's internals with `from eva_kernels.attention import AttentionFunction`, not
+`import eva_kernels.attention as m` (that binds the public function).
 """
+import functools
 import os
 from typing import Optional
 
 from . import reference
+
+try:  # the submodules are bound here, before the public functions below take their names
+    from . import attention as _triton_attention
+    from . import layer_norm as _triton_layer_norm
+    from . import rope as _triton_rope
+    TRITON_IMPORT_ERROR: Optional[str] = None
+except ImportError as error:  # no Triton on this platform: the references serve every backend but "triton"
+    _triton_attention = _triton_layer_norm = _triton_rope = None
+    TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 BACKENDS = ("auto", "triton", "torch", "apex")
 _backend_override: Optional[str] = None
@@ -34,25 +49,72 @@ def backend() -> str:
     return name
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _use_triton(*tensors) -> bool:
+    """Whether this call goes to Triton; "triton" on CPU tensors without the interpreter is an error."""
     name = backend()
     if name == "torch":
         return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if name == "triton":
+        if TRITON_IMPORT_ERROR is not None:
+            raise RuntimeError(f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch")
+        if not on_cuda and not _interpreting():
+            raise RuntimeError("EVA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1; use auto or torch on CPU")
         return True
-    return all(t.is_cuda for t in tensors if t is not None)
+    return on_cuda and TRITON_IMPORT_ERROR is None
+
+
+@functools.lru_cache(maxsize=None)
+def apex_layer_norm():
+    """NVIDIA apex's fused LayerNorm function, or None when apex (NVIDIA's: `apex.normalization`) is absent."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+    except ImportError:
+        return None
+    return fused_layer_norm_affine
+
+
+def describe() -> dict:
+    """What the switch resolves to in this process, for the resolved config and benchmark logs."""
+    triton_version = None
+    if TRITON_IMPORT_ERROR is None:
+        import triton
+        triton_version = triton.__version__
+    return {"backend": backend(), "triton": triton_version, "interpreter": _interpreting(),
+            "apex_layer_norm": apex_layer_norm() is not None}
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-6, residual=None):
     """LayerNorm over the last dim. With `residual`: returns `(norm(x + residual), x + residual)`."""
+    if backend() == "apex" and x.is_cuda and apex_layer_norm() is not None and weight is not None \
+            and bias is not None and weight.dtype == x.dtype:
+        summed = x if residual is None else x + residual
+        y = apex_layer_norm()(summed, weight, bias, summed.shape[-1:], eps)
+        return y if residual is None else (y, summed)
+    if _use_triton(x, weight, bias, residual) and _triton_layer_norm.supports(x, weight, bias, residual):
+        return _triton_layer_norm.layer_norm(x, weight, bias, eps, residual)
     return reference.layer_norm(x, weight, bias, eps, residual)
 
 
 def rope_2d(q, k, sin, cos, num_prefix_tokens: int = 1):
-    """2D RoPE on q and k (B, heads, N, head_dim); see `reference.rope_2d` for the layout."""
+    """EVA-02 2D RoPE on q and k (B, heads, N, head_dim) in one launch; returns (q_rot, k_rot).
+
+    sin, cos: (N - num_prefix_tokens, head_dim) timm `RotaryEmbeddingCat` tables (pairwise
+    interleaved; first half of the frequencies over rows, second half over columns); the first
+    `num_prefix_tokens` tokens (cls) pass through unchanged; no gradient flows to sin/cos.
+    See `reference.rope_2d`.
+    """
+    if _use_triton(q, k, sin, cos) and _triton_rope.supports(q, k, sin, cos, num_prefix_tokens):
+        return _triton_rope.rope_2d(q, k, sin, cos, num_prefix_tokens)
     return reference.rope_2d(q, k, sin, cos, num_prefix_tokens)
 
 
 def attention(q, k, v, scale: Optional[float] = None):
-    """Non-causal attention on (B, heads, N, head_dim) tensors, like SDPA."""
+    """Non-causal attention on (B, heads, N, head_dim) tensors, like SDPA; `scale` defaults to hd**-0.5."""
+    if _use_triton(q, k, v) and _triton_attention.supports(q, k, v):
+        return _triton_attention.attention(q, k, v, scale)
     return reference.sdpa_attention(q, k, v, scale)
