@@ -57,6 +57,8 @@ class DataConfig:
     num_workers: int = 8                # DataLoader workers per rank
     min_crop_scale: float = 0.2         # RandomResizedCrop scale (min_crop_scale, 1)
     bad_sample_threshold: float = 0.01  # abort when more than this fraction of samples failed to decode
+    bad_sample_min_count: int = 1000    # samples seen before the threshold can abort (one bad image early is noise)
+    max_image_pixels: int = 67108864    # images larger than this (64 Mpx) count as bad instead of eating memory
     prefetch_factor: int = 4
 
 
