@@ -256,3 +256,70 @@ def test_variant_table_is_consistent():
     assert VARIANTS["eva_g_p14"].head_dim == 88
     demo = VARIANTS["eva_demo_p8"]
     assert (demo.default_img_size, demo.embed_dim, demo.depth, demo.num_heads, demo.mlp_hidden_dim) == (64, 128, 4, 4, 512)
+
+
+ZERO3_SCRIPT = r'''
+import sys
+import deepspeed, torch
+from eva_train.config import ModelConfig
+from eva_train.models import build_model
+
+deepspeed.init_distributed(dist_backend="gloo")
+ds_config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}
+for mode, variant in (("mim", "eva02_debug_p4"), ("mae", "eva_debug_p4")):
+    cfg = ModelConfig(variant=variant, img_size=16, mode=mode, decoder_depth=1, decoder_width=16, decoder_heads=2)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = build_model(cfg, teacher_dim=8)
+    assert all(p.numel() == 0 for p in model.parameters()), "parameters were not partitioned"
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        params = dict(model.named_parameters())
+        assert torch.equal(params["norm.weight"], torch.ones(32)), "LayerNorm weight not initialised to 1"
+        fc2 = params["blocks.1.mlp.fc2.weight"]
+        assert abs(fc2.std().item() - 0.02 / 2) < 0.004, f"fc2 std {fc2.std().item()} (expected .02/sqrt(4))"
+        assert abs(params["pos_embed"].std().item() - 0.02) < 0.004, "pos_embed not trunc_normal(.02)"
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                      config=ds_config)
+    images = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :6] = True
+    for _ in range(2):
+        loss = engine(images, mask).square().mean()
+        engine.backward(loss)
+        engine.step()
+    assert engine(images).shape == (2, 32)
+    print(mode, "ok", float(loss))
+'''
+
+
+@pytest.mark.slow
+def test_models_build_and_train_under_deepspeed_zero3_init(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "zero3.py"
+    script.write_text(ZERO3_SCRIPT)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mim ok" in result.stdout and "mae ok" in result.stdout
+
+
+def test_model_info_tool_prints_exact_counts(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "model_info.py"
+    spec = importlib.util.spec_from_file_location("model_info", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["eva_g_p14", "--img_size", "336"]) == 0
+    out = capsys.readouterr().out
+    assert "1,011,596,672" in out and "620.318" in out
+    with pytest.raises(SystemExit):
+        tool.main(["eva_g_p14", "--img_size", "300"])

@@ -11,11 +11,25 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
-
 import eva_kernels
 
 INIT_STD = 0.02
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch of whole samples while training.
+    (Own module rather than timm's: importing timm inside `deepspeed.zero.Init` breaks torch._dynamo.)"""
+
+    def __init__(self, drop_rate: float):
+        super().__init__()
+        self.drop_rate = drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        keep = 1.0 - self.drop_rate
+        sample_mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * sample_mask / keep
 
 
 class InitLinear(nn.Linear):
