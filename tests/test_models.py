@@ -149,6 +149,16 @@ def test_meta_built_model_materializes_with_rope_tables():
     assert not any("rope" in k for k in real.state_dict())
 
 
+def test_rope_tables_stay_fp32_when_the_model_is_cast_to_bf16():
+    model = build_backbone("eva02_debug_p4", 16)
+    sin = model.rope_sin.clone()
+    model.to(torch.bfloat16)
+    assert model.pos_embed.dtype == torch.bfloat16
+    assert model.rope_sin.dtype == torch.float32 and model.rope_cos.dtype == torch.float32
+    torch.testing.assert_close(model.rope_sin, sin, rtol=0, atol=0)
+    assert model(torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def _random_mask(batch, n, num_masked, seed=0):
     gen = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch, n, dtype=torch.bool)

@@ -74,6 +74,13 @@ class EVA(nn.Module):
             self.rope_sin.copy_(sin)
             self.rope_cos.copy_(cos)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16) / .half() (e.g. by DeepSpeed) would round the RoPE angles' sin/cos; keep them fp32
+        module = super()._apply(fn, *args, **kwargs)
+        if self.cfg.rope and self.rope_sin.dtype != torch.float32 and self.rope_sin.device.type != "meta":
+            self.rope_sin, self.rope_cos = self._rope_tables(device=self.rope_sin.device)
+        return module
+
     def set_grad_checkpointing(self, fraction: float = 1.0) -> None:
         """Run the first round(fraction * depth) blocks under activation checkpointing in training."""
         if not 0.0 <= fraction <= 1.0:
