@@ -1,0 +1,213 @@
+"""Samples: decoding (modes, EXIF, draft), crops, masks, bad-sample replacement and the abort,
+determinism across worker counts and on resume."""
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eva_train.config import DataConfig, MaskConfig
+from eva_train.data import BadSampleMonitor, DataError
+from eva_train.data.build import build_index
+from eva_train.data.dataset import MaskedImageDataset, SampleSpec, replacement_row
+from eva_train.data.decode import BadImageError, decode_crop, open_image
+from eva_train.data.index import open_index
+from eva_train.data.loader import build_loader
+from eva_train.data.masking import BlockMaskGenerator, RandomMaskGenerator, build_mask_generator
+from eva_train.data.transforms import center_crop_box, random_resized_crop_box
+
+MAX_PIXELS = 10_000
+
+
+def encode(img: Image.Image, fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def decode_whole(data: bytes, out=16, flip=False) -> np.ndarray:
+    img = open_image(data, MAX_PIXELS * 100)
+    return decode_crop(img, center_crop_box(*img.size, crop_fraction=1.0) if img.width == img.height
+                       else (0, 0) + img.size, out, flip)
+
+
+@pytest.mark.parametrize("mode,fmt,color,expected", [
+    ("L", "JPEG", 128, (128, 128, 128)),
+    ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0)),
+    ("P", "PNG", None, (10, 200, 30)),
+    ("RGBA", "PNG", (0, 0, 255, 0), (255, 255, 255)),   # fully transparent -> white background
+    ("LA", "PNG", (50, 255), (50, 50, 50)),
+])
+def test_modes_become_rgb(mode, fmt, color, expected):
+    if mode == "P":
+        img = Image.new("RGB", (24, 24), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
+    else:
+        img = Image.new(mode, (24, 24), color)
+    out = decode_whole(encode(img, fmt))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - np.array(expected)).max() <= 6
+
+
+def test_exif_orientation_is_applied():
+    raw = Image.new("RGB", (40, 20), (255, 0, 0))
+    raw.paste((0, 0, 255), (20, 0, 40, 20))  # raw: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: red ends on top
+    img = open_image(encode(raw, exif=exif.tobytes()), MAX_PIXELS)
+    out = decode_crop(img, center_crop_box(20, 40), 16, flip=False)
+    assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60    # top red
+    assert out[-1, 8, 2] > 200 and out[-1, 8, 0] < 60  # bottom blue
+
+
+def test_flip_and_draft_keep_the_picture():
+    x = np.linspace(0, 255, 800)
+    pixels = np.stack([np.tile(x, (600, 1)), np.tile(x[::-1], (600, 1)), np.full((600, 800), 90)], -1)
+    data = encode(Image.fromarray(pixels.astype(np.uint8)), quality=95)
+    box = (100, 50, 700, 550)
+    drafted = decode_crop(open_image(data, 10**7), box, 64, flip=False)  # 500 px crop -> 64: draft at 1/4
+    exact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box))
+    assert np.abs(drafted.astype(int) - exact.astype(int)).mean() < 3
+    flipped = decode_crop(open_image(data, 10**7), box, 64, flip=True)
+    assert np.array_equal(flipped, drafted[:, ::-1])
+
+
+def test_random_resized_crop_boxes_are_valid():
+    rng = np.random.default_rng(0)
+    for width, height in [(500, 375), (50, 400), (1000, 20), (7, 7)]:
+        for _ in range(50):
+            left, top, right, bottom = random_resized_crop_box(width, height, (0.2, 1.0), rng)
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+def test_block_mask_exact_count_and_blocky():
+    gen = BlockMaskGenerator((16, 16), 105)
+    rng = np.random.default_rng(0)
+    masks = np.stack([gen(rng) for _ in range(50)])
+    assert masks.dtype == bool and masks.shape == (50, 256) and (masks.sum(1) == 105).all()
+    grid = masks.reshape(50, 16, 16)
+    neighbours = np.zeros_like(grid)
+    neighbours[:, 1:] |= grid[:, :-1]
+    neighbours[:, :-1] |= grid[:, 1:]
+    neighbours[:, :, 1:] |= grid[:, :, :-1]
+    neighbours[:, :, :-1] |= grid[:, :, 1:]
+    assert (grid & neighbours).sum() / grid.sum() > 0.95  # blocks, not scattered patches
+    assert not np.array_equal(masks[0], masks[1])
+    assert np.array_equal(gen(np.random.default_rng(3)), gen(np.random.default_rng(3)))
+
+
+def test_random_mask_and_grid_scaling():
+    rng = np.random.default_rng(0)
+    assert RandomMaskGenerator((16, 16), 147)(rng).sum() == 147
+    cfg = MaskConfig()
+    assert build_mask_generator(cfg, (4, 4))(rng).sum() == 7          # 105 * 16 / 256 rounded
+    assert build_mask_generator(cfg, (24, 24))(rng).sum() == 236      # 105 * 576 / 256 rounded
+    cfg.strategy = "random"
+    assert isinstance(build_mask_generator(cfg, (14, 14)), RandomMaskGenerator)
+    cfg.strategy = "grid"
+    with pytest.raises(ValueError, match="block or random"):
+        build_mask_generator(cfg, (14, 14))
+
+
+def good_jpeg(i: int) -> bytes:
+    pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels))
+
+
+@pytest.fixture
+def broken_dir(tmp_path):
+    """12 good images and one of each bad kind, indexed; returns (index path, set of bad rows)."""
+    root = tmp_path / "imgs" / "all"
+    root.mkdir(parents=True)
+    for i in range(12):
+        (root / f"good{i:02d}.jpg").write_bytes(good_jpeg(i))
+    (root / "bad_truncated.jpg").write_bytes(good_jpeg(99)[:300])
+    (root / "bad_zero.jpg").write_bytes(b"")
+    (root / "bad_text.jpg").write_text("this is not an image")
+    (root / "bad_missing.jpg").write_bytes(good_jpeg(98))
+    (root / "bad_huge.png").write_bytes(encode(Image.new("RGB", (200, 100)), "PNG"))  # > MAX_PIXELS
+    out = build_index([str(tmp_path / "imgs")], str(tmp_path / "i.arrow"), num_workers=1)
+    (root / "bad_missing.jpg").unlink()
+    reader = open_index(out)
+    bad_rows = {r for r in range(len(reader)) if Path(reader.record(r).path).name.startswith("bad")}
+    assert len(bad_rows) == 5
+    return out, bad_rows
+
+
+def expected_bad_count(row, bad_rows, num_rows):
+    count = 0
+    while row in bad_rows:
+        row = replacement_row(row, count, num_rows)
+        count += 1
+    return count
+
+
+def loader_for(index, workers=0, train=True, batch=4, state=None, threshold_pixels=MAX_PIXELS, img=32):
+    data_cfg = DataConfig(num_workers=workers, max_image_pixels=threshold_pixels, prefetch_factor=2)
+    return build_loader(data_cfg, MaskConfig(), index_paths=[index], img_size=img, patch_size=8,
+                        micro_batch_size=batch, rank=0, world_size=1, seed=4, train=train, sampler_state=state)
+
+
+def test_broken_images_are_replaced_and_counted(broken_dir, caplog):
+    index, bad_rows = broken_dir
+    loader, _ = loader_for(index, workers=0, train=False, batch=17)
+    with caplog.at_level(logging.WARNING, logger="eva_train.data.dataset"):
+        batches = list(loader) + list(loader)  # two passes: each bad path logged once only
+    assert len(batches) == 2
+    batch = batches[0]
+    assert batch["images"].shape == (17, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    assert not set(batch["index"].tolist()) & bad_rows
+    expected = [expected_bad_count(r, bad_rows, 17) for r in range(17)]
+    assert batch["bad"].tolist() == expected and sum(expected) >= 5
+    logged = [r.getMessage() for r in caplog.records]
+    for name in ("bad_truncated", "bad_zero", "bad_text", "bad_missing", "bad_huge"):
+        assert sum(name in m for m in logged) == 1, (name, logged)
+
+
+def test_bad_fraction_aborts_with_a_clear_report(broken_dir):
+    index, _ = broken_dir
+    loader, _ = loader_for(index, workers=0, train=False, batch=17)
+    monitor = BadSampleMonitor(threshold=0.01, min_samples=10)
+    with pytest.raises(DataError, match=r"failed to read or decode, above data.bad_sample_threshold=1.00%.*"
+                                        r"--data.bad_sample_threshold"):
+        for batch in loader:
+            monitor.update(batch["bad"].sum(), len(batch["bad"]))
+    quiet = BadSampleMonitor(threshold=0.5, min_samples=10)
+    quiet.update(5, 17)
+    assert quiet.fraction == pytest.approx(5 / 17)
+    early = BadSampleMonitor(threshold=0.01, min_samples=1000)
+    early.update(3, 10)  # below the minimum count: no abort yet
+
+
+def test_same_batches_for_any_worker_count_and_on_resume(broken_dir):
+    index, _ = broken_dir
+    ref_loader, sampler = loader_for(index, workers=0)
+    ref = [b for b, _ in zip(ref_loader, range(6))]  # 6 batches of 4 over an epoch of 17: crosses an epoch
+    two_workers, _ = loader_for(index, workers=2)
+    for got, want in zip(two_workers, ref):
+        for key in ("images", "mask", "index", "bad", "label"):
+            assert torch.equal(got[key], want[key]), key
+    state = sampler.state_after(3 * 4)
+    resumed, _ = loader_for(index, workers=1, state=state)
+    for got, want in zip(resumed, ref[3:]):
+        assert torch.equal(got["images"], want["images"]) and torch.equal(got["mask"], want["mask"])
+    assert ref[0]["mask"].shape == (4, 16) and (ref[0]["mask"].sum(1) == 7).all()
+
+
+def test_all_bad_data_is_an_error(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(b"garbage")
+    index = build_index([str(tmp_path / "imgs")], str(tmp_path / "i.arrow"), num_workers=1)
+    dataset = MaskedImageDataset(open_index(index), SampleSpec(img_size=16), RandomMaskGenerator((2, 2), 1))
+    with pytest.raises(DataError, match="failed to load"):
+        dataset[(0, 0)]
+
+
+def test_open_image_rejects_empty_and_huge():
+    with pytest.raises(BadImageError, match="zero bytes"):
+        open_image(b"", 100)
+    with pytest.raises(BadImageError, match="max_image_pixels"):
+        open_image(encode(Image.new("RGB", (20, 20))), 100)
