@@ -1,0 +1,174 @@
+"""Import foreign EVA weights into our model: official EVA-01 (`model` wrapper) / EVA-02
+(`module` wrapper) releases, timm EVA checkpoints, open_clip EVA towers, mmpretrain EVA
+checkpoints and our own consolidated files; for continued pretraining or as a teacher.
+
+Files are read with safetensors or `torch.load(weights_only=True)` (never unpickled code). The
+position table is resized to the model's grid (bicubic), tensors of another shape (a different
+`lm_head` width) are skipped, and what did not load is reported, never silently dropped.
+"""
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from eva_train.layouts import LayoutError, plan_layout
+
+log = logging.getLogger(__name__)
+WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
+
+
+@dataclass
+class ImportReport:
+    source_layout: str
+    missing: List[str] = field(default_factory=list)       # model tensors the file did not provide
+    unexpected: List[str] = field(default_factory=list)    # file tensors the model has no place for
+    mismatched: List[str] = field(default_factory=list)    # model tensors skipped: file shape differs
+    resized: List[str] = field(default_factory=list)       # e.g. pos_embed resampled to the model's grid
+
+    def summary(self) -> str:
+        parts = [f"layout {self.source_layout}"]
+        for name in ("missing", "unexpected", "mismatched", "resized"):
+            values = getattr(self, name)
+            if values:
+                parts.append(f"{len(values)} {name} ({', '.join(values[:4])}{', ...' if len(values) > 4 else ''})")
+        return "; ".join(parts)
+
+
+def read_state_dict(path: str) -> "OrderedDict[str, torch.Tensor]":
+    """Tensors of a safetensors / .pt / .pth / .bin file, unwrapped from model/module/state_dict."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return OrderedDict(load_file(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses arbitrary pickles: say what to do
+        raise ValueError(f"{path} could not be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"convert it to safetensors, or re-save only its state dict") from None
+    return unwrap(obj)
+
+
+def unwrap(obj) -> "OrderedDict[str, torch.Tensor]":
+    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+        key = next((k for k in WRAPPER_KEYS if k in obj), None)
+        if key is None:
+            raise ValueError(f"no weights found: top-level keys are {list(obj)[:8]}; expected tensors or one of "
+                             f"{', '.join(WRAPPER_KEYS)}")
+        obj = obj[key]
+    return OrderedDict((k, v) for k, v in obj.items() if isinstance(v, torch.Tensor))
+
+
+def _is_tensor_dict(obj: Mapping) -> bool:
+    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= len(obj) / 2
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+    keys = list(state_dict)
+    if any(k.startswith("visual.trunk.") for k in keys):
+        return "open_clip"
+    if any(k.startswith(("backbone.layers.", "layers.")) for k in keys):
+        return "mmpretrain"
+    if any(re.search(r"\.mlp\.(w1|w2|w3|w12|ffn_ln)\.", k) for k in keys):
+        return "eva02_official"
+    return "timm"  # also official EVA-01 and ours: the same names
+
+
+def official_eva02_to_timm(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Official EVA-02 names -> timm's (SwiGLU w1/w2/w3/ffn_ln, separate q/v biases); the RoPE
+    tables are recomputed, not loaded."""
+    separate_qkv = any(".attn.q_proj.weight" in k for k in state_dict)
+    renames = [("mlp.ffn_ln.", "mlp.norm."), ("mlp.w12.", "mlp.fc1."), ("mlp.w1.", "mlp.fc1_g."),
+               ("mlp.w2.", "mlp.fc1_x."), ("mlp.w3.", "mlp.fc2.")]
+    if separate_qkv:
+        renames += [("attn.q_bias", "attn.q_proj.bias"), ("attn.v_bias", "attn.v_proj.bias")]
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith("rope.") or ".rope." in key:
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                 layout: Optional[str] = None) -> tuple:
+    """(tensors under our names, ImportReport) for `model` (an EVA / EvaForMIM)."""
+    layout = layout or detect_layout(state_dict)
+    report = ImportReport(layout)
+    if layout == "eva02_official":
+        state_dict, layout = official_eva02_to_timm(state_dict), "timm"
+    if layout == "mmpretrain" and not any(k.startswith("backbone.") for k in state_dict):
+        state_dict = OrderedDict(("backbone." + k, v) for k, v in state_dict.items())
+    ours = model.state_dict()
+    shapes = OrderedDict((k, tuple(v.shape)) for k, v in ours.items())
+    swiglu = getattr(getattr(model, "cfg", None), "swiglu", None)
+    plan = plan_layout(layout, shapes, swiglu)
+    state_dict = _resize_pos_embed(state_dict, plan, model, report)
+    converted, missing, mismatched, used = plan.invert_partial(state_dict, shapes)
+    report.missing = missing
+    report.mismatched = mismatched
+    report.unexpected = [k for k in state_dict if k not in used]
+    return converted, report
+
+
+def _resize_pos_embed(state_dict, plan, model, report: ImportReport):
+    routes = plan.routes.get("pos_embed") or []
+    if not routes or routes[0].dest not in state_dict or not hasattr(model, "pos_embed"):
+        return state_dict
+    name = routes[0].dest
+    if tuple(state_dict[name].shape) == tuple(model.pos_embed.shape):
+        return state_dict
+    from eva_train.models.pos_embed import resize_pos_embed
+
+    state_dict = OrderedDict(state_dict)
+    table = state_dict[name]
+    state_dict[name] = resize_pos_embed(table, model.grid_size, model.num_prefix_tokens)
+    report.resized.append(f"pos_embed {tuple(table.shape)} -> {tuple(state_dict[name].shape)}")
+    return state_dict
+
+
+def load_weights(model: nn.Module, source: Union[str, Mapping[str, torch.Tensor]], layout: Optional[str] = None,
+                 strict: bool = False) -> ImportReport:
+    """Load a file (or state dict) of any supported layout into `model`; log and return the report.
+    strict=True raises on anything missing, unexpected or mismatched."""
+    state_dict = read_state_dict(source) if isinstance(source, str) else unwrap(dict(source))
+    converted, report = to_our_names(state_dict, model, layout)
+    model.load_state_dict(converted, strict=False)
+    problems = report.missing or report.unexpected or report.mismatched
+    if strict and problems:
+        raise LayoutError(f"weights do not match the model strictly: {report.summary()}")
+    log.info("loaded weights: %s", report.summary())
+    return report
+
+
+def model_from_metadata(metadata: Dict[str, str], state_dict: Mapping[str, torch.Tensor], backbone_only: bool):
+    """Build the eva-train model a consolidated file was made from (its `config` metadata)."""
+    from eva_train.models import build_backbone, build_model
+    from eva_train.config import ModelConfig
+
+    if "config" not in metadata:
+        raise ValueError("the file has no eva-train config in its metadata (not made by tools/consolidate.py "
+                         "from an eva-train run); build the model yourself and call load_weights")
+    model_cfg = json.loads(metadata["config"]).get("model", {})
+    variant, img_size = model_cfg.get("variant"), model_cfg.get("img_size")
+    if backbone_only or "lm_head.weight" not in state_dict:
+        return build_backbone(variant, img_size)
+    fields = {k: v for k, v in model_cfg.items() if k in ModelConfig.__dataclass_fields__}
+    return build_model(ModelConfig(**fields), teacher_dim=state_dict["lm_head.weight"].shape[0])
+
+
+def check_loads_strict(path: str) -> nn.Module:
+    """Build the model named in the file's metadata and load the file into it with strict=True."""
+    from eva_train.consolidate import read_metadata
+    from safetensors.torch import load_file
+
+    state_dict = load_file(path)
+    model = model_from_metadata(read_metadata(path), state_dict, backbone_only=False)
+    model.load_state_dict(state_dict, strict=True)
+    return model

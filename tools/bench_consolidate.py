@@ -1,0 +1,235 @@
+"""Consolidation benchmark: our streaming reader against DeepSpeed's zero_to_fp32, and the
+maker of the real ZeRO checkpoints it (and tests/test_consolidate.py) reads.
+
+  # 1) a real ZeRO-3 checkpoint of EVA-L (2 CPU ranks, one AdamW step, bf16, optimizer state included)
+  DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tools/bench_consolidate.py \
+      make --model eva_l_p14 --stages 3 --precision bf16 --img-size 112 --out /tmp/bench_eva_l
+  # 2) time both tools, each in a fresh process (wall time, peak RSS), and compare the tensors
+  python tools/bench_consolidate.py run /tmp/bench_eva_l/checkpoints --repeats 2
+
+`make` runs under torch.distributed (RANK/WORLD_SIZE set); it writes OUT/checkpoints/<tag>/ with
+a COMPLETE marker and OUT/checkpoints/latest, the layout of the eva-train contract.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# -------------------------------------------------------------------------------- make (workers)
+
+
+def _toy_model():
+    """A model that is not ours: embedding tied to the output head, odd sizes (padding across
+    ranks), a frozen parameter and a buffer."""
+    import torch
+    import torch.nn as nn
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(37, 12)
+            self.body = nn.Sequential(nn.Linear(12, 13), nn.GELU(), nn.Linear(13, 12))
+            self.norm = nn.LayerNorm(12)
+            self.head = nn.Linear(12, 37, bias=False)
+            self.head.weight = self.emb.weight                      # tied
+            self.frozen_scale = nn.Parameter(torch.full((5,), 0.5), requires_grad=False)
+            self.register_buffer("step_count", torch.arange(3, dtype=torch.int64))
+
+        def forward(self, ids):
+            h = self.norm(self.body(self.emb(ids))) * self.frozen_scale.mean()
+            return self.head(h)
+
+    return Toy()
+
+
+def _make_batch(model_name, img_size, generator):
+    import torch
+
+    if model_name == "toy":
+        return torch.randint(0, 37, (2, 5), generator=generator)
+    return torch.randn(1, 3, img_size, img_size, generator=generator)
+
+
+def _build(model_name, img_size):
+    if model_name == "toy":
+        return _toy_model()
+    from eva_train.models import build_model
+    from eva_train.config import ModelConfig
+
+    cfg = ModelConfig(variant=model_name, img_size=img_size, drop_path_rate=0.0, checkpoint_fraction=0.0)
+    return build_model(cfg, teacher_dim=16)
+
+
+def _ds_config(stage, precision):
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1_000_000,
+    }
+
+
+def _param_groups(model):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_checkpoints(args) -> None:
+    """One process per rank; one checkpoint per ZeRO stage in --stages (OUT/checkpoints when one
+    stage is given, else OUT/zero{stage}/checkpoints), in one launch to save start-up time."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    stages = [int(s) for s in str(args.stages).split(",")]
+    for stage in stages:
+        out = Path(args.out) if len(stages) == 1 else Path(args.out) / f"zero{stage}"
+        make_checkpoint(args, stage, out)
+
+
+def make_checkpoint(args, stage: int, out: Path) -> None:
+    """Build, run `steps` AdamW steps, save the way the engine does."""
+    import deepspeed
+    import torch
+
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    ds_config = _ds_config(stage, args.precision)
+    with deepspeed.zero.Init(enabled=stage == 3, config_dict_or_path=ds_config):
+        model = _build(args.model, args.img_size)
+    optimizer = torch.optim.AdamW(_param_groups(model), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    generator = torch.Generator().manual_seed(1 + rank)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    for _ in range(args.steps):
+        batch = _make_batch(args.model, args.img_size, generator)
+        batch = batch.to(dtype) if batch.is_floating_point() else batch
+        loss = engine(batch).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+    root = out / "checkpoints"
+    tag = f"step_{args.steps:08d}"
+    config = {"model": {"variant": args.model, "img_size": args.img_size, "mode": "mim"}} if args.model != "toy" else {}
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": args.steps, "config": config},
+                           save_latest=False)
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_atomic(root / tag / "COMPLETE", json.dumps({"step": args.steps, "world_size": world_size,
+                                                           "time": time.time()}))
+        _write_atomic(root / "latest", tag)
+    torch.distributed.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------- run (benchmark)
+
+_OURS = """
+import sys
+from eva_train.consolidate import consolidate
+consolidate(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+_THEIRS = """
+import sys
+from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], safe_serialization=True)
+"""
+
+
+def _timed_child(code: str, ckpt: str, out: str) -> tuple:
+    """(wall seconds, peak RSS bytes) of a fresh python running `code`."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    start = time.perf_counter()
+    wrapper = (code + "\nimport resource, sys\n"
+               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper, ckpt, out], env=env, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
+    peak_kb = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")][0]
+    return wall_s, peak_kb * 1024
+
+
+def _identical(ours: str, theirs_dir: str) -> bool:
+    from safetensors import safe_open
+
+    theirs = os.path.join(theirs_dir, "model.safetensors")
+    with safe_open(ours, "pt") as a, safe_open(theirs, "pt") as b:
+        if set(a.keys()) != set(b.keys()):
+            return False
+        return all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+
+
+def run_benchmark(args) -> None:
+    from eva_train.consolidate import resolve_checkpoint
+
+    tag_dir = resolve_checkpoint(args.ckpt, None)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        ours_file, theirs_dir = os.path.join(scratch, "ours.safetensors"), os.path.join(scratch, "theirs")
+        for _ in range(args.repeats):
+            # zero_to_fp32 takes the tag dir's parent plus the tag
+            rows.append(("zero_to_fp32", *_timed_child(_THEIRS.replace("sys.argv[1], sys.argv[2]",
+                                                                       "sys.argv[1], sys.argv[2], tag=%r" % tag_dir.name),
+                                                       str(tag_dir.parent), theirs_dir)))
+            rows.append(("eva_train.consolidate", *_timed_child(_OURS, str(tag_dir), ours_file)))
+        same = _identical(ours_file, theirs_dir)
+        out_bytes = os.path.getsize(ours_file)
+    _print_table(rows, out_bytes, same)
+
+
+def _print_table(rows, out_bytes, same) -> None:
+    best = {}
+    for name, wall_s, rss in rows:
+        prev = best.get(name)
+        best[name] = (min(wall_s, prev[0]), min(rss, prev[1])) if prev else (wall_s, rss)
+    print(f"output: {out_bytes / 2**30:.2f} GiB; tensors identical: {same}")
+    print(f"{'tool':<24}{'wall s (best)':>14}{'peak RSS GiB':>14}{'x ref wall':>12}{'x ref RSS':>11}")
+    ref = best["zero_to_fp32"]
+    for name, (wall_s, rss) in best.items():
+        print(f"{name:<24}{wall_s:>14.2f}{rss / 2**30:>14.2f}{wall_s / ref[0]:>12.2f}{rss / ref[1]:>11.2f}")
+    print("all runs: " + ", ".join(f"{n} {w:.2f}s/{r / 2**30:.2f}GiB" for n, w, r in rows))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="write a real ZeRO checkpoint (run under torch.distributed)")
+    make.add_argument("--model", default="toy", help="toy, or an eva_train variant name")
+    make.add_argument("--stages", default="3", help="ZeRO stages, e.g. 3 or 1,2,3")
+    make.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    make.add_argument("--img-size", type=int, default=0, help="0 = the variant's default")
+    make.add_argument("--steps", type=int, default=1)
+    make.add_argument("--out", required=True)
+    run = sub.add_parser("run", help="time our consolidation against zero_to_fp32")
+    run.add_argument("ckpt", help="OUT/checkpoints or a tag dir")
+    run.add_argument("--repeats", type=int, default=2)
+    run.add_argument("--scratch", default=None, help="folder for the outputs (default: system temp)")
+    args = parser.parse_args(argv)
+    if args.command == "make":
+        if args.img_size == 0 and args.model != "toy":
+            from eva_train.models.variants import VARIANTS
+            args.img_size = VARIANTS[args.model].default_img_size
+        make_checkpoints(args)
+    else:
+        run_benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
