@@ -1,0 +1,352 @@
+"""Save and resume training: DeepSpeed state + client state (step, sampler position, RNG, config).
+
+Layout under `OUT/checkpoints/`:
+    step_00001000/            DeepSpeed's files for that step (every rank writes its shards)
+    step_00001000/rng/rank_00003.pt   rank 3's generator states (rank-private, unlike the rest)
+    step_00001000/COMPLETE    json {step, world_size, zero_stage, time}; written last, by rank 0,
+                              after a barrier that follows every rank's write
+    latest                    the tag of the newest complete checkpoint (write-temp, fsync, rename)
+
+Crash safety: a tag dir without COMPLETE is never loaded (and is deleted by the next save), so a
+kill at any point of a save leaves the previous checkpoint as the resume point. Retention removes
+COMPLETE before the rest of an old tag, so a half-deleted dir is never mistaken for a checkpoint.
+
+World-size change: DeepSpeed 0.19.8 refuses to load ZeRO optimizer shards on another data-parallel
+size, so `load` converts the checkpoint once (rank 0, `deepspeed.checkpoint.ds_to_universal`) into
+`<tag>/universal/` and loads that with DeepSpeed's universal-checkpoint loader, which re-partitions
+fp32 weights and Adam moments for the new world size.
+"""
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from eva_train.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+COMPLETE_FILE = "COMPLETE"
+LATEST_FILE = "latest"
+UNIVERSAL_DIR = "universal"
+CLIENT_KEY = "eva_client_state"  # our dict inside DeepSpeed's model-states file, apart from its own keys
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the fix in the message."""
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of_tag(tag: str) -> Optional[int]:
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
+    """Cheap checks, before anything expensive starts; one line with the fix."""
+    if ckpt_cfg.every_steps < 0:
+        raise CheckpointError(f"checkpoint.every_steps={ckpt_cfg.every_steps} is negative; use 0 (only at the end) "
+                              f"or a positive interval")
+    if ckpt_cfg.keep_last < 1:
+        raise CheckpointError(f"checkpoint.keep_last={ckpt_cfg.keep_last} would delete the checkpoint just "
+                              f"written; use 1 or more")
+    if ckpt_cfg.keep_every < 0:
+        raise CheckpointError(f"checkpoint.keep_every={ckpt_cfg.keep_every} is negative; use 0 (none) or a step interval")
+    resume = ckpt_cfg.resume
+    if resume not in ("auto", "none") and not os.path.exists(resume):
+        raise CheckpointError(f"checkpoint.resume '{resume}' does not exist; pass auto, none, or the path of a "
+                              f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir")
+
+
+# --- small filesystem primitives: every file that marks progress is written temp -> fsync -> rename
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """DeepSpeed's torch.save does not fsync; make its files durable before COMPLETE says so."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _remove_tag_dir(path: Path) -> None:
+    """COMPLETE goes first (and durably), so a crash mid-delete leaves an ignored, incomplete dir."""
+    marker = path / COMPLETE_FILE
+    if marker.exists():
+        marker.unlink()
+        _fsync_dir(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_complete(tag_dir: Path) -> Optional[Dict[str, Any]]:
+    """The COMPLETE record of a tag dir, or None when the save never finished."""
+    try:
+        return json.loads((Path(tag_dir) / COMPLETE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_tags(ckpt_root: Path) -> List[Tuple[int, Path]]:
+    """(step, dir) of every tag dir, complete or not, in step order."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(step_of_tag(p.name), p) for p in ckpt_root.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def retained_steps(steps: List[int], keep_last: int, keep_every: int) -> List[int]:
+    """Which complete checkpoints survive: the newest `keep_last`, plus every multiple of `keep_every`."""
+    newest = sorted(steps)[-keep_last:] if keep_last > 0 else []
+    permanent = [s for s in steps if keep_every > 0 and s % keep_every == 0]
+    return sorted(set(newest) | set(permanent))
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """`<tag>/universal/<tag>/` in DeepSpeed's universal layout (made once; atomic via rename).
+
+    Runs DeepSpeed's converter in a child process: it forks worker pools and holds every shard of
+    the model in memory at once, which the training process should not pay for.
+    """
+    tag_dir = Path(tag_dir)
+    final = tag_dir / UNIVERSAL_DIR
+    if (final / tag_dir.name / "zero").is_dir():
+        return final
+    staging = tag_dir / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(staging / tag_dir.name), "--inject_missing_state"]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        raise CheckpointError(f"converting {tag_dir} for a new world size failed ({tail[0]}); resume on the "
+                              f"world size it was saved with (see its COMPLETE file)")
+    _fsync_tree(staging)
+    os.replace(staging, final)
+    _fsync_dir(tag_dir)
+    log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.time() - started)
+    return final
+
+
+class CheckpointManager:
+    """Every rank constructs one; `save`/`load` are collective (every rank calls them, same order)."""
+
+    def __init__(self, output_dir: str, ckpt_cfg: CheckpointConfig, rank: int, world_size: int):
+        check_checkpoint_config(ckpt_cfg)
+        self.root = Path(output_dir) / "checkpoints"
+        self.cfg = ckpt_cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.last_saved_step: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        """A periodic save is due after optimizer step `step` (1-based count of steps done)."""
+        return self.cfg.every_steps > 0 and step > 0 and step % self.cfg.every_steps == 0
+
+    # --- save
+
+    def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
+        """Collective. Writes tag `step_{step:08d}`; moves `latest` only once every rank has written."""
+        tag_dir = self.root / tag_for_step(step)
+        if self.last_saved_step == step:  # e.g. the final save right after a periodic one
+            return str(tag_dir)
+        common = {k: v for k, v in client_state.items() if k != "rng"}
+        common["step"] = step
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # a leftover of a crashed save, or of an abandoned timeline
+                _remove_tag_dir(tag_dir)
+        _barrier(self.world_size)
+        started = time.time()
+        engine.save_checkpoint(str(self.root), tag=tag_dir.name, client_state={CLIENT_KEY: common},
+                               save_latest=False)
+        if "rng" in client_state:
+            (tag_dir / "rng").mkdir(exist_ok=True)
+            _atomic_torch_save(client_state["rng"], tag_dir / "rng" / f"rank_{self.rank:05d}.pt")
+        _barrier(self.world_size)  # every rank's files are on disk (closed) past this point
+        if self.rank == 0:
+            self._commit(tag_dir, step, engine)
+            log.info("saved checkpoint %s in %.1f s", tag_dir, time.time() - started)
+        self.last_saved_step = step
+        return str(tag_dir)
+
+    def _commit(self, tag_dir: Path, step: int, engine) -> None:
+        """Rank 0, after the barrier: make the files durable, mark complete, move `latest`, prune."""
+        _fsync_tree(tag_dir)
+        record = {"step": step, "world_size": self.world_size, "zero_stage": _zero_stage(engine),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
+        _atomic_write_text(self.root / LATEST_FILE, tag_dir.name + "\n")
+        self._prune(keep=tag_dir)
+
+    def _prune(self, keep: Path) -> None:
+        """Retention, only after `latest` names the new tag; incomplete leftovers go too."""
+        tags = list_tags(self.root)
+        complete = [s for s, p in tags if read_complete(p) is not None]
+        survivors = set(retained_steps(complete, self.cfg.keep_last, self.cfg.keep_every))
+        for step, path in tags:
+            if path != keep and step not in survivors:
+                _remove_tag_dir(path)
+
+    # --- resume
+
+    def find_resume(self, resume: str) -> Optional[str]:
+        """"none" -> None; "auto" -> newest complete checkpoint of this output dir (None if there is none);
+        a path -> that checkpoint (a tag dir, a `checkpoints` dir or a run's output dir)."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            found = newest_complete(self.root)
+            return str(found) if found else None
+        found = resolve_checkpoint_path(Path(resume))
+        return str(found)
+
+    def load(self, engine, path: str) -> Dict[str, Any]:
+        """Collective. Restores DeepSpeed state; returns client_state with this rank's `rng` (None when
+        the world size changed: per-rank streams do not map onto a different number of ranks)."""
+        tag_dir = Path(path)
+        record = read_complete(tag_dir)
+        if record is None:
+            raise CheckpointError(f"{tag_dir} has no COMPLETE marker (its save never finished); "
+                                  f"resume from an earlier checkpoint or use --resume auto")
+        saved_world = int(record["world_size"])
+        load_dir, flag = str(tag_dir.parent), False
+        if saved_world != self.world_size:
+            if self.rank == 0:
+                log.info("checkpoint %s was saved by %d ranks, loading on %d: resharding",
+                         tag_dir, saved_world, self.world_size)
+                convert_to_universal(tag_dir)
+            _barrier(self.world_size)
+            load_dir, flag = str(tag_dir / UNIVERSAL_DIR), True
+        loaded, client_state = _load_engine(engine, load_dir, tag_dir.name, universal=flag)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}; it is damaged, "
+                                  f"resume from another checkpoint")
+        if CLIENT_KEY not in client_state:
+            raise CheckpointError(f"{tag_dir} was not written by eva-train (no {CLIENT_KEY}); "
+                                  f"start from its weights with --model.init_from instead")
+        client_state = dict(client_state[CLIENT_KEY])
+        client_state["rng"] = self._load_rng(tag_dir) if saved_world == self.world_size else None
+        if self.rank == 0:
+            self._set_aside_newer(tag_dir, int(record["step"]))
+        _barrier(self.world_size)
+        self.last_saved_step = int(record["step"])
+        return client_state
+
+    def _load_rng(self, tag_dir: Path) -> Optional[Dict[str, Any]]:
+        path = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
+        if not path.exists():
+            return None
+        # Our own file, written by `save`: it holds numpy/python state objects, not only tensors.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def _set_aside_newer(self, tag_dir: Path, step: int) -> None:
+        """Resuming this output dir from an older step: checkpoints of the abandoned, later timeline
+        would win a later `auto` resume and retention, so rename them out of the tag pattern."""
+        if tag_dir.parent.resolve() != self.root.resolve():
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        for later_step, path in list_tags(self.root):
+            if later_step > step and read_complete(path) is None:
+                _remove_tag_dir(path)  # a save that never finished: nothing to keep
+            elif later_step > step:
+                aside = path.with_name(f"{path.name}.abandoned-{stamp}")
+                os.replace(path, aside)
+                log.warning("resumed from step %d: set aside later checkpoint %s as %s", step, path, aside)
+        latest = self.root / LATEST_FILE
+        if latest.exists() and latest.read_text().strip() != tag_dir.name:
+            _atomic_write_text(latest, tag_dir.name + "\n")
+
+
+def newest_complete(ckpt_root: Path) -> Optional[Path]:
+    """`latest` when it names a complete checkpoint; otherwise the highest complete step (a kill
+    between COMPLETE and the `latest` rename, or a lost `latest`)."""
+    latest = ckpt_root / LATEST_FILE
+    if latest.is_file():
+        named = ckpt_root / latest.read_text().strip()
+        if step_of_tag(named.name) is not None and read_complete(named) is not None:
+            return named
+    complete = [p for _, p in list_tags(ckpt_root) if read_complete(p) is not None]
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint_path(path: Path) -> Path:
+    """A tag dir as is; an output dir or its `checkpoints/` -> its newest complete checkpoint."""
+    if not path.exists():
+        raise CheckpointError(f"resume path '{path}' does not exist; pass a checkpoint dir "
+                              f"(OUT/checkpoints/step_XXXXXXXX), a run's output dir, auto or none")
+    if read_complete(path) is not None:
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    found = newest_complete(path)
+    if found is None:
+        raise CheckpointError(f"'{path}' holds no complete checkpoint (no dir with a COMPLETE marker); "
+                              f"pass another path, or --resume none to start fresh")
+    return found
+
+
+def _zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
+
+
+def _load_engine(engine, load_dir: str, tag: str, universal: bool) -> Tuple[Optional[str], Dict[str, Any]]:
+    """DeepSpeed's loader; `universal` flips its universal-checkpoint switch for this one call
+    (it is a config flag read only inside load_checkpoint)."""
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        loaded, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        engine._config.load_universal_checkpoint = previous
+    return loaded, client_state or {}
