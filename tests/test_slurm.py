@@ -97,3 +97,110 @@ def test_requeue_restarts_the_same_job(cluster, tmp_path):
     assert fields["Restarts"] == "1"
     assert f"SLURM job {job_id} restart 0" in text and f"SLURM job {job_id} restart 1" in text
     assert "second run done" in text
+
+
+# --- the sbatch scripts with the real entry point -------------------------------------------
+
+needs_entry_point = pytest.mark.skipif(not (REPO / "eva_train/pretrain.py").exists(),
+                                       reason="eva_train/pretrain.py (engine part) is not in the tree yet")
+CPU_SHAPE = {"NODES": "1", "TASKS_PER_NODE": "2", "GPUS_PER_NODE": "0"}
+CPU_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+TOTAL_STEPS = 24
+
+
+def demo_overrides(demo_root: Path) -> str:
+    """A 2-rank fp32 CPU demo that takes well under a minute; checkpoints only on preemption."""
+    return " ".join([
+        f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
+        f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
+        "--logging.progress_bar=false", f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
+    ])
+
+
+def read_metrics(output_dir: Path) -> List[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def job_log(log_dir: Path, job_id: str) -> str:
+    return "\n".join(p.read_text() for p in sorted(log_dir.glob(f"*-{job_id}.*")))
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo_data")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(cluster, demo_root, tmp_path_factory):
+    """`sbatch slurm/eva_g.sh` with CPU overrides: a 2-task demo pretraining run to the end."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    env = job_env(RECIPE="demo", OUTPUT_ROOT=str(root), EXTRA_ARGS=demo_overrides(demo_root))
+    job_id = sbatch([*CPU_SBATCH, f"--output={root}/%x-%j.out", f"--error={root}/%x-%j.err",
+                     "slurm/eva_g.sh"], env)
+    try:
+        fields = wait_job_ended(job_id, timeout_s=300)
+    finally:
+        subprocess.run(["scancel", job_id])
+    return fields, root / f"eva-g-{job_id}", job_log(root, job_id)
+
+
+@needs_entry_point
+@pytest.mark.slow
+def test_sbatch_eva_g_runs_demo_to_completion(uninterrupted_run):
+    fields, output_dir, log = uninterrupted_run
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
+    rows = read_metrics(output_dir)
+    assert rows and rows[-1]["step"] == TOTAL_STEPS, log[-3000:]
+    assert json.loads((output_dir / "config.json").read_text())  # the run folder is the job's own
+    assert "2 tasks on" in log
+
+
+@needs_entry_point
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_matches(cluster, demo_root, uninterrupted_run, tmp_path):
+    env = job_env(RECIPE="demo", OUTPUT_ROOT=str(tmp_path), EXTRA_ARGS=demo_overrides(demo_root), **CPU_SHAPE)
+    submit = subprocess.run(["bash", "slurm/eva_g.sh", "--submit", "--cpus-per-task=1", "--time=15",
+                             f"--output={tmp_path}/%x-%j.out", f"--error={tmp_path}/%x-%j.err"],
+                            capture_output=True, text=True, env=env, cwd=REPO)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
+    output_dir = tmp_path / f"eva-g-{job_id}"
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_metrics(output_dir)) < 3:  # mid-run: a few steps done, most to go
+            assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, \
+                job_log(tmp_path, job_id)[-3000:]
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        fields = wait_job_ended(job_id, timeout_s=300)
+    finally:
+        subprocess.run(["scancel", job_id])
+    log = job_log(tmp_path, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log[-3000:]
+    assert f"job {job_id} restart 1" in log
+    saved = sorted(p.name for p in (output_dir / "checkpoints").glob("step_*"))
+    assert saved and int(saved[0].split("_")[1]) < TOTAL_STEPS  # the preemption checkpoint
+    rows = read_metrics(output_dir)
+    assert rows[-1]["step"] == TOTAL_STEPS
+    expected = read_metrics(uninterrupted_run[1])[-1]["loss"]
+    assert rows[-1]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+@needs_entry_point
+@pytest.mark.parametrize("env_update, message", [
+    ({"EXTRA_ARGS": "--train.global_batch_size=3 --train.micro_batch_size=1"}, "not a multiple"),
+    ({"DATA_INDEX": "/nonexistent/train.arrow"}, "does not exist"),
+])
+def test_dry_run_rejects_broken_config_without_queueing(cluster, tmp_path, env_update, message):
+    before = set(queued_job_ids())
+    env = job_env(RECIPE="demo", OUTPUT_ROOT=str(tmp_path), **CPU_SHAPE, **env_update)
+    done = subprocess.run(["bash", "slurm/eva_g.sh", "--submit", "--time=15"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr + done.stdout
+    assert "nothing was queued" in done.stderr
+    assert "submitted job" not in done.stdout
+    assert set(queued_job_ids()) <= before
