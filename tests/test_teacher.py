@@ -64,8 +64,9 @@ def test_saved_tower_loads_back_exactly(tmp_path, random_tiny, layout):
         torch.save(prefixed, path)
     elif layout == "visual_only":
         torch.save(visual, path)
-    elif layout == "wrapped":
-        torch.save({"state_dict": prefixed}, path)
+    elif layout == "wrapped":  # an open_clip training checkpoint
+        torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in prefixed.items()},
+                    "optimizer": {"state": {}}}, path)
     else:
         save_file(prefixed, str(path))
     loaded = build_teacher(TeacherConfig(name="tiny", checkpoint=str(path)), student_grid=8, device="cpu")
@@ -109,6 +110,8 @@ def test_mismatched_keys_and_shapes_name_the_file_and_keys(tmp_path, random_tiny
 def test_unknown_or_hub_teacher_names_are_refused():
     with pytest.raises(ValueError, match="not an open_clip model config"):
         build_teacher(TeacherConfig(name="ViT-Q-99", random_init=True), 8, "cpu")
+    with pytest.raises(ValueError, match="not an open_clip model config"):  # checked before any file is read
+        build_teacher(TeacherConfig(name="ViT-Q-99", checkpoint="/nonexistent/w.pt"), 8, "cpu")
     with pytest.raises(ValueError, match="Hugging Face hub"):
         build_teacher(TeacherConfig(name="hf-hub:org/model", random_init=True), 8, "cpu")
 

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 import eva_kernels
 
 INIT_STD = 0.02

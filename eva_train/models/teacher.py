@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import _build_vision_tower
-from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
 from eva_train import flops
@@ -127,12 +126,16 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                     "`python -c \"import torch; torch.save(torch.jit.load('IN', map_location='cpu').state_dict(), 'OUT')\"`")
         raise TeacherLoadError(f"cannot read teacher.checkpoint '{path}': {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
-    for key in WRAPPER_KEYS:  # {'state_dict': {...}} style wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and len(obj) <= 3:
+    for key in WRAPPER_KEYS:  # training checkpoints: {'state_dict': {...}, 'epoch': ..., 'optimizer': ...}
+        if isinstance(obj, dict) and not _all_tensors(obj) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not _all_tensors(obj):
         raise TeacherLoadError(f"teacher.checkpoint '{path}' does not hold a state dict of tensors")
     return obj
+
+
+def _all_tensors(obj: Dict) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def visual_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -172,8 +175,7 @@ def _uses_openai_weights(raw: Dict[str, torch.Tensor]) -> bool:
     return any(k in raw for k in OPENAI_METADATA_KEYS)
 
 
-def _build_tower(name: str, raw: Optional[Dict[str, torch.Tensor]]) -> Tuple[nn.Module, int]:
-    cfg = _model_config(name)
+def _build_tower(name: str, cfg: Dict, raw: Optional[Dict[str, torch.Tensor]]) -> Tuple[nn.Module, int]:
     quick_gelu = bool(cfg.get("quick_gelu", False))
     if raw is not None and _uses_openai_weights(raw) and not quick_gelu:
         # OpenAI's CLIP was trained with QuickGELU; a GELU tower would give subtly wrong targets
@@ -186,18 +188,19 @@ def _build_tower(name: str, raw: Optional[Dict[str, torch.Tensor]]) -> Tuple[nn.
 def build_teacher(teacher_cfg, student_grid: int, device) -> Teacher:
     """The frozen teacher for a student with `student_grid` x `student_grid` patches."""
     device = torch.device(device)
+    tower_cfg = _model_config(teacher_cfg.name)  # an unknown name fails before a large file is read
     if teacher_cfg.random_init:
         log.warning("teacher: RANDOM INIT %s (seed %d): the targets carry no CLIP knowledge; demo only",
                     teacher_cfg.name, RANDOM_TEACHER_SEED)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
-            visual, out_dim = _build_tower(teacher_cfg.name, None)
+            visual, out_dim = _build_tower(teacher_cfg.name, tower_cfg, None)
     else:
         if not teacher_cfg.checkpoint:
             raise TeacherLoadError(f"teacher.checkpoint is empty; give the local path of the {teacher_cfg.name} "
                                    f"weights (only the demo may use teacher.random_init=true)")
         raw = read_state_dict(teacher_cfg.checkpoint)
-        visual, out_dim = _build_tower(teacher_cfg.name, raw)
+        visual, out_dim = _build_tower(teacher_cfg.name, tower_cfg, raw)
         state = visual_state_dict(raw)
         _check_keys(visual, state, teacher_cfg.checkpoint)
         visual.load_state_dict(state, strict=True)
