@@ -8,7 +8,8 @@
 #
 # The node is this machine (its hostname, CPU count, memory a bit under the total).
 # Auth is auth/none + cred/none: a single-machine test cluster, never a shared one.
-# cred_expire=10 lets a requeued job start again after ~10 s instead of 120 s.
+# cred_expire=10 lets a requeued job become eligible after ~11 s instead of 121 s, and
+# sched_interval=2 lets the scheduler notice it then (the default looks every 60 s).
 #
 # Environment:
 #   SLURM_CONF         where slurm.conf is written (default /etc/slurm/slurm.conf, the path the
@@ -60,7 +61,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
 ReturnToService=2
 JobRequeue=1
 KillWait=10
