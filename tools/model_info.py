@@ -8,12 +8,14 @@ GMACs are what mmpretrain's tables call "Flops (G)"; GFLOPs = 2 x GMACs.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from eva_train.flops import forward_flops
-from eva_train.models import build_backbone
-from eva_train.models.variants import VARIANTS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from eva_train.flops import forward_flops  # noqa: E402
+from eva_train.models import build_backbone  # noqa: E402
+from eva_train.models.variants import VARIANTS  # noqa: E402
 
 
 def describe(variant: str, img_size: int) -> str:
