@@ -28,10 +28,15 @@ def encode(img: Image.Image, fmt="JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def hwc(chw: torch.Tensor) -> np.ndarray:
+    assert chw.dtype == torch.uint8 and chw.shape[0] == 3
+    return chw.permute(1, 2, 0).numpy()
+
+
 def decode_whole(data: bytes, out=16, flip=False) -> np.ndarray:
     img = open_image(data, MAX_PIXELS * 100)
-    return decode_crop(img, center_crop_box(*img.size, crop_fraction=1.0) if img.width == img.height
-                       else (0, 0) + img.size, out, flip)
+    return hwc(decode_crop(img, center_crop_box(*img.size, crop_fraction=1.0) if img.width == img.height
+                       else (0, 0) + img.size, out, flip))
 
 
 @pytest.mark.parametrize("mode,fmt,color,expected", [
@@ -57,7 +62,7 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # display rotated 90 degrees clockwise: red ends on top
     img = open_image(encode(raw, exif=exif.tobytes()), MAX_PIXELS)
-    out = decode_crop(img, center_crop_box(20, 40), 16, flip=False)
+    out = hwc(decode_crop(img, center_crop_box(20, 40), 16, flip=False))
     assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60    # top red
     assert out[-1, 8, 2] > 200 and out[-1, 8, 0] < 60  # bottom blue
 
@@ -67,10 +72,10 @@ def test_flip_and_draft_keep_the_picture():
     pixels = np.stack([np.tile(x, (600, 1)), np.tile(x[::-1], (600, 1)), np.full((600, 800), 90)], -1)
     data = encode(Image.fromarray(pixels.astype(np.uint8)), quality=95)
     box = (100, 50, 700, 550)
-    drafted = decode_crop(open_image(data, 10**7), box, 64, flip=False)  # 500 px crop -> 64: draft at 1/4
+    drafted = hwc(decode_crop(open_image(data, 10**7), box, 64, flip=False))  # 500 px crop -> 64: draft at 1/4
     exact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box))
     assert np.abs(drafted.astype(int) - exact.astype(int)).mean() < 3
-    flipped = decode_crop(open_image(data, 10**7), box, 64, flip=True)
+    flipped = hwc(decode_crop(open_image(data, 10**7), box, 64, flip=True))
     assert np.array_equal(flipped, drafted[:, ::-1])
 
 

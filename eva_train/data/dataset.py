@@ -59,11 +59,11 @@ class MaskedImageDataset(torch.utils.data.Dataset):
         else:
             raise DataError(f"{MAX_REPLACEMENTS + 1} images in a row failed to load (last: row {row}); the "
                             f"data is mostly unreadable: check the index with tools/build_index.py --check")
-        return {"images": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),  # (3, H, W)
+        return {"images": image,  # (3, H, W) uint8
                 "mask": torch.from_numpy(self.mask_generator(rng)),
                 "label": self.reader.label(row), "index": row, "bad": bad}
 
-    def _load(self, row: int, rng: np.random.Generator) -> np.ndarray:
+    def _load(self, row: int, rng: np.random.Generator) -> torch.Tensor:
         data = read_image_bytes(self.reader.image_location(row), self.handles)
         img = open_image(data, self.spec.max_image_pixels)
         width, height = upright_size(img)

@@ -102,25 +102,33 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
 
 
 class _Chunk:
-    """Numpy views over one record batch's buffers (zero copy from the memory map)."""
+    """Zero-copy views over one record batch's buffers in the memory map. The hot-path columns
+    are memoryviews: indexing one gives a Python int several times faster than a numpy scalar."""
 
     def __init__(self, batch: pa.RecordBatch):
-        self.container = batch.column("container").to_numpy()
-        self.offset = batch.column("offset").to_numpy()
-        self.size = batch.column("size").to_numpy()
-        self.label = batch.column("label").to_numpy()
-        self.width = batch.column("width").to_numpy()
-        self.height = batch.column("height").to_numpy()
-        self.source = batch.column("source").to_numpy()
+        self.container = self._view(batch.column("container"), "i")
+        self.offset = self._view(batch.column("offset"), "q")
+        self.size = self._view(batch.column("size"), "q")
+        self.label = self._view(batch.column("label"), "i")
+        self.width = self._view(batch.column("width"), "i")
+        self.height = self._view(batch.column("height"), "i")
+        self.source = self._view(batch.column("source"), "h")
         path = batch.column("path")
         _, offsets, data = path.buffers()
-        self.path_offsets = np.frombuffer(offsets, dtype=np.int64)[path.offset:path.offset + len(path) + 1]
-        self.path_bytes = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        self.path_offsets = memoryview(offsets).cast("q")[path.offset:path.offset + len(path) + 1]
+        self.path_bytes = memoryview(data) if data is not None else memoryview(b"")
+        self.num_rows = len(path)
         self.batch = batch  # keeps the buffers alive; captions/json are read through Arrow (cold path)
 
-    def path(self, i: int) -> str:
-        return self.path_bytes[self.path_offsets[i]:self.path_offsets[i + 1]].tobytes().decode()
+    @staticmethod
+    def _view(array: pa.Array, fmt: str) -> memoryview:
+        if array.null_count:
+            raise DataError(f"index column of type {array.type} has nulls; rebuild the index with tools/build_index.py")
+        data = array.buffers()[1]
+        return memoryview(data).cast(fmt)[array.offset:array.offset + len(array)]
 
+    def path(self, i: int) -> str:
+        return str(self.path_bytes[self.path_offsets[i]:self.path_offsets[i + 1]], "utf-8")
 
 class _IndexFile:
     def __init__(self, path: str, first_row: int, first_source: int, first_container: int):
@@ -129,7 +137,7 @@ class _IndexFile:
         _check_schema(reader.schema, path)
         self.meta = read_metadata(reader.schema, path)
         self.chunks = [_Chunk(reader.get_batch(i)) for i in range(reader.num_record_batches)]
-        sizes = [len(c.offset) for c in self.chunks]
+        sizes = [c.num_rows for c in self.chunks]
         self.chunk_starts = list(np.cumsum([0] + sizes)[:-1] + first_row)
         self.num_rows = int(sum(sizes))
         self.first_row = first_row
@@ -158,6 +166,7 @@ class IndexReader:
             self._add_sources(f, row)
             row += f.num_rows
         self.num_rows = row
+        self._container_pairs = [(c["kind"], c["path"]) for c in self.containers]
         self._virtual_counts = np.array([int(round(s.num_rows * s.weight)) for s in self.sources], dtype=np.int64)
         self._virtual_starts = [0] + np.cumsum(self._virtual_counts).tolist()
         self._affine_cache = {}  # (epoch, source) -> (a, b); a few entries per epoch
@@ -190,12 +199,12 @@ class IndexReader:
     def image_location(self, row: int):
         """(container kind, container path, path, offset, size): all a read needs (hot path)."""
         chunk, i, f = self.locate(row)
-        container = self.containers[f.first_container + int(chunk.container[i])]
-        return container["kind"], container["path"], chunk.path(i), int(chunk.offset[i]), int(chunk.size[i])
+        kind, path = self._container_pairs[f.first_container + chunk.container[i]]
+        return kind, path, chunk.path(i), chunk.offset[i], chunk.size[i]
 
     def label(self, row: int) -> int:
         chunk, i, _ = self.locate(row)
-        return int(chunk.label[i])
+        return chunk.label[i]
 
     def record(self, row: int) -> IndexRecord:
         chunk, i, f = self.locate(row)

@@ -25,15 +25,18 @@ class BlockMaskGenerator:
 
     def _add_block(self, mask: np.ndarray, max_new: int, rng: np.random.Generator) -> int:
         """Try to mask one rectangle adding 1..max_new patches; return how many were added."""
-        for _ in range(BLOCK_ATTEMPTS):
-            target_area = rng.uniform(self.min_block_patches, max(self.min_block_patches, max_new))
-            aspect = math.exp(rng.uniform(*self.log_aspect_range))
+        draws = rng.random((BLOCK_ATTEMPTS, 4)).tolist()  # one RNG call: per-call overhead dominates here
+        low, high = self.min_block_patches, max(self.min_block_patches, max_new)
+        log_low, log_high = self.log_aspect_range
+        for u_area, u_aspect, u_top, u_left in draws:
+            target_area = low + (high - low) * u_area
+            aspect = math.exp(log_low + (log_high - log_low) * u_aspect)
             h = int(round(math.sqrt(target_area * aspect)))
             w = int(round(math.sqrt(target_area / aspect)))
             if not (0 < h < self.height and 0 < w < self.width):
                 continue
-            top = int(rng.integers(0, self.height - h + 1))
-            left = int(rng.integers(0, self.width - w + 1))
+            top = int(u_top * (self.height - h + 1))
+            left = int(u_left * (self.width - w + 1))
             block = mask[top:top + h, left:left + w]
             new = h * w - int(block.sum())
             if 0 < new <= max_new:

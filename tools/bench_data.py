@@ -1,0 +1,218 @@
+"""Data pipeline benchmark: prints a table (timings are machine- and load-dependent; not a test).
+
+  python tools/bench_data.py [--rows 30000000] [--list-rows 3000000] [--workers 8] [--images 300]
+
+1. Index at --rows synthetic rows: write time, file size, open time, random lookup latency,
+   per-worker USS/PSS over an epoch's worth of lookups (forked workers, like DataLoader's),
+   next to a Python-list-of-paths dataset (measured at --list-rows, extrapolated linearly).
+2. Decode + RandomResizedCrop + flip (+ block mask) per core on ImageNet-like JPEGs (500x375
+   q90) against a plain `PIL.Image.open(p).convert('RGB')` loop over the same files.
+3. Reads from tar shards: random positioned reads through the index vs a sequential tar scan.
+"""
+import argparse
+import io
+import multiprocessing as mp
+import os
+import random
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import pyarrow as pa
+from PIL import Image
+
+from eva_train.config import MaskConfig
+from eva_train.data.build import build_index
+from eva_train.data.dataset import MaskedImageDataset, SampleSpec
+from eva_train.data.index import SCHEMA, open_index, write_index_atomic
+from eva_train.data.masking import build_mask_generator
+from eva_train.data.reading import HandleCache, read_image_bytes
+
+MIB = 1024 * 1024
+
+
+def synthetic_paths(n: int) -> pa.Array:
+    """'n%08d/%010d.JPEG' for row i, built from digit arrays (no per-row Python objects)."""
+    width = 25
+    chars = np.empty((n, width), np.uint8)
+    rows = np.arange(n, dtype=np.int64)
+    chars[:, 0] = ord("n")
+    for value, digits, at in ((rows // 1300, 8, 1), (rows, 10, 10)):
+        for d in range(digits):
+            chars[:, at + digits - 1 - d] = ord("0") + (value // 10 ** d) % 10
+    chars[:, 9] = ord("/")
+    chars[:, 20:] = np.frombuffer(b".JPEG", np.uint8)[None, :]
+    offsets = np.arange(n + 1, dtype=np.int64) * width
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(chars.tobytes()))
+
+
+def write_synthetic_index(path: str, n: int) -> float:
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    table = pa.table({
+        "path": synthetic_paths(n), "container": np.zeros(n, np.int32), "offset": np.zeros(n, np.int64),
+        "size": rng.integers(20_000, 200_000, n), "label": (np.arange(n) // 1300).astype(np.int32),
+        "caption": pa.nulls(n, pa.large_string()), "json": pa.nulls(n, pa.large_string()),
+        "width": np.full(n, -1, np.int32), "height": np.full(n, -1, np.int32), "source": np.zeros(n, np.int16)})
+    meta = {"containers": [{"kind": "dir", "path": "/nonexistent/imagenet"}],
+            "sources": [{"name": "synthetic", "weight": 1.0, "start_row": 0, "num_rows": n, "classes": []}]}
+    write_index_atomic(table, meta, path)
+    return time.perf_counter() - start
+
+
+def lookup_latency_us(lookup, n: int, count: int = 200_000) -> float:
+    rows = np.random.default_rng(1).integers(0, n, count).tolist()
+    start = time.perf_counter()
+    for row in rows:
+        lookup(row)
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def _memory_mib(proc: psutil.Process):
+    info = proc.memory_full_info()
+    return info.uss / MIB, info.pss / MIB
+
+
+def _worker(lookup, n, count, worker_id, queue):
+    rng = np.random.default_rng(worker_id)
+    proc = psutil.Process()
+    marks = [_memory_mib(proc)]
+    for quarter in range(4):
+        for row in rng.integers(0, n, count // 4).tolist():
+            lookup(row)
+        marks.append(_memory_mib(proc))
+    queue.put(marks)
+
+
+def worker_memory(lookup, n: int, workers: int, lookups_per_worker: int):
+    """[(uss, pss) at 0, 25, 50, 75, 100% of the lookups] averaged over forked workers."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(lookup, n, lookups_per_worker, w, queue)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return np.mean(np.array(results), axis=0)  # (5, 2)
+
+
+def bench_index(rows: int, list_rows: int, workers: int, tmp: Path):
+    path = str(tmp / "synthetic.arrow")
+    write_s = write_synthetic_index(path, rows)
+    start = time.perf_counter()
+    reader = open_index([path])
+    open_s = time.perf_counter() - start
+    per_worker = rows // workers
+    arrow_lookup = reader.image_location
+    arrow_us = lookup_latency_us(arrow_lookup, rows)
+    arrow_mem = worker_memory(arrow_lookup, rows, workers, per_worker)
+    start = time.perf_counter()
+    paths = [f"n{i // 1300:08d}/{i:010d}.JPEG" for i in range(list_rows)]
+    labels = [i // 1300 for i in range(list_rows)]
+    list_build_s = time.perf_counter() - start
+    list_lookup = lambda i: (paths[i], labels[i])  # noqa: E731  what a list-based Dataset.__getitem__ touches
+    list_us = lookup_latency_us(list_lookup, list_rows)
+    list_mem = worker_memory(list_lookup, list_rows, workers, list_rows // workers)
+    scale = rows / list_rows
+    print(f"\n## Index: {rows:,} rows, {workers} forked workers, each doing rows/workers random lookups (one epoch)")
+    print(f"{'':34} {'Arrow index (ours)':>22} {'Python list':>22}")
+    print(f"{'build / create (s)':34} {write_s:>22.2f} {list_build_s * scale:>16.2f} (extr.)")
+    print(f"{'file size (MiB)':34} {os.path.getsize(path) / MIB:>22.1f} {'-':>22}")
+    print(f"{'open (s)':34} {open_s:>22.4f} {'-':>22}")
+    print(f"{'random lookup (us)':34} {arrow_us:>22.2f} {list_us:>22.2f}")
+    for k, pct in enumerate((0, 25, 50, 75, 100)):
+        a, b = arrow_mem[k], list_mem[k]
+        growth = (b[0] - list_mem[0][0]) * scale
+        print(f"{f'worker USS / PSS at {pct:3d}% (MiB)':34} {a[0]:>10.1f} / {a[1]:>9.1f} "
+              f"{b[0]:>10.1f} / {b[1]:>9.1f}  (+{growth:.0f} USS extr.)")
+    print(f"(Python list measured at {list_rows:,} rows; 'extr.' = scaled linearly to {rows:,})")
+
+
+def imagenet_like_jpegs(folder: Path, count: int):
+    """500x375 q90 JPEGs with smooth shapes plus texture (compresses like photos, ~100 KB)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    paths = []
+    for i in range(count):
+        base = np.stack([128 + 100 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(
+            y / rng.uniform(20, 80)) for _ in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_decode(paths, tmp: Path):
+    torch.set_num_threads(1)  # per core, as in a DataLoader worker
+    index = build_index([str(paths[0].parent)], str(tmp / "jpegs.arrow"), num_workers=1)
+    reader = open_index([index])
+    dataset = MaskedImageDataset(reader, SampleSpec(img_size=224), build_mask_generator(MaskConfig(), (16, 16)))
+    for p in paths:
+        p.read_bytes()  # warm the page cache for both loops
+    start = time.perf_counter()
+    for p in paths:
+        Image.open(p).convert("RGB")
+    plain = len(paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(len(paths)):
+        dataset[(0, i)]
+    ours = len(paths) / (time.perf_counter() - start)
+    mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
+    print(f"\n## Decode per core: {len(paths)} JPEGs 500x375 q90 (~{mean_kb:.0f} KB), output 224x224 + block mask")
+    print(f"{'plain PIL open().convert(RGB)':40} {plain:>8.0f} img/s   (the limit)")
+    print(f"{'ours: read+decode(draft)+RRC+flip+mask':40} {ours:>8.0f} img/s   = {ours / plain:.0%} of the limit")
+
+
+def bench_tar(paths, tmp: Path, num_shards: int = 4):
+    shard_dir = tmp / "shards"
+    shard_dir.mkdir()
+    for s in range(num_shards):
+        with tarfile.open(shard_dir / f"{s:05d}.tar", "w") as tar:
+            for i in range(s, len(paths), num_shards):
+                tar.add(paths[i], arcname=f"{i:08d}.jpg")
+    reader = open_index([build_index([str(shard_dir)], str(tmp / "tar.arrow"), num_workers=1)])
+    total = sum(p.stat().st_size for p in paths)
+    start = time.perf_counter()
+    for shard in sorted(shard_dir.iterdir()):
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                tar.extractfile(member).read()
+    seq_s = time.perf_counter() - start
+    rows = list(range(len(reader)))
+    random.Random(0).shuffle(rows)
+    handles = HandleCache()
+    start = time.perf_counter()
+    for row in rows:
+        read_image_bytes(reader.image_location(row), handles)
+    rand_s = time.perf_counter() - start
+    print(f"\n## Tar shards: {len(paths)} samples in {num_shards} shards ({total / MIB:.1f} MiB), page cache warm")
+    print(f"{'sequential tar scan (tarfile)':40} {len(paths) / seq_s:>10.0f} samples/s {total / MIB / seq_s:>8.0f} MiB/s")
+    print(f"{'random positioned reads via index':40} {len(paths) / rand_s:>10.0f} samples/s {total / MIB / rand_s:>8.0f} MiB/s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=30_000_000)
+    p.add_argument("--list-rows", type=int, default=3_000_000)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--skip-index", action="store_true")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        tmp = Path(tmp)
+        if not args.skip_index:
+            bench_index(args.rows, min(args.list_rows, args.rows), args.workers, tmp)
+        paths = imagenet_like_jpegs(tmp / "jpegs" / "all", args.images)
+        bench_decode(paths, tmp)
+        bench_tar(paths, tmp)
+
+
+if __name__ == "__main__":
+    main()
