@@ -100,16 +100,32 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_tree(root: Path) -> None:
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path, skip=lambda name: False) -> None:
     """DeepSpeed's torch.save does not fsync; make its files durable before COMPLETE says so."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not skip(name):
+                _fsync_file(os.path.join(dirpath, name))
         _fsync_dir(Path(dirpath))
+
+
+def _is_rank_shard(name: str) -> bool:
+    """DeepSpeed's per-rank shard files (`[bf16_]zero_pp_rank_{r}_mp_rank_00_*`): their writers fsync them."""
+    return re.search(r"pp_rank_\d+_mp_rank_", name) is not None
+
+
+def _fsync_own_shards(tag_dir: Path, rank: int) -> None:
+    """Each rank flushes its own shards, in parallel with the others, before the commit barrier."""
+    for path in tag_dir.glob(f"*pp_rank_{rank}_mp_rank_*"):
+        _fsync_file(str(path))
 
 
 def _remove_tag_dir(path: Path) -> None:
@@ -212,6 +228,7 @@ class CheckpointManager:
         if "rng" in client_state:
             (tag_dir / "rng").mkdir(exist_ok=True)
             _atomic_torch_save(client_state["rng"], tag_dir / "rng" / f"rank_{self.rank:05d}.pt")
+        _fsync_own_shards(tag_dir, self.rank)
         _barrier(self.world_size)  # every rank's files are on disk (closed) past this point
         if self.rank == 0:
             self._commit(tag_dir, step, engine)
@@ -221,7 +238,7 @@ class CheckpointManager:
 
     def _commit(self, tag_dir: Path, step: int, engine) -> None:
         """Rank 0, after the barrier: make the files durable, mark complete, move `latest`, prune."""
-        _fsync_tree(tag_dir)
+        _fsync_tree(tag_dir, skip=_is_rank_shard)  # shared files (ZeRO-1/2 model states), dir entries
         record = {"step": step, "world_size": self.world_size, "zero_stage": _zero_stage(engine),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
