@@ -24,7 +24,7 @@ RUN_TIMEOUT_S = 240
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,7 +33,7 @@ def _free_port() -> int:
 def launch(out: Path, world_size: int, *args: str):
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               MASTER_PORT=str(free_port()), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     procs = []
     for rank in range(world_size):
         log = open(out / f"log_rank{rank}.txt", "a")
