@@ -69,3 +69,17 @@ def test_tar_shards_feed_two_ranks_equally(tmp_path):
     for row in range(30):
         meta = json.loads(reader.record(row).json)
         assert reader.label(row) == meta["label"] == int(meta["key"]) % NUM_CLASSES
+
+
+def test_val_loader_is_one_ordered_pass_with_equal_counts(tmp_path):
+    _, val = ensure_demo_data(tmp_path / "demo", **SMALL)  # 20 val images
+    passes = []
+    for rank in range(3):
+        loader, sampler = build_loader(DataConfig(num_workers=0), MaskConfig(), index_paths=[val], img_size=32,
+                                       patch_size=8, micro_batch_size=4, rank=rank, world_size=3, seed=0, train=False)
+        assert len(sampler) == 6 and len(loader) == 2
+        batches = list(loader)
+        passes.append(torch.cat([b["index"] for b in batches]).tolist())
+        again = torch.cat([b["images"] for b in loader])
+        assert torch.equal(again, torch.cat([b["images"] for b in batches]))  # no random crop/flip in val
+    assert passes[0] == [0, 3, 6, 9, 12, 15] and passes[2] == [2, 5, 8, 11, 14, 17]

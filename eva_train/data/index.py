@@ -277,6 +277,7 @@ def write_index_atomic(table: pa.Table, meta: dict, out_path: str, max_chunk_row
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, version=INDEX_FORMAT_VERSION)
     table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
+    table = table.combine_chunks()  # one batch per shard would mean thousands of tiny chunks to open
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     try:
         with pa.OSFile(str(tmp), "wb") as sink:
