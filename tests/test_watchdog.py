@@ -1,4 +1,6 @@
 """StallWatchdog: real child processes that stall, beat, or hold the GIL."""
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -73,3 +75,38 @@ def test_backstop_fires_when_native_code_holds_the_gil():
 def test_bad_timeout_is_rejected():
     with pytest.raises(ValueError, match="timeout_s"):
         StallWatchdog(timeout_s=0, rank=0)
+
+
+# Rank 1 skips a collective (as a rank that runs a module one time too few would under ZeRO-3);
+# rank 0 blocks in all_reduce. Its watchdog must name the rank and the collective, and exit.
+MISSED_COLLECTIVE = """
+import os, sys, time
+import torch, torch.distributed as dist
+from eva_train.watchdog import StallWatchdog
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+wd = StallWatchdog(timeout_s=2.0, rank=rank).start()
+wd.beat("step 7: grad all-reduce")
+if rank == 0:
+    dist.all_reduce(torch.ones(4))
+else:
+    time.sleep(30)  # never joins; the parent kills it once rank 0 has exited
+"""
+
+
+@pytest.mark.slow
+def test_rank_stuck_in_collective_names_itself_and_exits():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, "-c", MISSED_COLLECTIVE], env=env | {"RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        _, err = procs[0].communicate(timeout=90)
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == STALL_EXIT_CODE, err
+    assert "rank 0" in err and "step 7: grad all-reduce" in err
+    assert "all_reduce" in err  # the stack shows the collective it is stuck in
