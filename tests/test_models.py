@@ -9,7 +9,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from eva_train.config import ModelConfig
-from eva_train.models import build_backbone, build_model
+from eva_train.models import build_backbone, build_model, check_model_config
 from eva_train.models.pos_embed import resize_pos_embed
 from eva_train.models.variants import VARIANTS
 
@@ -219,9 +219,19 @@ def test_mae_encoder_sees_visible_patches_and_decoder_predicts_masked():
         model(x, uneven)
 
 
-def test_mae_rejects_rope_variants():
-    with pytest.raises(ValueError, match="does not support RoPE"):
-        build_model(ModelConfig(variant="eva02_debug_p4", img_size=16, mode="mae"), teacher_dim=8)
+@pytest.mark.parametrize("fields,message", [
+    ({"variant": "eva02_debug_p4", "mode": "mae"}, "does not support RoPE"),
+    ({"mode": "mae", "decoder_width": 30, "decoder_heads": 4}, "not divisible by model.decoder_heads"),
+    ({"mode": "bert"}, "model.mode 'bert' is unknown"),
+    ({"variant": "eva_tiny"}, "unknown; choose one of"),
+    ({"drop_path_rate": 1.0}, "drop_path_rate"),
+])
+def test_bad_model_configs_fail_before_building(fields, message):
+    cfg = ModelConfig(**{"variant": "eva_debug_p4", "img_size": 16, **fields})
+    with pytest.raises(ValueError, match=message):
+        check_model_config(cfg)
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg, teacher_dim=8)
 
 
 @pytest.mark.parametrize("variant", ["eva_debug_p4", "eva02_debug_p4"])
