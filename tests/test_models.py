@@ -343,3 +343,18 @@ def test_model_info_tool_prints_exact_counts(capsys):
     assert "1,011,596,672" in out and "620.318" in out
     with pytest.raises(SystemExit):
         tool.main(["eva_g_p14", "--img_size", "300"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,img_size,teacher_dim", [("eva_g_p14", 224, 768), ("eva02_l_p14", 224, 1024)])
+def test_full_size_models_train_a_bf16_step_on_cuda(variant, img_size, teacher_dim):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build_model(ModelConfig(variant=variant, img_size=img_size, checkpoint_fraction=1.0), teacher_dim)
+    model.to(torch.bfloat16)
+    images = torch.randn(2, 3, img_size, img_size, device="cuda", dtype=torch.bfloat16)
+    mask = _random_mask(2, model.num_patches, 105).cuda()
+    pred = model(images, mask)
+    assert pred.shape == (210, teacher_dim) and pred.dtype == torch.bfloat16
+    pred.float().square().mean().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
