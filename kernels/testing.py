@@ -7,30 +7,30 @@ most twice the error of PyTorch's own implementation at the same precision, plus
 import contextlib
 import importlib
 import os
-import sys
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import pytest
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 _KERNEL_MODULES = ("eva_kernels.layer_norm", "eva_kernels.rope", "eva_kernels.attention")
 
 
-def use_interpreter_if_no_cuda() -> bool:
-    """Without a CUDA device, run the Triton kernels in the interpreter; returns whether it is on.
+def use_interpreter_if_no_cuda() -> Optional[str]:
+    """Without a CUDA device, run the Triton kernels in the interpreter. Returns None when the
+    kernels can run here, else why not (the `kernels_runnable` fixture fails tests with it).
 
     `triton.jit` picks compiled vs interpreted when a function is *defined*, Triton's own
     `tl.sum`/`tl.max` included (verified with triton 3.8: setting TRITON_INTERPRET after
     `import triton` fails with "Cannot call @triton.jit'd outside of the scope of a kernel"). So
-    the variable must be set before anything imports triton (timm and deepspeed do): pytest's
-    conftest sets it first; here we only check, and re-import our own kernel modules if needed.
+    the variable must be set before anything imports triton (timm, deepspeed and eva_kernels do):
+    tests/conftest.py sets it first; here we check, and re-import our kernel modules if needed.
     """
     if torch.cuda.is_available():
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules:
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set; set it before "
-                           "importing torch/timm (tests/conftest.py) or export TRITON_INTERPRET=1")
-    os.environ["TRITON_INTERPRET"] = "1"
+        return None
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return ("TRITON_INTERPRET=1 was not set before triton was imported; set it in tests/conftest.py "
+                "before any import of triton/timm/eva_kernels, or export TRITON_INTERPRET=1")
     from triton.runtime.interpreter import InterpretedFunction
 
     for name in _KERNEL_MODULES:
@@ -38,7 +38,16 @@ def use_interpreter_if_no_cuda() -> bool:
         kernels = [v for k, v in vars(module).items() if k.startswith("_") and k.endswith("_kernel")]
         if any(not isinstance(kernel, InterpretedFunction) for kernel in kernels):
             importlib.reload(module)  # same module object: eva_kernels' references stay valid
-    return True
+    return None
+
+
+@pytest.fixture(autouse=True)
+def kernels_runnable():
+    """Autouse in the kernel test modules (import it there): fail, with the fix, where the
+    kernels cannot run, instead of breaking collection of the whole suite."""
+    problem = use_interpreter_if_no_cuda()
+    if problem:
+        pytest.fail(problem)
 
 
 def max_error(ours: torch.Tensor, ref64: torch.Tensor) -> float:

@@ -4,11 +4,9 @@ import copy
 import pytest
 import torch
 
-from eva_kernels.testing import use_interpreter_if_no_cuda
-
-use_interpreter_if_no_cuda()
-import eva_kernels  # noqa: E402
-from eva_train.models import build_backbone  # noqa: E402
+import eva_kernels
+from eva_kernels.testing import kernels_runnable  # noqa: F401 (autouse fixture)
+from eva_train.models import build_backbone
 
 
 def _autograd_node_names(tensor):

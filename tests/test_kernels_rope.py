@@ -4,12 +4,10 @@ import torch
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 
 from eva_kernels.testing import (ATOL, assert_close_like_torch, grads_of, leaf_copies, poisoned_outputs,
-                                 use_interpreter_if_no_cuda)
-
-use_interpreter_if_no_cuda()
-import eva_kernels  # noqa: E402
-from eva_kernels import reference  # noqa: E402
-from eva_kernels.rope import rope_2d as triton_rope_2d  # noqa: E402
+                                 kernels_runnable)  # noqa: F401 (autouse fixture)
+import eva_kernels
+from eva_kernels import reference
+from eva_kernels.rope import rope_2d as triton_rope_2d
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
