@@ -56,7 +56,8 @@ dry_run() {
     local -a args=()
     mapfile -d '' args < <(pretrain_args "${OUTPUT_DIR:-$OUTPUT_ROOT/$job_name-JOBID}")
     echo "dry run: world size $world_size ($nodes nodes x $tasks tasks), $PYTHON eva_train/pretrain.py --dry-run ${args[*]}"
-    (cd "$EVA_REPO" && WORLD_SIZE=$world_size RANK=0 LOCAL_RANK=0 \
+    # No process group is made in a dry run; the rendezvous variables only satisfy the checks.
+    (cd "$EVA_REPO" && WORLD_SIZE=$world_size RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
         "$PYTHON" eva_train/pretrain.py --dry-run "${args[@]}") || die "dry run failed (above); nothing was queued"
 
     SBATCH_FLAGS=("--chdir=$EVA_REPO" "--nodes=$nodes" "--ntasks-per-node=$tasks" "--gpus-per-node=${gpus:-0}" "$@")
