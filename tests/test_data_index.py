@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from eva_train.data import index as index_mod
 from eva_train.data.build import build_index
 from eva_train.data.errors import DataError
 from eva_train.data.index import check_index, open_index

@@ -32,10 +32,6 @@ class Unit:
     probe: bool = False
     blob_dir: str = ""        # parquet with image bytes: where extracted blobs go
 
-    @property
-    def container_kind(self) -> str:
-        return "dir" if self.kind == "dir" else ("tar" if self.kind == "tar" else "blob")
-
 
 @dataclass
 class Source:

@@ -130,6 +130,7 @@ class _Chunk:
     def path(self, i: int) -> str:
         return str(self.path_bytes[self.path_offsets[i]:self.path_offsets[i + 1]], "utf-8")
 
+
 class _IndexFile:
     def __init__(self, path: str, first_row: int, first_source: int, first_container: int):
         self.path = path
@@ -138,7 +139,7 @@ class _IndexFile:
         self.meta = read_metadata(reader.schema, path)
         self.chunks = [_Chunk(reader.get_batch(i)) for i in range(reader.num_record_batches)]
         sizes = [c.num_rows for c in self.chunks]
-        self.chunk_starts = list(np.cumsum([0] + sizes)[:-1] + first_row)
+        self.chunk_starts = (np.cumsum([0] + sizes)[:-1] + first_row).tolist()
         self.num_rows = int(sum(sizes))
         self.first_row = first_row
         self.first_source = first_source
