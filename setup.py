@@ -6,8 +6,8 @@ setup(
     description="Pretrain EVA vision transformers (up to EVA-g) with DeepSpeed ZeRO-3",
     python_requires=">=3.10",
     packages=find_packages(include=["eva_train", "eva_train.*"]) + ["eva_kernels"],
-    package_dir={"eva_kernels": "kernels"},
-    package_data={"eva_train": ["recipes/*.toml"]},
+    package_dir={"eva_train": "eva_train", "eva_kernels": "kernels"},
+    package_data={"eva_train": ["recipes/*.toml", "eval/recipes/*.toml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",
