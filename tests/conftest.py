@@ -1,10 +1,17 @@
 import os
+import shutil
 
-import pytest
-import torch
+# Set before torch/triton are imported: without a GPU, Triton kernels run in its interpreter
+# (how CI tests them); on a GPU machine they compile for real.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tests run on CPU; DeepSpeed must not look for a GPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# Tests run on CPU; DeepSpeed must not look for a GPU, wandb must never reach the network.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# wandb must never reach the network from a test.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
