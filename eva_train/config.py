@@ -86,6 +86,8 @@ class TrainConfig:
     deepspeed_config: str = "ds_configs/zero3.json"
     val_every_steps: int = 0            # 0 = only at the end (when a val index is given)
     max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
+    dist_timeout_s: int = 1800          # process-group timeout: a collective waiting longer raises instead of hanging
+    stall_timeout_s: float = 1800.0     # watchdog: no training progress for this long -> stacks in the log, exit non-zero
 
 
 @dataclass
@@ -254,8 +256,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.img_size <= 0 or m.img_size % patch:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch} of "
                           f"{m.variant}; use a multiple of {patch} (e.g. {patch * (max(m.img_size, patch) // patch)})")
-    if m.mode not in ("mim", "mae"):
-        raise ConfigError(f"model.mode '{m.mode}' is unknown; use mim or mae")
+    from eva_train.models import check_model_config  # torch-free checks of the model section
+
+    try:
+        check_model_config(m)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if m.mode == "mae" and cfg.mask.strategy != "random":
+        raise ConfigError("model.mode=mae needs the same number of masked patches in every image; "
+                          "set mask.strategy=random")
     if not 0.0 <= m.checkpoint_fraction <= 1.0:
         raise ConfigError(f"model.checkpoint_fraction={m.checkpoint_fraction} must lie in [0, 1]")
     if m.kernels not in ("", "auto", "triton", "torch", "apex"):
