@@ -1,0 +1,192 @@
+"""The DeepSpeed side of training: the DeepSpeed config (batch sizes from the recipe), the student
+under ZeRO, AdamW param groups, the frozen teacher outside the engine, and one optimizer step."""
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+
+from eva_train.config import Config, ConfigError, derived_grad_accum
+from eva_train.objective import masked_cosine_loss
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "mask_token")   # also decoder_pos_embed, decoder mask token
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """A DeepSpeed JSON given as-is, or relative to the repository (ds_configs/zero3.json from any cwd)."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json")))
+    raise ConfigError(f"deepspeed config '{path}' not found; pass --deepspeed_config with one of "
+                      f"ds_configs/{{{shipped}}} or your own file")
+
+
+def _check_agrees(raw: Dict[str, Any], key: str, wanted: Any, source: str) -> None:
+    if key in raw and raw[key] != "auto" and raw[key] != wanted:
+        raise ConfigError(f"{source} sets {key}={raw[key]!r} but the recipe implies {wanted!r}; batch sizes, "
+                          f"clipping and precision come from the recipe: delete {key} from the JSON or change the recipe")
+
+
+def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The JSON (ZeRO + precision details) completed from the recipe; contradictions are ConfigErrors."""
+    path = resolve_ds_config_path(cfg.train.deepspeed_config)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"deepspeed config {path} is not valid JSON ({error}); fix the file") from None
+    for owned in ("optimizer", "scheduler"):
+        if owned in raw:
+            raise ConfigError(f"{path} has an '{owned}' block; the optimizer and lr schedule come from the "
+                              f"recipe's [optim] section: delete the block")
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
+    wanted = {"train_batch_size": cfg.train.global_batch_size,
+              "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+              "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
+              "gradient_clipping": float(cfg.optim.grad_clip)}
+    for key, value in wanted.items():
+        _check_agrees(raw, key, value, str(path))
+    for precision in ("bf16", "fp16"):
+        enabled = raw.get(precision, {}).get("enabled", "auto")
+        _check_agrees({"enabled": enabled}, "enabled", cfg.train.precision == precision, f"{path} [{precision}]")
+    config = dict(raw, **wanted)
+    config["bf16"] = dict(raw.get("bf16", {}), enabled=cfg.train.precision == "bf16")
+    config["fp16"] = dict(raw.get("fp16", {}), enabled=cfg.train.precision == "fp16")
+    if cfg.train.precision == "fp16":
+        config["fp16"].setdefault("loss_scale", 0)            # dynamic loss scale, as the EVA-01 run
+        config["fp16"].setdefault("initial_scale_power", 16)
+    return config
+
+
+def zero_stage(ds_config: Dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Two AdamW groups: decay for matrices; none for biases, norms, position tables, cls/mask tokens.
+    Shapes via `ds_shape` under ZeRO-3, where a partitioned parameter's own tensor is empty."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)
+        exempt = len(shape) <= 1 or name.endswith(NO_DECAY_SUFFIXES)
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any]) -> torch.nn.Module:
+    """The student, built partitioned under ZeRO-3 so EVA-g never exists whole on one rank."""
+    import deepspeed
+
+    from eva_train.models import build_model
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank and in every run
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        return build_model(cfg.model, teacher_dim)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    fused = {"fused": True} if device.type == "cuda" else {}
+    # lr is set by the engine every step (schedule.lr_at_step); this value is only the initial one
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused)
+
+
+def normalize_images(images_uint8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalized `dtype`, computed in fp32."""
+    mean = torch.tensor(IMAGENET_MEAN_255, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255, device=images_uint8.device).view(1, 3, 1, 1)
+    return ((images_uint8.float() - mean) / std).to(dtype)
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean over the step's micro batches and all ranks
+    grad_norm: float     # global, before clipping (nan when DeepSpeed does not report it)
+    lr: float
+
+
+class Trainer:
+    """One optimizer step = gradient_accumulation_steps micro batches through the DeepSpeed engine."""
+
+    def __init__(self, engine, teacher, optimizer, device: torch.device, precision: str,
+                 lr_at_step: Callable[[int], float]):
+        self.engine, self.teacher, self.optimizer = engine, teacher, optimizer
+        self.device, self.dtype, self.lr_at_step = device, DTYPES[precision], lr_at_step
+
+    def micro_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        images = batch["images"].to(self.device, non_blocking=True)           # (B,3,H,W) uint8
+        mask = batch["mask"].to(self.device, non_blocking=True)               # (B,N) bool
+        target = self.teacher(images)                                         # (B,N,C) fp32, no grad
+        pred = self.engine(normalize_images(images, self.dtype), mask)        # (M,C)
+        return masked_cosine_loss(pred, target, mask)
+
+    def train_step(self, step: int, micro_batches: Sequence[Dict[str, torch.Tensor]]) -> StepResult:
+        """Optimizer step number `step` (0-based) on this rank's micro batches."""
+        lr = self.lr_at_step(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self.micro_loss(batch)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        mean_loss = _mean_over_ranks(total / len(micro_batches))
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr)
+
+    @torch.no_grad()
+    def val_loss(self, loader) -> float:
+        """Mean loss over one pass of the val loader (every rank runs the same number of forwards)."""
+        self.engine.eval()
+        try:
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)   # (sum of loss x images, images)
+            for batch in loader:
+                n = batch["images"].shape[0]
+                total += torch.tensor([self.micro_loss(batch).item() * n, n], device=self.device, dtype=torch.float64)
+            _all_reduce_sum(total)
+        finally:
+            self.engine.train()
+        return float(total[0] / total[1].clamp(min=1))
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    value = value.detach().clone().reshape(1)
+    _all_reduce_sum(value)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return float(value / world)
+
+
+def build_engine(cfg: Config, ds_config: Dict[str, Any], teacher_dim: int, device: torch.device):
+    """(DeepSpeed engine, the AdamW it wraps)."""
+    import deepspeed
+
+    model = build_student(cfg, teacher_dim, ds_config)
+    optimizer = build_optimizer(model, cfg, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    log.info("engine: ZeRO stage %d, %s, micro %d x accumulation %d, %d ranks", zero_stage(ds_config),
+             cfg.train.precision, ds_config["train_micro_batch_size_per_gpu"],
+             ds_config["gradient_accumulation_steps"], engine.world_size)
+    return engine, optimizer

@@ -1,0 +1,126 @@
+"""Per-step training metrics: timing (images/s, data-wait fraction), MFU from analytic FLOPs, and the
+sinks: metrics.jsonl (rank 0, appended), wandb (offline unless credentials; never fatal), tqdm."""
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOPs per device for bf16/fp16 tensor-core math; unknown devices (and CPUs) give mfu = null.
+PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                    "B200": 2250e12, "GH200": 989e12}
+
+
+def peak_flops(device_name: str, precision: str) -> Optional[float]:
+    """Peak FLOPs/s of one device by its name (e.g. "NVIDIA H100 80GB HBM3"); None when unknown or fp32."""
+    if precision not in ("bf16", "fp16"):
+        return None
+    upper = device_name.upper()
+    for key in sorted(PEAK_FLOPS_16BIT, key=len, reverse=True):  # GH200 before H200
+        if key in upper:
+            return PEAK_FLOPS_16BIT[key]
+    return None
+
+
+def memory_gib(device) -> float:
+    """Peak allocated accelerator memory, or this process's resident memory on CPU."""
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class ThroughputMeter:
+    """Accumulates step and data-wait time between two log points."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.data_wait_s, self.images, self.steps = time.perf_counter(), 0.0, 0, 0
+
+    def add(self, images: int, data_wait_s: float) -> None:
+        self.images += images
+        self.data_wait_s += data_wait_s
+        self.steps += 1
+
+    def read(self, flops_per_image: float, peak_flops_per_device: Optional[float], world_size: int) -> Dict[str, Any]:
+        elapsed_s = max(time.perf_counter() - self.start, 1e-9)
+        images_per_sec = self.images / elapsed_s
+        mfu = None
+        if peak_flops_per_device:
+            mfu = flops_per_image * images_per_sec / (peak_flops_per_device * world_size)
+        return {"images_per_sec": images_per_sec, "mfu": mfu, "data_wait_frac": self.data_wait_s / elapsed_s,
+                "step_time_s": elapsed_s / max(1, self.steps)}
+
+
+class MetricsSink:
+    """Where logged metrics go. Rank 0 writes; other ranks hold a sink that does nothing."""
+
+    def __init__(self, output_dir: str, logging_cfg, run_config: Dict[str, Any], rank: int, total_steps: int,
+                 start_step: int):
+        self.enabled = rank == 0
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        self.bar = None
+        if not self.enabled:
+            return
+        if logging_cfg.wandb:
+            self.wandb_run = _start_wandb(output_dir, logging_cfg, run_config)
+        if logging_cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:  # one whole line per write: a kill leaves at most a torn last line
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record.get('lr', 0):.2e}")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+            except Exception as error:  # a logging service must never stop training
+                log.warning("wandb log failed (%s); continuing without wandb", error)
+                self.wandb_run = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as error:
+                log.warning("wandb finish failed: %s", error)
+
+
+def wandb_mode(environ=os.environ) -> str:
+    """online only with an API key and WANDB_MODE not forcing offline/disabled."""
+    requested = environ.get("WANDB_MODE", "")
+    if requested in ("offline", "disabled", "dryrun"):
+        return "offline" if requested == "dryrun" else requested
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
+
+def _start_wandb(output_dir: str, logging_cfg, run_config: Dict[str, Any]):
+    try:
+        import wandb
+
+        return wandb.init(project=logging_cfg.wandb_project, name=logging_cfg.run_name or None, dir=output_dir,
+                          config=run_config, mode=wandb_mode(), resume="allow",
+                          settings=wandb.Settings(init_timeout=60, silent=True))
+    except Exception as error:
+        log.warning("wandb init failed (%s); logging to metrics.jsonl only", error)
+        return None

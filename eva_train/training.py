@@ -1,0 +1,179 @@
+"""The training loop of pretrain.py: build every piece (after config checks passed), resume, run steps
+with logging, validation, kNN monitoring, checkpoints, preemption and a stall watchdog."""
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from eva_train.config import Config, derived_grad_accum
+from eva_train.distributed import WorldInfo, init_process_group
+
+log = logging.getLogger(__name__)
+SAVE_TIMEOUT_S = 3600.0  # watchdog budget for one checkpoint save (EVA-g optimizer state is ~12 GB)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    world: WorldInfo
+    device: torch.device
+    trainer: Any
+    engine: Any
+    loader: Any
+    sampler: Any
+    ckpt: Any
+    total_steps: int
+    start_step: int
+    flops_per_image: float
+    peak_flops: Optional[float]
+    val_loader: Any = None
+    knn: Any = None
+    client_rng: Optional[dict] = None
+    grad_accum: int = 1
+    code_version: str = ""
+    extras: Dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_data(cfg: Config) -> None:
+    """The demo generates its data on first use (every rank may call: a file lock serializes them)."""
+    if cfg.data.index or not cfg.data.demo_root:
+        return
+    from eva_train.data.demo import ensure_demo_data
+
+    train_index, val_index = ensure_demo_data(cfg.data.demo_root, img_size=cfg.model.img_size)
+    cfg.data.index = [train_index]
+    cfg.data.val_index = cfg.data.val_index or [val_index]
+    if cfg.eval.knn_every_steps > 0 and not cfg.eval.knn_train_index:
+        cfg.eval.knn_train_index, cfg.eval.knn_val_index = [train_index], [val_index]
+
+
+def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=None):
+    from eva_train.data.loader import build_loader
+    from eva_train.models.variants import VARIANTS
+
+    return build_loader(cfg.data, cfg.mask, index_paths=paths, img_size=cfg.model.img_size,
+                        patch_size=VARIANTS[cfg.model.variant].patch_size, micro_batch_size=cfg.train.micro_batch_size,
+                        rank=world.rank, world_size=world.world_size, seed=cfg.train.seed, train=train,
+                        sampler_state=sampler_state)
+
+
+def _flops_per_image(cfg: Config, teacher) -> float:
+    from eva_train.flops import train_flops_per_image
+
+    return train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim,
+                                 cfg.mask.num_masking_patches)
+
+
+def _knn_monitor(cfg: Config, world: WorldInfo):
+    if cfg.eval.knn_every_steps <= 0:
+        return None
+    try:
+        from eva_train.eval.knn_monitor import KnnMonitor
+    except ImportError as error:
+        log.warning("kNN monitor unavailable (%s); continuing without it", error)
+        return None
+    from eva_train.models.variants import VARIANTS
+
+    return KnnMonitor(cfg.eval, cfg.model.img_size, VARIANTS[cfg.model.variant].patch_size, world.rank,
+                      world.world_size)
+
+
+def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
+    import eva_kernels
+    from eva_train.checkpoint import CheckpointManager
+    from eva_train.engine import Trainer, build_ds_config, build_engine
+    from eva_train.metrics import peak_flops
+    from eva_train.models.teacher import build_teacher
+    from eva_train.models.variants import VARIANTS
+    from eva_train.schedule import lr_at_step, plan_steps
+
+    prepare_data(cfg)
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    eva_kernels.set_backend(cfg.model.kernels or None)
+    device = init_process_group(world, cfg.train.dist_timeout_s)
+    ds_config = build_ds_config(cfg, world.world_size)
+    grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
+    teacher = build_teacher(cfg.teacher, grid, device)  # outside the engine: frozen, never partitioned
+    engine, optimizer = build_engine(cfg, ds_config, teacher.out_dim, device)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank + 1)  # per-rank drop-path streams
+    ckpt = CheckpointManager(cfg.train.output_dir, cfg.checkpoint, world.rank, world.world_size)
+    resume_path = ckpt.find_resume(cfg.checkpoint.resume)
+    client = ckpt.load(engine, resume_path) if resume_path else {}
+    if resume_path:
+        log.info("resumed from %s at step %d", resume_path, client["step"])
+    loader, sampler = _loader(cfg, world, cfg.data.index, True, client.get("sampler_state"))
+    val_loader = _loader(cfg, world, cfg.data.val_index, False)[0] if cfg.data.val_index else None
+    total, warmup = plan_steps(total_steps=cfg.train.total_steps, epochs=cfg.train.epochs,
+                               warmup_steps=cfg.optim.warmup_steps, warmup_epochs=cfg.optim.warmup_epochs,
+                               dataset_size=sampler.epoch_length, global_batch_size=cfg.train.global_batch_size)
+    lr_fn = partial(lr_at_step, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, total_steps=total)
+    trainer = Trainer(engine, teacher, optimizer, device, cfg.train.precision, lr_fn)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Run(cfg=cfg, world=world, device=device, trainer=trainer, engine=engine, loader=loader, sampler=sampler,
+               ckpt=ckpt, total_steps=total, start_step=int(client.get("step", 0)),
+               flops_per_image=_flops_per_image(cfg, teacher), peak_flops=peak_flops(device_name, cfg.train.precision),
+               val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
+               grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version,
+               extras={"ds_config": ds_config, "warmup_steps": warmup, "kernels": eva_kernels.describe()})
+
+
+def write_run_config(run: Run) -> None:
+    """OUT/config.json (rank 0, atomic): the resolved config plus how this process ran it."""
+    if run.world.rank != 0:
+        return
+    record = run.cfg.to_dict()
+    record["run"] = {"world_size": run.world.world_size, "gradient_accumulation_steps": run.grad_accum,
+                     "total_steps": run.total_steps, "warmup_steps": run.extras["warmup_steps"],
+                     "kernels": run.extras["kernels"], "code_version": run.code_version,
+                     "deepspeed": run.extras["ds_config"], "device": str(run.device)}
+    path = Path(run.cfg.train.output_dir) / "config.json"
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
+    """Build, resume, loop; 0 when finished or cleanly stopped (preemption, max_steps_this_run)."""
+    from eva_train.metrics import MetricsSink
+    from eva_train.preemption import PreemptionHandler
+    from eva_train.training_loop import run_loop
+    from eva_train.watchdog import StallWatchdog
+
+    preemption = PreemptionHandler().install()  # before the slow build: a signal then still ends cleanly
+    watchdog = StallWatchdog(cfg.train.stall_timeout_s, world.rank).start()
+    watchdog.beat("build", timeout_s=max(cfg.train.stall_timeout_s, SAVE_TIMEOUT_S))
+    run = build_run(cfg, world, code_version)
+    write_run_config(run)
+    sink = MetricsSink(cfg.train.output_dir, cfg.logging, cfg.to_dict(), world.rank, run.total_steps, run.start_step)
+    try:
+        outcome = run_loop(run, sink, preemption, watchdog)
+        if outcome == "finished":
+            _final_report(run)
+    finally:
+        sink.close()
+        watchdog.stop()
+    log.info("run %s at step %s", outcome, run.extras.get("last_step"))
+    import deepspeed
+
+    deepspeed.comm.barrier()
+    return 0
+
+
+def _final_report(run: Run) -> None:
+    if not run.cfg.eval.final_report:
+        return
+    try:
+        from eva_train.eval.demo_report import final_report
+    except ImportError as error:
+        log.warning("eval.final_report is set but the report is unavailable (%s); skipped", error)
+        return
+    final_report(run.cfg, run.engine.module, rank=run.world.rank, world_size=run.world.world_size)
