@@ -225,3 +225,10 @@ def test_cli_builds_and_checks(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), "--check", str(tmp_path / "nope.arrow")],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_labels_array_matches_rows(tmp_path):
+    a = build_index([str(make_folder(tmp_path / "a"))], str(tmp_path / "a.arrow"), num_workers=1)
+    reader = open_index([a, a])
+    labels = reader.labels()
+    assert labels.dtype == np.int64 and labels.tolist() == [reader.label(r) for r in range(12)] == [0, 0, 0, 1, 1, 1] * 2

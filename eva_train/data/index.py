@@ -207,6 +207,12 @@ class IndexReader:
         chunk, i, _ = self.locate(row)
         return chunk.label[i]
 
+    def labels(self) -> np.ndarray:
+        """Every row's label as one int64 array (8 bytes a row: for evaluation sets, not 30M rows)."""
+        if not self.chunks:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.asarray(c.label) for c in self.chunks]).astype(np.int64)
+
     def record(self, row: int) -> IndexRecord:
         chunk, i, f = self.locate(row)
         kind, container_path, path, offset, size = self.image_location(row)
