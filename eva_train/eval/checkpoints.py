@@ -1,0 +1,128 @@
+"""Weights files of the evaluation tools (safetensors only: loading never runs pickled code).
+
+- Backbone files: consolidated pretraining weights (`tools/consolidate.py`, native layout) or any
+  safetensors file with timm `Eva` key names. The variant comes from the file's metadata (any
+  JSON value holding a `variant`, e.g. the resolved pretraining config) or from the caller.
+  MIM/MAE-only tensors (`mask_token`, `lm_head.*`, `decoder*`) are dropped.
+- Classifier files (written by linear_probe / finetune): `backbone.*` + `head.*` tensors and
+  metadata `format=eva_train.classifier`, `model` (variant, img_size, batch_norm),
+  `class_names` (JSON list) and `protocol`.
+"""
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from eva_train.eval.heads import Classifier, LinearHead
+
+CLASSIFIER_FORMAT = "eva_train.classifier"
+PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.", "decoder")
+
+
+def read_metadata(path: str) -> Dict[str, str]:
+    """A weights file's safetensors metadata ({} for .pt/.pth files, which carry none)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint '{path}' does not exist; pass a .safetensors file "
+                         f"(consolidate a training run with tools/consolidate.py)")
+    if not path.endswith(".safetensors"):
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _find_variant(value: Any) -> Optional[Dict[str, Any]]:
+    """The first dict (depth-first) with a 'variant' key inside a parsed metadata value."""
+    if isinstance(value, dict):
+        if isinstance(value.get("variant"), str):
+            return value
+        for v in value.values():
+            found = _find_variant(v)
+            if found:
+                return found
+    return None
+
+
+def model_spec_from_metadata(meta: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    """{'variant': ..., 'img_size': ...} from a file's metadata, or None."""
+    if "variant" in meta:
+        return {"variant": meta["variant"], "img_size": int(meta.get("img_size", 0)) or None}
+    for raw in meta.values():
+        try:
+            found = _find_variant(json.loads(raw))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if found:
+            return found
+    return None
+
+
+def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
+                  drop_path_rate: float = 0.0) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """(EVA backbone with the file's weights, {'variant', 'img_size'}); strict about missing keys.
+    The metadata's img_size wins over the variant default; `img_size` resizes the position table."""
+    from eva_train.models import build_backbone
+    from eva_train.weights import load_weights, read_state_dict
+
+    meta = read_metadata(path)
+    spec = dict(model_spec_from_metadata(meta) or {})
+    if variant:
+        spec["variant"] = variant
+    if not spec.get("variant"):
+        raise ValueError(f"checkpoint '{path}' does not say which model it holds; pass the variant "
+                         f"(e.g. --variant eva_b_p16)")
+    spec["img_size"] = img_size or spec.get("img_size")
+    backbone = build_backbone(spec["variant"], spec["img_size"], drop_path_rate=drop_path_rate)
+    spec["img_size"] = backbone.grid_size * backbone.patch_size
+    state = read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):   # one of our classifier files
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
+    report = load_weights(backbone, state)   # any layout eva_train.weights reads (native, timm, ...)
+    if report.missing or report.unexpected or report.mismatched:
+        raise ValueError(f"checkpoint '{path}' does not match {spec['variant']}: {report.summary()}; "
+                         f"check the variant (--model.variant) or the file")
+    return backbone, {"variant": spec["variant"], "img_size": spec["img_size"]}
+
+
+def save_classifier(path: str, model: Classifier, spec: Dict[str, Any], class_names: List[str],
+                    protocol: str) -> None:
+    """Atomic write (temp file in the same folder, fsync, rename)."""
+    num_classes = model.head.linear.out_features
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-way head; they must match")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": CLASSIFIER_FORMAT, "protocol": protocol, "class_names": json.dumps(class_names),
+            "model": json.dumps({**spec, "batch_norm": isinstance(model.head.bn, torch.nn.BatchNorm1d)})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_classifier(path: str) -> Tuple[Classifier, List[str], Dict[str, Any]]:
+    """(Classifier in eval mode, class names, model spec) from a classifier file."""
+    from eva_train.models import build_backbone
+
+    meta = read_metadata(path)
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"checkpoint '{path}' holds no classifier (a pretrained backbone?); fine-tune it "
+                         f"with tools/finetune.py or linear-probe it with tools/linear_probe.py first, or use "
+                         f"extract_feat / `tools/predict.py --features` for its features")
+    spec, class_names = json.loads(meta["model"]), json.loads(meta["class_names"])
+    backbone = build_backbone(spec["variant"], spec["img_size"])
+    head = LinearHead(backbone.embed_dim, len(class_names), spec["batch_norm"], init_std=0.01)
+    model = Classifier(backbone, head)
+    model.load_state_dict(load_file(path))
+    return model.eval(), class_names, spec

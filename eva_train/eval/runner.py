@@ -1,0 +1,151 @@
+"""The epoch loop shared by the linear probe and fine-tuning, under DeepSpeed (CPU or GPU).
+
+A task (see linear_probe.py / finetune.py) supplies the trained module, its batches, loss and
+evaluation; this file owns the process group, DeepSpeed engine, lr schedule, per-epoch
+top-1/top-5 report, resumable checkpoints (one per epoch, via eva_train.checkpoint: tag
+`step_{epoch:08d}` holds the state after that many epochs) and the final classifier file.
+"""
+import json
+import logging
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eva_train.config import CheckpointConfig
+from eva_train.eval.checkpoints import save_classifier
+from eva_train.eval.optim import build_optimizer, lr_at, param_groups, set_lr
+from eva_train.eval.protocol_config import ProtocolConfig, validate_protocol
+
+log = logging.getLogger(__name__)
+
+
+def setup_distributed():
+    """(rank, world_size, device). A plain `python tools/x.py` becomes a 1-rank group."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def deepspeed_config(cfg: ProtocolConfig, grad_accum_steps: int, world_size: int) -> Dict:
+    t = cfg.train
+    return {"train_batch_size": t.micro_batch_size * grad_accum_steps * world_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": t.zero_stage},
+            "zero_allow_untested_optimizer": True,   # LARS / torch optimizers under ZeRO 1-2
+            "bf16": {"enabled": t.precision == "bf16"},
+            "steps_per_print": 10 ** 9}
+
+
+class EpochLogger:
+    """Rank 0: one line per epoch on stdout and one JSON object in OUT/metrics.jsonl (appended)."""
+
+    def __init__(self, output_dir: str, rank: int):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.rank = rank
+
+    def log(self, record: Dict) -> None:
+        if self.rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+              flush=True)
+
+
+def _train_one_epoch(engine, task, cfg: ProtocolConfig, epoch: int, device, dtype) -> Dict[str, float]:
+    loader = task.train_loader()
+    loader.sampler.set_epoch(epoch)
+    num_batches, loss_sum, lr = len(loader), torch.zeros((), device=device), 0.0
+    for i, batch in enumerate(loader):
+        lr = lr_at(epoch + i / num_batches, cfg.peak_lr(), cfg.optim.min_lr, cfg.optim.warmup_epochs,
+                   cfg.train.epochs)
+        set_lr(engine.optimizer, lr)
+        inputs, targets = task.train_inputs(batch, device, dtype)
+        loss = task.loss(engine(inputs), targets)
+        engine.backward(loss)
+        engine.step()
+        if engine.is_gradient_accumulation_boundary() and hasattr(task, "after_step"):
+            task.after_step(engine.module)
+        loss_sum += loss.detach().float()
+    return {"train_loss": float(loss_sum) / max(num_batches, 1), "lr": lr}
+
+
+def _resume(ckpt, engine, cfg: ProtocolConfig):
+    path = ckpt.find_resume(cfg.train.resume)
+    if path is None:
+        return 0, []
+    state = ckpt.load(engine, path)
+    log.info("resumed from %s after epoch %d", path, state["epoch"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def run_protocol(cfg: ProtocolConfig, make_task) -> List[Dict]:
+    """Train `make_task(cfg, rank, world_size, device, dtype)`'s module; per-epoch history."""
+    import deepspeed
+    from eva_train.checkpoint import CheckpointManager
+
+    rank, world_size, device = setup_distributed()
+    grad_accum = validate_protocol(cfg, world_size)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    seed_everything(cfg.train.seed)
+    task = make_task(cfg, rank, world_size, device, dtype)
+    groups = param_groups(task.module, cfg.optim.weight_decay, cfg.optim.layer_decay, task.num_blocks)
+    optimizer = build_optimizer(groups, cfg.optim.name, cfg.optim.momentum, cfg.optim.betas)
+    engine, *_ = deepspeed.initialize(model=task.module, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, grad_accum, world_size))
+    ckpt = CheckpointManager(cfg.train.output_dir, CheckpointConfig(keep_last=1, resume=cfg.train.resume),
+                             rank, world_size)
+    start_epoch, history = _resume(ckpt, engine, cfg)
+    logger = EpochLogger(cfg.train.output_dir, rank)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started = time.time()
+        engine.train()
+        record = {"epoch": epoch + 1, **_train_one_epoch(engine, task, cfg, epoch, device, dtype)}
+        record.update(task.evaluate(engine.module))
+        record["epoch_s"] = round(time.time() - started, 2)
+        history.append(record)
+        logger.log(record)
+        ckpt.save(engine, epoch + 1, {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
+    _save_final(engine, task, cfg, rank)
+    return history
+
+
+def _save_final(engine, task, cfg: ProtocolConfig, rank: int) -> None:
+    """Gather (ZeRO-3) and write OUT/classifier.safetensors on rank 0 (+ classifier_ema with EMA)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.train.zero_stage == 3):
+        if rank == 0:
+            for name, classifier in task.classifiers(engine.module).items():
+                path = os.path.join(cfg.train.output_dir, f"{name}.safetensors")
+                save_classifier(path, classifier, task.spec, task.class_names, cfg.train.protocol)
+    if dist.is_initialized():
+        dist.barrier()
