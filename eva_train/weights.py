@@ -111,10 +111,24 @@ def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     plan = plan_layout(layout, shapes, swiglu)
     state_dict = _resize_pos_embed(state_dict, plan, model, report)
     converted, missing, mismatched, used = plan.invert_partial(state_dict, shapes)
-    report.missing = missing
+    _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used)
+    report.missing = [k for k in missing if k not in converted and k not in mismatched] + [
+        k for k in plan.dropped if k not in converted and k not in mismatched]
     report.mismatched = mismatched
     report.unexpected = [k for k in state_dict if k not in used]
     return converted, report
+
+
+def _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used) -> None:
+    """The export layouts drop mask_token / lm_head / decoder*; a file that has them under our
+    names (official EVA-01 MIM releases, our own files) still loads them."""
+    for name in plan.dropped:
+        if name in state_dict and name not in converted:
+            if tuple(state_dict[name].shape) == tuple(shapes[name]):
+                converted[name] = state_dict[name]
+            else:
+                mismatched.append(name)
+            used.add(name)
 
 
 def _resize_pos_embed(state_dict, plan, model, report: ImportReport):
