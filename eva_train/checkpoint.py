@@ -175,7 +175,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
     final = tag_dir / UNIVERSAL_DIR
     if (final / tag_dir.name / "zero").is_dir():
         return final
-    staging = tag_dir / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
+    staging = tag_dir / f".{UNIVERSAL_DIR}.tmp"  # one converter at a time (rank 0)
     shutil.rmtree(staging, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(staging / tag_dir.name), "--inject_missing_state"]
@@ -258,13 +258,20 @@ class CheckpointManager:
 
     def find_resume(self, resume: str) -> Optional[str]:
         """"none" -> None; "auto" -> newest complete checkpoint of this output dir (None if there is none);
-        a path -> that checkpoint (a tag dir, a `checkpoints` dir or a run's output dir)."""
+        a path -> that checkpoint (a tag dir, a `checkpoints` dir or a run's output dir).
+
+        A path from another run only seeds a fresh output dir: once this run has a checkpoint of its
+        own, that one wins, so a requeued job (same command line) continues instead of starting over."""
         if resume == "none":
             return None
+        own = newest_complete(self.root)
         if resume == "auto":
-            found = newest_complete(self.root)
-            return str(found) if found else None
+            return str(own) if own else None
         found = resolve_checkpoint_path(Path(resume))
+        if own is not None and found.parent.resolve() != self.root.resolve():
+            if self.rank == 0:
+                log.info("resume: %s has its own checkpoint %s; it wins over --resume %s", self.root, own, resume)
+            return str(own)
         return str(found)
 
     def load(self, engine, path: str) -> Dict[str, Any]:

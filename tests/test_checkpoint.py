@@ -82,6 +82,17 @@ def test_resume_path_accepts_tag_checkpoints_or_output_dir(tmp_path):
     assert resolve_checkpoint_path(tmp_path) == tag
 
 
+def test_resume_path_seeds_only_a_fresh_output_dir(tmp_path):
+    other = make_tag(tmp_path / "other" / "checkpoints", 10)
+    run = tmp_path / "run"
+    manager = CheckpointManager(str(run), CheckpointConfig(), rank=0, world_size=1)
+    assert manager.find_resume(str(other)) == str(other)
+    own = make_tag(run / "checkpoints", 12)  # the run saved, was requeued with the same command line
+    assert manager.find_resume(str(other)) == str(own)
+    older_own = make_tag(run / "checkpoints", 4)
+    assert manager.find_resume(str(older_own)) == str(older_own)  # an explicit rewind within the run
+
+
 def test_resume_path_errors_name_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_path(tmp_path / "nope")

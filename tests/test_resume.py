@@ -143,17 +143,19 @@ def test_sigkill_during_save_and_at_random_step_resumes_bit_exact(reference, tmp
     assert (ckpts / "latest").read_text().strip() == "step_00000008"
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
+def test_world_size_change_two_to_one_to_two_ranks(tmp_path):
     # No dropout: 1 rank cannot replay 2 ranks' dropout streams; everything else must carry over.
     # ZeRO-3 (the recipes' stage); ZeRO-2 passes the same test with --zero_stage 2.
-    common = ["--total_steps", "6", "--every_steps", "3", "--dropout", "0", "--zero_stage", "3"]
+    common = ["--every_steps", "3", "--keep_last", "3", "--dropout", "0", "--zero_stage", "3"]
     two = tmp_path / "two_ranks"
-    wait_ok(launch(two, 2, *common), two)
+    wait_ok(launch(two, 2, "--total_steps", "8", *common), two)
     ref = {line["step"]: line for line in metric_lines(two)}
     one = tmp_path / "one_rank"
-    wait_ok(launch(one, 1, *common, "--resume", str(two / "checkpoints" / "step_00000003")), one)
-    lines = metric_lines(one)
-    assert [line["step"] for line in lines] == [4, 5, 6]
+    wait_ok(launch(one, 1, "--total_steps", "6", *common, "--resume", str(two / "checkpoints" / "step_00000003")), one)
+    back = tmp_path / "two_again"
+    wait_ok(launch(back, 2, "--total_steps", "8", *common, "--resume", str(one / "checkpoints" / "step_00000006")), back)
+    lines = metric_lines(one) + metric_lines(back)
+    assert [line["step"] for line in lines] == [4, 5, 6, 7, 8]
     for line in lines:
         assert line["first_sample"] == ref[line["step"]]["first_sample"]
         # The reduction order changes with the world size: equal to fp32 rounding, not bit for bit.
