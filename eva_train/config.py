@@ -273,9 +273,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"train.precision '{cfg.train.precision}' is unknown; use bf16, fp16 or fp32")
     if cfg.train.total_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("train.total_steps and train.epochs are both 0; set one of them")
-    grid = m.img_size // patch
-    if not 0 < cfg.mask.num_masking_patches < grid * grid:
-        raise ConfigError(f"mask.num_masking_patches={cfg.mask.num_masking_patches} must lie in (0, {grid * grid})")
+    # mask counts are given for the 16x16 reference grid (224/14) and scaled by area to the real grid
+    if not 0 < cfg.mask.num_masking_patches < 256:
+        raise ConfigError(f"mask.num_masking_patches={cfg.mask.num_masking_patches} must lie in (0, 256): it counts "
+                          f"patches of a 16x16 grid and is scaled to the model's grid (105 = EVA's 40%)")
     derived_grad_accum(cfg, world_size)
     _validate_teacher(cfg.teacher)
     _validate_paths(cfg)

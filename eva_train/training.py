@@ -64,10 +64,13 @@ def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=Non
 
 
 def _flops_per_image(cfg: Config, teacher) -> float:
+    from eva_train.data.masking import scaled_patch_count
     from eva_train.flops import train_flops_per_image
+    from eva_train.models.variants import VARIANTS
 
-    return train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim,
-                                 cfg.mask.num_masking_patches)
+    grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
+    num_masked = scaled_patch_count(cfg.mask.num_masking_patches, (grid, grid))
+    return train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim, num_masked)
 
 
 def _knn_monitor(cfg: Config, world: WorldInfo):

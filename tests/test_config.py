@@ -1,0 +1,130 @@
+"""Config parsing (recipe <- overrides), recipes, and the one-line errors of validate / the DeepSpeed JSON."""
+import json
+
+import pytest
+
+from eva_train.config import ConfigError, available_recipes, build_config, derived_grad_accum, validate
+from eva_train.engine import build_ds_config
+
+RECIPES = ("demo", "eva_g_p14_m30m", "eva02_l_p14", "eva_mae_b16")
+
+
+def demo(*overrides, tmp_path=None):
+    out = [f"--train.output_dir={tmp_path}"] if tmp_path else []
+    return build_config("demo", [*out, *overrides])
+
+
+def test_all_recipes_exist_and_parse():
+    assert set(RECIPES) <= set(available_recipes())
+    for name in RECIPES:
+        assert build_config(name).recipe == name
+
+
+def test_eva_g_recipe_is_the_eva01_recipe():
+    cfg = build_config("eva_g_p14_m30m")
+    assert (cfg.model.variant, cfg.model.img_size, cfg.model.drop_path_rate) == ("eva_g_p14", 224, 0.1)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.grad_clip) == \
+        (1e-3, (0.9, 0.98), 1e-6, 0.05, 3.0)
+    assert (cfg.train.global_batch_size, cfg.train.epochs, cfg.mask.num_masking_patches) == (4096, 150.0, 105)
+
+
+def test_mae_recipe_differs_where_mae_differs():
+    cfg = build_config("eva_mae_b16")
+    assert (cfg.model.mode, cfg.model.variant, cfg.mask.strategy, cfg.optim.betas) == \
+        ("mae", "eva_mae_b16", "random", (0.9, 0.95))
+
+
+def test_overrides_are_typed_and_win_over_the_recipe():
+    cfg = demo("--optim.lr=2e-4", "--train.total_steps", "7", "--optim.betas=0.8,0.9",
+               "--logging.wandb=false", "--data.index=a.arrow,b.arrow")
+    assert cfg.optim.lr == 2e-4 and cfg.train.total_steps == 7 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.logging.wandb is False and cfg.data.index == ["a.arrow", "b.arrow"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--model.nope=1", "unknown key 'model.nope'"),
+    ("--nosection.x=1", "unknown section 'nosection'"),
+    ("--train.total_steps=2.5", "expected int"),
+    ("--logging.wandb=maybe", "expected true/false"),
+    ("positional", "unrecognised argument"),
+])
+def test_bad_overrides_name_the_problem(override, message):
+    with pytest.raises(ConfigError, match=message):
+        demo(override)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="not found; use one of .*demo"):
+        build_config("no_such_recipe")
+
+
+def test_demo_validates(tmp_path):
+    validate(demo(tmp_path=tmp_path), world_size=2)
+
+
+@pytest.mark.parametrize("override,world_size,message", [
+    ("--model.variant=eva_zz", 1, "model.variant 'eva_zz' is unknown"),
+    ("--model.img_size=60", 1, "not divisible by the patch size 8"),
+    ("--train.micro_batch_size=24", 2, "not a multiple of"),
+    ("--train.precision=fp8", 1, "train.precision 'fp8'"),
+    ("--teacher.random_init=false", 1, "teacher.checkpoint is empty"),
+    ("--data.demo_root=", 1, "data.index is empty"),
+    ("--data.index=/nonexistent/train.arrow", 1, "does not exist; build it"),
+])
+def test_validate_errors_are_one_line_with_a_fix(tmp_path, override, world_size, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(demo(override, tmp_path=tmp_path), world_size)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_teacher_file_and_unwritable_output(tmp_path):
+    cfg = demo("--teacher.random_init=false", f"--teacher.checkpoint={tmp_path}/clip.pt", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="does not exist; download"):
+        validate(cfg)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    cfg = demo(f"--train.output_dir={locked}/run")
+    if not __import__("os").access(locked, __import__("os").W_OK):  # root may write anywhere
+        with pytest.raises(ConfigError, match="not writable"):
+            validate(cfg)
+
+
+def test_grad_accumulation_is_derived_from_the_recipe():
+    cfg = demo()
+    assert derived_grad_accum(cfg, 1) == 2 and derived_grad_accum(cfg, 2) == 1
+
+
+def test_ds_config_is_completed_from_the_recipe():
+    cfg = demo()
+    ds = build_ds_config(cfg, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 32, 1)
+    assert ds["gradient_clipping"] == 3.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    ds = build_ds_config(demo("--train.precision=fp16", "--train.deepspeed_config=ds_configs/zero1.json"), 1)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"train_batch_size": 128}, "train_batch_size=128 but the recipe implies 64"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping"),
+    ({"bf16": {"enabled": True}}, r"\[bf16\] sets enabled=True"),
+    ({"optimizer": {"type": "AdamW"}}, "has an 'optimizer' block"),
+    ({"zero_optimization": {"stage": 4}}, "stage=4"),
+])
+def test_contradicting_ds_config_is_a_clear_error(tmp_path, extra, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **extra}))
+    with pytest.raises(ConfigError, match=message):
+        build_ds_config(demo(f"--train.deepspeed_config={path}"), world_size=2)
+
+
+def test_agreeing_and_auto_ds_values_are_accepted(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto",
+                                "zero_optimization": {"stage": 2}}))
+    assert build_ds_config(demo(f"--train.deepspeed_config={path}"), 2)["train_micro_batch_size_per_gpu"] == 32
+
+
+def test_missing_ds_config_names_the_shipped_ones():
+    with pytest.raises(ConfigError, match="zero3_offload.json"):
+        build_ds_config(demo("--train.deepspeed_config=nope.json"), 1)
