@@ -334,6 +334,9 @@ def _metadata(ckpt: ZeroCheckpoint, layout: str, dtype: str) -> Dict[str, str]:
 
 
 def _stream(ckpt: ZeroCheckpoint, plan: LayoutPlan, writer: StreamingSafetensorsWriter, progress: bool) -> set:
+    """Read rank by rank; one writer thread does the pwrites while this thread checks the next
+    piece for NaN/Inf (both release the GIL, so reading and writing overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     aliases: Dict[str, List[str]] = {}
@@ -341,13 +344,17 @@ def _stream(ckpt: ZeroCheckpoint, plan: LayoutPlan, writer: StreamingSafetensors
         aliases.setdefault(source, []).append(alias)
     nonfinite = set()
     bar = tqdm(total=ckpt.world_size, desc="consolidating ranks", unit="rank", disable=not progress)
-    for rank in range(ckpt.world_size):
-        for name, offset, values in ckpt.rank_pieces(rank):
-            if values.is_floating_point() and not _all_finite(values):
-                nonfinite.add(name)
-            for target in [name] + aliases.get(name, []):
-                _route_piece(plan, writer, target, offset, values)
-        bar.update(1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for rank in range(ckpt.world_size):
+            pending = []
+            for name, offset, values in ckpt.rank_pieces(rank):
+                if values.is_floating_point() and not _all_finite(values):
+                    nonfinite.add(name)
+                for target in [name] + aliases.get(name, []):
+                    pending.append(pool.submit(_route_piece, plan, writer, target, offset, values))
+            for future in pending:  # surface write errors; drops this rank's mmap before the next
+                future.result()
+            bar.update(1)
     bar.close()
     return nonfinite
 

@@ -1,4 +1,5 @@
 """Consolidation of real ZeRO-1/2/3 checkpoints (2 DeepSpeed CPU ranks) against zero_to_fp32."""
+import importlib.util
 import json
 import os
 import shutil
@@ -25,19 +26,22 @@ def _make(out: Path, model: str, stages: str, precision: str, port: int) -> None
 
 
 @pytest.fixture(scope="module")
-def toy_ckpts(tmp_path_factory):
-    """A model that is not ours (tied weights, frozen param, buffer, odd sizes), bf16, ZeRO-1/2/3."""
-    out = tmp_path_factory.mktemp("toy")
-    _make(out, "toy", "1,2,3", "bf16", 29671)
+def made_ckpts(tmp_path_factory):
+    """One launch (2 ranks, bf16): a model that is not ours (tied weights, frozen param, buffer,
+    odd sizes) under ZeRO-1/2/3, and our EVA-02 debug model (separate q/k/v, SwiGLU, sub-LN, RoPE)."""
+    out = tmp_path_factory.mktemp("ckpts")
+    _make(out, "toy,eva02_debug_p4", "1,2,3", "bf16", 29671)
     return out
 
 
 @pytest.fixture(scope="module")
-def eva_ckpt(tmp_path_factory):
-    """Our EVA-02 debug model (separate q/k/v, SwiGLU, sub-LN, RoPE) under ZeRO-3, fp32."""
-    out = tmp_path_factory.mktemp("eva")
-    _make(out, "eva02_debug_p4", "3", "fp32", 29672)
-    return out / "checkpoints"
+def toy_ckpts(made_ckpts):
+    return made_ckpts / "toy"
+
+
+@pytest.fixture(scope="module")
+def eva_ckpt(made_ckpts):
+    return made_ckpts / "eva02_debug_p4" / "zero3" / "checkpoints"
 
 
 def _zero_to_fp32(ckpt_dir: Path) -> dict:
@@ -147,34 +151,36 @@ def test_eva_checkpoint_without_complete_marker_is_refused(eva_ckpt, tmp_path):
         consolidate(str(ckpt), str(tmp_path / "out.safetensors"), progress=False)
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "tools/consolidate.py"), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=300)
+def _cli(*args) -> int:
+    """tools/consolidate.py's main, in this process (a fresh python per call costs ~10 s here)."""
+    spec = importlib.util.spec_from_file_location("consolidate_cli", REPO / "tools/consolidate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(a) for a in args])
 
 
 @pytest.mark.slow
-def test_cli_layouts_of_an_eva_checkpoint(eva_ckpt, tmp_path):
+def test_cli_layouts_of_an_eva_checkpoint(eva_ckpt, tmp_path, capsys):
     from eva_train.layouts import to_layout
 
     native = tmp_path / "native.safetensors"
-    proc = _cli(eva_ckpt, "--out", native, "--check-model", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    assert "wrote" in proc.stdout
+    assert _cli(eva_ckpt, "--out", native, "--check-model", "--no-progress") == 0
+    assert "wrote" in capsys.readouterr().out
     ours = load_file(native)
     assert json.loads(read_metadata(str(native))["config"])["model"]["variant"] == "eva02_debug_p4"
     for layout in ("timm", "open_clip", "mmpretrain"):
         out = tmp_path / f"{layout}.safetensors"
-        proc = _cli(eva_ckpt, "--out", out, "--layout", layout, "--no-progress")
-        assert proc.returncode == 0, proc.stderr
+        assert _cli(eva_ckpt, "--out", out, "--layout", layout, "--no-progress") == 0
         streamed, expected = load_file(out), to_layout(ours, layout)
         assert list(streamed) and set(streamed) == set(expected)
         assert all(torch.equal(streamed[k], expected[k]) for k in expected), layout
         assert read_metadata(str(out))["layout"] == layout
 
 
-def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    proc = _cli(tmp_path, "--out", tmp_path / "x.safetensors")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
-    assert _cli(tmp_path, "--out", tmp_path / "x.bin").returncode == 2
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    assert _cli(tmp_path, "--out", tmp_path / "x.safetensors") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "not a DeepSpeed checkpoint" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:
+        _cli(tmp_path, "--out", tmp_path / "x.bin")
+    assert exc.value.code == 2

@@ -65,6 +65,14 @@ def _build(model_name, img_size):
     return build_model(cfg, teacher_dim=16)
 
 
+def _default_img_size(model_name: str) -> int:
+    if model_name == "toy":
+        return 0
+    from eva_train.models.variants import VARIANTS
+
+    return VARIANTS[model_name].default_img_size
+
+
 def _ds_config(stage, precision):
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -83,18 +91,23 @@ def _param_groups(model):
 
 
 def make_checkpoints(args) -> None:
-    """One process per rank; one checkpoint per ZeRO stage in --stages (OUT/checkpoints when one
-    stage is given, else OUT/zero{stage}/checkpoints), in one launch to save start-up time."""
+    """One process per rank; one checkpoint per model in --model and ZeRO stage in --stages
+    (OUT[/<model>][/zero<stage>]/checkpoints, the optional parts when several are given), in one
+    launch to save start-up time."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     stages = [int(s) for s in str(args.stages).split(",")]
-    for stage in stages:
-        out = Path(args.out) if len(stages) == 1 else Path(args.out) / f"zero{stage}"
-        make_checkpoint(args, stage, out)
+    models = args.model.split(",")
+    for model in models:
+        for stage in stages:
+            out = Path(args.out)
+            out = out / model if len(models) > 1 else out
+            out = out / f"zero{stage}" if len(stages) > 1 else out
+            make_checkpoint(args, model, stage, out)
 
 
-def make_checkpoint(args, stage: int, out: Path) -> None:
+def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
     """Build, run `steps` AdamW steps, save the way the engine does."""
     import deepspeed
     import torch
@@ -103,20 +116,21 @@ def make_checkpoint(args, stage: int, out: Path) -> None:
     torch.manual_seed(0)
     ds_config = _ds_config(stage, args.precision)
     with deepspeed.zero.Init(enabled=stage == 3, config_dict_or_path=ds_config):
-        model = _build(args.model, args.img_size)
+        model = _build(model_name, args.img_size or _default_img_size(model_name))
     optimizer = torch.optim.AdamW(_param_groups(model), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     generator = torch.Generator().manual_seed(1 + rank)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     for _ in range(args.steps):
-        batch = _make_batch(args.model, args.img_size, generator)
+        batch = _make_batch(model_name, args.img_size or _default_img_size(model_name), generator)
         batch = batch.to(dtype) if batch.is_floating_point() else batch
         loss = engine(batch).float().pow(2).mean()
         engine.backward(loss)
         engine.step()
     root = out / "checkpoints"
     tag = f"step_{args.steps:08d}"
-    config = {"model": {"variant": args.model, "img_size": args.img_size, "mode": "mim"}} if args.model != "toy" else {}
+    img_size = args.img_size or _default_img_size(model_name)
+    config = {"model": {"variant": model_name, "img_size": img_size, "mode": "mim"}} if model_name != "toy" else {}
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": args.steps, "config": config},
                            save_latest=False)
     torch.distributed.barrier()
@@ -210,7 +224,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make", help="write a real ZeRO checkpoint (run under torch.distributed)")
-    make.add_argument("--model", default="toy", help="toy, or an eva_train variant name")
+    make.add_argument("--model", default="toy", help="toy and/or eva_train variant names, comma-separated")
     make.add_argument("--stages", default="3", help="ZeRO stages, e.g. 3 or 1,2,3")
     make.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     make.add_argument("--img-size", type=int, default=0, help="0 = the variant's default")
@@ -222,9 +236,6 @@ def main(argv=None) -> None:
     run.add_argument("--scratch", default=None, help="folder for the outputs (default: system temp)")
     args = parser.parse_args(argv)
     if args.command == "make":
-        if args.img_size == 0 and args.model != "toy":
-            from eva_train.models.variants import VARIANTS
-            args.img_size = VARIANTS[args.model].default_img_size
         make_checkpoints(args)
     else:
         run_benchmark(args)
