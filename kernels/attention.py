@@ -231,15 +231,17 @@ def _upcast(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or t.device.type != "cuda"
 
 
-def _blocks(head_dim: int, t: torch.Tensor, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the launch."""
-    if t.device.type != "cuda":  # interpreter: short tests span several blocks, long ones few
-        tile = 32 if t.shape[-2] <= 128 else 64
+def launch_config(head_dim: int, n_tokens: int, on_cuda: bool, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a launch (compile_check uses it too)."""
+    if not on_cuda:  # interpreter: short tests span several blocks, long ones few
+        tile = 32 if n_tokens <= 128 else 64
         return tile, tile, 4, 1
     wide = head_dim > 64
     if backward:
         return 64, 64, (8 if wide else 4), 2
-    return 128, 64, (8 if wide else 4), (2 if wide else 3)
+    # 257 tokens: 128-row query blocks compute 384 rows, 64-row blocks 320; take the smaller pad
+    block_m = 128 if triton.cdiv(n_tokens, 128) * 128 <= triton.cdiv(n_tokens, 64) * 64 else 64
+    return block_m, 64, (8 if wide and block_m == 128 else 4), (2 if wide else 3)
 
 
 def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
@@ -255,7 +257,7 @@ def attention_fwd(q, k, v, scale: float):
     """-> (o contiguous (B, heads, N, hd), lse fp32 (B*heads, N) base 2)."""
     batch, heads, n_tokens, head_dim = q.shape
     d0, d1 = head_dim_chunks(head_dim)
-    block_m, block_n, warps, stages = _blocks(head_dim, q, backward=False)
+    block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, q.is_cuda, backward=False)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch * heads, n_tokens, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_tokens, block_m), batch * heads)
@@ -269,7 +271,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float):
     """-> (dq, dk, dv), each contiguous (B, heads, N, hd)."""
     batch, heads, n_tokens, head_dim = q.shape
     d0, d1 = head_dim_chunks(head_dim)
-    block_m, block_n, warps, stages = _blocks(head_dim, q, backward=True)
+    block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, q.is_cuda, backward=True)
     do = do.contiguous()
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(n_tokens, block_m), batch * heads)](

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from eva_kernels.attention import (_attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                   _attn_fwd_kernel, head_dim_chunks)
+                                   _attn_fwd_kernel, head_dim_chunks, launch_config)
 from eva_kernels.layer_norm import _ln_bwd_kernel, _ln_fwd_kernel, _num_warps
 from eva_kernels.rope import _rope_kernel
 
@@ -43,18 +43,20 @@ def compile_kernel(fn, dtype: str, constexprs: dict, target: GPUTarget, **option
             f"warps={kernel.metadata.num_warps} ({time.perf_counter() - start:.1f}s)")
 
 
-def attention_configs(head_dims, dtypes):
+def attention_configs(head_dims, dtypes, n_tokens=257):
     """(kernel, dtype, constexprs, options) as `attention_fwd`/`attention_bwd` launch them on a GPU."""
     for dtype in dtypes:
         for head_dim in head_dims:
             d0, d1 = head_dim_chunks(head_dim)
-            warps = 8 if head_dim > 64 else 4
             common = dict(D0=d0, D1=d1, UPCAST=dtype == "fp32")
-            yield _attn_fwd_kernel, dtype, {**common, "BLOCK_M": 128, "BLOCK_N": 64}, \
-                dict(num_warps=warps, num_stages=2 if head_dim > 64 else 3)
+            block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, True, backward=False)
+            yield _attn_fwd_kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, \
+                dict(num_warps=warps, num_stages=stages)
+            block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, True, backward=True)
             for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
-                yield kernel, dtype, {**common, "BLOCK_M": 64, "BLOCK_N": 64}, dict(num_warps=warps, num_stages=2)
-            yield _attn_bwd_delta_kernel, dtype, dict(D0=d0, D1=d1, BLOCK_M=64), dict(num_warps=4)
+                yield kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, \
+                    dict(num_warps=warps, num_stages=stages)
+            yield _attn_bwd_delta_kernel, dtype, dict(D0=d0, D1=d1, BLOCK_M=block_m), dict(num_warps=4)
 
 
 def norm_and_rope_configs(hiddens, dtypes):
