@@ -105,13 +105,14 @@ needs_entry_point = pytest.mark.skipif(not (REPO / "eva_train/pretrain.py").exis
                                        reason="eva_train/pretrain.py (engine part) is not in the tree yet")
 CPU_SHAPE = {"NODES": "1", "TASKS_PER_NODE": "2", "GPUS_PER_NODE": "0"}
 CPU_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
-TOTAL_STEPS = 24
+TOTAL_STEPS = 12
 
 
 def demo_overrides(demo_root: Path) -> str:
     """A 2-rank fp32 CPU demo that takes well under a minute; checkpoints only on preemption."""
     return " ".join([
         f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
+        "--train.micro_batch_size=4", "--train.global_batch_size=8", "--optim.warmup_steps=2",
         f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
         "--logging.progress_bar=false", f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
     ])
