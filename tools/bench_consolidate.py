@@ -167,7 +167,8 @@ convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2], safe_serial
 
 def _timed_child(code: str, ckpt: str, out: str) -> tuple:
     """(wall seconds, peak RSS bytes) of a fresh python running `code`."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
     wrapper = (code + "\nimport resource, sys\n"
                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
