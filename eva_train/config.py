@@ -302,6 +302,9 @@ def _validate_paths(cfg: Config) -> None:
                               f"`python tools/build_index.py SOURCE --out {path}`")
     out = Path(cfg.train.output_dir)
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise ConfigError(f"train.output_dir '{out}' lies under {probe}, which is not a folder; "
+                          f"pass --output_dir to a folder you can write")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"train.output_dir '{out}' is not writable ({probe} denies writing); "
                           f"pass --output_dir to a folder you can write")

@@ -69,8 +69,17 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(error)) from None
     check_checkpoint_config(cfg.checkpoint)
     build_ds_config(cfg, world_size)
-    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"--resume {cfg.checkpoint.resume} does not exist; pass a checkpoint dir, auto or none")
+    _check_teacher_name(cfg.teacher.name)
+
+
+def _check_teacher_name(name: str) -> None:
+    if name == "tiny" or name.startswith("local-dir:"):
+        return
+    import open_clip
+
+    if name.startswith("hf-hub:") or open_clip.get_model_config(name) is None:
+        raise ConfigError(f"teacher.name '{name}' is not a local open_clip model config; use 'tiny', "
+                          f"'local-dir:DIR' or one of open_clip.list_models(), e.g. ViT-L-14-quickgelu")
 
 
 def dataset_size(cfg: Config) -> Tuple[int, str]:

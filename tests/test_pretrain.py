@@ -1,0 +1,162 @@
+"""The real entry point on CPU: `deepspeed --num_gpus 2 eva_train/pretrain.py` (ZeRO-3 demo), a one-process
+ZeRO-1 run, a 2-rank run reading tar shards through an Arrow index, and the CLI's dry run / errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "eva_train" / "pretrain.py"
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+RUN_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quick(*extra: str):
+    return ["--data.num_workers=0", "--logging.wandb=false", "--logging.progress_bar=false", *extra]
+
+
+def run_cli(args, env_extra=None, timeout=RUN_TIMEOUT_S):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", **(env_extra or {}))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None) if not env_extra or name not in env_extra else None
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch_ranks(out: Path, world_size: int, args):
+    """One plain process per rank with the launcher's environment (as torchrun / srun would set it)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, str(PRETRAIN), "--output_dir", str(out), *args], cwd=REPO,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
+    logs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world_size, logs[0][-4000:] + logs[-1][-4000:]
+    return logs
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine_demo_data")
+
+
+def assert_checkpoint(out: Path, step: int, world_size: int):
+    tag = f"step_{step:08d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == tag
+    record = json.loads((out / "checkpoints" / tag / "COMPLETE").read_text())
+    assert record["step"] == step and record["world_size"] == world_size
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_rank_zero3_demo_loss_falls_and_checkpoints(demo_root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN),
+                      "--deepspeed_config", "ds_configs/zero3.json", "--output_dir", str(out),
+                      *quick(f"--data.demo_root={demo_root}", "--train.total_steps=24", "--logging.log_every_steps=4",
+                             "--train.val_every_steps=12", "--checkpoint.every_steps=12")])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+    for key in ("loss", "lr", "grad_norm", "images_per_sec", "mfu", "data_wait_frac", "epoch", "bad_samples"):
+        assert key in rows[0], key
+    assert rows[0]["mfu"] is None and rows[0]["images_per_sec"] > 0 and 0 <= rows[0]["data_wait_frac"] <= 1
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
+    assert "val_loss" in rows[2] and "val_loss" in rows[-1]
+    assert_checkpoint(out, 24, world_size=2)
+    assert (out / "checkpoints" / "step_00000012" / "COMPLETE").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["run"]["world_size"] == 2 and config["run"]["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert config["train"]["global_batch_size"] == 64 and config["run"]["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.slow
+def test_single_process_zero1_run_then_resume_appends(demo_root, tmp_path):
+    out = tmp_path / "run"
+    base = [sys.executable, str(PRETRAIN), "--deepspeed_config", "ds_configs/zero1.json", "--output_dir", str(out),
+            *quick(f"--data.demo_root={demo_root}", "--train.total_steps=4", "--logging.log_every_steps=1",
+                   "--train.max_steps_this_run=2", "--data.val_index=")]
+    first = run_cli(base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2] and metrics(out)[0]["lr"] > 0
+    assert_checkpoint(out, 2, world_size=1)
+    second = run_cli(base)  # --resume auto is the default
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "config.json").read_text())["run"]["deepspeed"]["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.slow
+def test_two_ranks_read_tar_shards_through_the_index(tmp_path):
+    from eva_train.data.build import build_index
+    from eva_train.data.demo import write_tar_shards
+
+    write_tar_shards(tmp_path / "shards", num_samples=48, num_shards=3, img_size=64)
+    index = build_index([str(tmp_path / "shards")], str(tmp_path / "train.arrow"), num_workers=1)
+    out = tmp_path / "run"
+    launch_ranks(out, 2, ["--deepspeed_config", "ds_configs/zero2.json", "--data.demo_root=", f"--data.index={index}",
+                          *quick("--train.global_batch_size=16", "--train.micro_batch_size=4", "--train.total_steps=3",
+                                 "--logging.log_every_steps=1")])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["bad_samples"] == 0
+    assert rows[-1]["epoch"] == pytest.approx(3 * 16 / 48)
+    assert json.loads((out / "config.json").read_text())["run"]["gradient_accumulation_steps"] == 2
+    assert_checkpoint(out, 3, world_size=2)
+
+
+@pytest.fixture
+def lone_rank_env(monkeypatch):
+    """main() in this process, as rank 0 of 2 (restored afterwards: it fills the rank variables in)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_print_config_and_dry_run_plan(tmp_path, lone_rank_env, capsys):
+    from eva_train.pretrain import main
+
+    assert main(["--print-config", "--optim.lr=7e-4", "--output_dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["optim"]["lr"] == 7e-4
+    assert main(["--dry-run", "--output_dir", str(tmp_path / "o"), "--local_rank=0"]) == 0
+    plan = capsys.readouterr().out
+    assert '"gradient_accumulation_steps": 1' in plan and '"world_size": 2' in plan
+    assert not (tmp_path / "o").exists()  # a dry run creates nothing
+
+
+def test_dry_run_as_a_script_in_a_fresh_process(tmp_path):
+    result = run_cli([sys.executable, str(PRETRAIN), "--dry-run", "--recipe", "eva_g_p14_m30m",
+                      "--data.index=/no/index.arrow", "--teacher.checkpoint=/no/clip.pt"], timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: teacher.checkpoint '/no/clip.pt'"), result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.variant=eva_huge"], "model.variant 'eva_huge' is unknown"),
+    (["--model.img_size=63"], "not divisible by the patch size"),
+    (["--train.micro_batch_size=48"], "not a multiple of"),
+    (["--data.demo_root=", "--data.index=/no/such/index.arrow"], "does not exist; build it"),
+    (["--teacher.random_init=false", "--teacher.checkpoint=/no/clip.pt"], "teacher.checkpoint '/no/clip.pt' does not exist"),
+    (["--teacher.name=ViT-Nope"], "teacher.name 'ViT-Nope'"),
+    (["--deepspeed_config=/no/ds.json"], "deepspeed config '/no/ds.json' not found"),
+    (["--output_dir=FILE/run"], "not a folder"),
+    (["--resume=/no/ckpt"], "checkpoint.resume '/no/ckpt' does not exist"),
+    (["--bogus"], "unrecognised argument"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, lone_rank_env, capsys, args, message):
+    from eva_train.pretrain import main
+
+    (tmp_path / "FILE").write_text("")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    assert main(["--dry-run", *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
