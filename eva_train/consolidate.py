@@ -42,10 +42,12 @@ class ConsolidationError(RuntimeError):
 
 
 def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Path:
-    """OUT/checkpoints (uses `latest` or --tag), or a tag dir itself -> the tag dir."""
+    """OUT, OUT/checkpoints (uses `latest` or --tag), or a tag dir itself -> the tag dir."""
     root = Path(path)
     if not root.is_dir():
         raise ConsolidationError(f"checkpoint dir {root} does not exist; pass OUT/checkpoints or OUT/checkpoints/<tag>")
+    if (root / "checkpoints").is_dir() and not (root / "latest").exists():
+        root = root / "checkpoints"  # the run's output dir
     if tag:
         tag_dir = root / tag
         if not tag_dir.is_dir():

@@ -79,6 +79,8 @@ def test_bf16_output_and_metadata(toy_ckpts, tmp_path):
     meta = read_metadata(path)
     assert meta["zero_stage"] == "3" and meta["world_size"] == "2" and meta["step"] == "1"
     assert meta["source_tag"] == "step_00000001"
+    run_dir = consolidate(str(toy_ckpts / "zero3"), str(tmp_path / "c.safetensors"), progress=False).path
+    assert torch.equal(load_file(run_dir)["emb.weight"], fp32["emb.weight"])  # OUT itself works too
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
   python tools/consolidate.py OUT/checkpoints --out eva.safetensors [--tag step_00001000]
       [--dtype fp32|bf16] [--layout native|timm|open_clip|mmpretrain] [--check-model]
 
-CKPT_DIR is OUT/checkpoints (its `latest` tag is used unless --tag) or a tag dir. Any model's
+CKPT_DIR is the run dir OUT, OUT/checkpoints (its `latest` tag is used unless --tag) or a tag dir. Any model's
 checkpoint works with --layout native; the other layouts need an eva-train EVA checkpoint.
 --check-model builds the eva-train model named in the checkpoint's config and loads the file into
 it with strict=True (native layout). Exit code 2 with a one-line error on bad input.
