@@ -59,7 +59,7 @@ def test_monitor_scores_a_random_model_and_restores_train_mode(tmp_path):
     # max_images keeps a subset spread over all classes
     small = _monitor(train, val, knn_max_images=6)
     small.run(model)
-    assert len(small._datasets()[0]) == 6
+    assert len(small.datasets()[0]) == 6
 
 
 def _zero3_worker(out_dir: str, train_dir: str, val_dir: str) -> None:

@@ -27,7 +27,7 @@ def index_images(paths: Sequence[str]) -> LabeledImages:
     Evaluation needs every image to be readable: a bad one is an error (with its location), not a
     silent replacement as in pretraining."""
     reader = open_index(list(paths))
-    labels = np.concatenate([c.label for c in reader.chunks]).astype(np.int64)
+    labels = reader.labels()
     if len(labels) == 0:
         raise ValueError(f"index {list(paths)} has no rows; build it from a labeled image folder")
     if labels.min() < 0:

@@ -45,7 +45,8 @@ class KnnMonitor:
         every = self.cfg.knn_every_steps
         return every > 0 and step > 0 and step % every == 0
 
-    def _datasets(self):
+    def datasets(self):
+        """(train, val) labeled sets, opened on first use (at most knn_max_images each)."""
         if self._sets is None:
             transform = eval_transform(self.img_size)
             train = open_labeled(self.cfg.knn_train_index).with_transform(transform)
@@ -60,7 +61,7 @@ class KnnMonitor:
         """(train_feats, train_labels, val_feats, val_labels) of `model`'s pooled output."""
         param = next(model.parameters())
         loaders = [eval_loader(ds, self.batch_size, self.rank, self.world_size, self.num_workers)
-                   for ds in self._datasets()]
+                   for ds in self.datasets()]
         was_training = model.training
         model.eval()
         try:

@@ -78,3 +78,30 @@ class LinearProbeTask:
 def run_linear_probe(cfg: ProtocolConfig) -> List[Dict]:
     """Per-epoch history ({epoch, train_loss, lr, top1, top5, epoch_s}); writes OUT/classifier.safetensors."""
     return run_protocol(cfg, LinearProbeTask)
+
+
+def fit_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+                     cfg: ProtocolConfig) -> LinearHead:
+    """The same protocol on features already in memory, without DeepSpeed (single process, e.g. the
+    demo's closing report): BN + linear head, the recipe's optimizer, schedule, batch and epochs."""
+    from eva_train.eval.optim import build_optimizer, lr_at, param_groups, set_lr
+
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    head = LinearHead(train_feats.shape[1], num_classes, batch_norm=True, init_std=HEAD_INIT_STD_PROBE)
+    opt = build_optimizer(param_groups(head, cfg.optim.weight_decay), cfg.optim.name, cfg.optim.momentum,
+                          cfg.optim.betas)
+    batch = min(cfg.train.global_batch_size, len(train_labels))
+    steps_per_epoch = len(train_labels) // batch
+    feats, labels = train_feats.float().cpu(), train_labels.cpu()
+    for epoch in range(cfg.train.epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for i in range(steps_per_epoch):
+            set_lr(opt, lr_at(epoch + i / steps_per_epoch, cfg.peak_lr(), cfg.optim.min_lr,
+                              cfg.optim.warmup_epochs, cfg.train.epochs))
+            idx = order[i * batch:(i + 1) * batch]
+            loss = F.cross_entropy(head(feats[idx]), labels[idx], label_smoothing=cfg.aug.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
