@@ -23,6 +23,7 @@ from eva_kernels.rope import _rope_kernel
 
 FP32_POINTERS = {"lse_ptr", "delta_ptr", "mean_ptr", "rstd_ptr", "dw_part_ptr", "db_part_ptr", "sin_ptr", "cos_ptr"}
 FP32_SCALARS = {"qk_scale_log2", "scale", "eps"}
+MAX_SHARED_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # per block, opt-in maximum (A100, H100/H200)
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -39,6 +40,9 @@ def compile_kernel(fn, dtype: str, constexprs: dict, target: GPUTarget, **option
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
                             target=target, options=options)
+    if kernel.metadata.shared > MAX_SHARED_BYTES.get(target.arch, MAX_SHARED_BYTES[90]):
+        raise RuntimeError(f"{fn.__name__} {dtype} {constexprs}: {kernel.metadata.shared} B of shared memory "
+                           f"exceed sm_{target.arch}'s per-block limit; use smaller blocks in launch_config")
     return (f"ok {fn.__name__:23} {dtype:5} {constexprs} shared={kernel.metadata.shared}B "
             f"warps={kernel.metadata.num_warps} ({time.perf_counter() - start:.1f}s)")
 
