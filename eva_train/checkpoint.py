@@ -285,11 +285,7 @@ class CheckpointManager:
         saved_world = int(record["world_size"])
         load_dir, flag = str(tag_dir.parent), False
         if saved_world != self.world_size:
-            if self.rank == 0:
-                log.info("checkpoint %s was saved by %d ranks, loading on %d: resharding",
-                         tag_dir, saved_world, self.world_size)
-                convert_to_universal(tag_dir)
-            _barrier(self.world_size)
+            self._convert_on_rank0(tag_dir, saved_world)
             load_dir, flag = str(tag_dir / UNIVERSAL_DIR), True
         loaded, client_state = _load_engine(engine, load_dir, tag_dir.name, universal=flag)
         if loaded is None:
@@ -305,6 +301,21 @@ class CheckpointManager:
         _barrier(self.world_size)
         self.last_saved_step = int(record["step"])
         return client_state
+
+    def _convert_on_rank0(self, tag_dir: Path, saved_world: int) -> None:
+        """Rank 0 converts; its failure is raised on every rank (no rank left waiting in a barrier)."""
+        error = [""]
+        if self.rank == 0:
+            log.info("checkpoint %s was saved by %d ranks, loading on %d: resharding",
+                     tag_dir, saved_world, self.world_size)
+            try:
+                convert_to_universal(tag_dir)
+            except CheckpointError as exc:
+                error[0] = str(exc)
+        if self.world_size > 1:
+            dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise CheckpointError(error[0])
 
     def _load_rng(self, tag_dir: Path) -> Optional[Dict[str, Any]]:
         path = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"

@@ -26,7 +26,8 @@ def overrides(demo_root: Path, *extra: str):
     # drop_path 0: a 1-rank resume cannot replay the 2 ranks' drop-path streams.
     return [f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
             f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
-            "--logging.progress_bar=false", "--checkpoint.every_steps=2", "--model.drop_path_rate=0", *extra]
+            "--logging.progress_bar=false", "--checkpoint.every_steps=2", "--checkpoint.keep_last=4",
+            "--model.drop_path_rate=0", *extra]
 
 
 def launch_pretrain(out: Path, world_size: int, args):
@@ -86,5 +87,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(demo_root, reference, tmp_path)
     wait_ok(launch_pretrain(out, 1, overrides(demo_root, "--resume", str(start))), out)
     lines = metric_lines(out)
     assert [line["step"] for line in lines] == list(range(start_step + 1, TOTAL_STEPS + 1))
-    for line in lines:
-        assert line["loss"] == pytest.approx(ref[line["step"]]["loss"], rel=1e-5, abs=1e-6)
+    # The first step runs the loaded weights: only the reduction order differs (1 rank x 2 micro-batches
+    # instead of 2 ranks), so fp32 rounding. Later steps: Adam (eps 1e-6) divides by sqrt(v), which
+    # blows rounding differences of tiny gradients up; a lost or misplaced optimizer shard moves the
+    # loss by far more than 1e-3.
+    first, *later = lines
+    assert first["loss"] == pytest.approx(ref[first["step"]]["loss"], rel=1e-5, abs=1e-6)
+    for line in later:
+        assert line["loss"] == pytest.approx(ref[line["step"]]["loss"], rel=1e-3), f"step {line['step']}"
