@@ -106,12 +106,13 @@ needs_entry_point = pytest.mark.skipif(not (REPO / "eva_train/pretrain.py").exis
 CPU_SHAPE = {"NODES": "1", "TASKS_PER_NODE": "2", "GPUS_PER_NODE": "0"}
 CPU_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 TOTAL_STEPS = 12
+VAL_SMALL = "val_small.arrow"
 
 
 def demo_overrides(demo_root: Path) -> str:
     """A 2-rank fp32 CPU demo that takes well under a minute; checkpoints only on preemption."""
     return " ".join([
-        f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
+        f"--data.demo_root={demo_root}", f"--data.val_index={demo_root / VAL_SMALL}", "--data.num_workers=0", "--train.precision=fp32",
         "--train.micro_batch_size=4", "--train.global_batch_size=8", "--optim.warmup_steps=2",
         f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
         "--logging.progress_bar=false", f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
@@ -131,7 +132,21 @@ def job_log(log_dir: Path, job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo_data")
+    """Demo images made once for both runs, plus a 16-image val index: the demo's 400-image val
+    pass at the last step would otherwise cost more than the training steps."""
+    import pyarrow as pa
+
+    from eva_train.data.demo import ensure_demo_data
+    from eva_train.data.index import read_metadata, write_index_atomic
+
+    root = tmp_path_factory.mktemp("demo_data")
+    _, val_index = ensure_demo_data(root)
+    table = pa.ipc.open_file(pa.memory_map(str(val_index), "r")).read_all()
+    meta = read_metadata(table.schema, str(val_index))
+    (source,) = meta["sources"]  # the demo's val split is one source starting at row 0
+    meta["sources"] = [dict(source, num_rows=16)]
+    write_index_atomic(table.slice(0, 16), meta, str(root / VAL_SMALL))
+    return root
 
 
 @pytest.fixture(scope="module")
