@@ -65,16 +65,17 @@ def test_deepspeed_launcher_two_rank_zero3_demo_loss_falls_and_checkpoints(demo_
     out = tmp_path / "run"
     result = run_cli([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(PRETRAIN),
                       "--deepspeed_config", "ds_configs/zero3.json", "--output_dir", str(out),
-                      *quick(f"--data.demo_root={demo_root}", "--train.total_steps=24", "--logging.log_every_steps=4",
+                      *quick(f"--data.demo_root={demo_root}", "--train.total_steps=24", "--logging.log_every_steps=2",
                              "--train.val_every_steps=12", "--checkpoint.every_steps=12")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24]
+    assert [r["step"] for r in rows] == list(range(2, 25, 2))
     for key in ("loss", "lr", "grad_norm", "images_per_sec", "mfu", "data_wait_frac", "epoch", "bad_samples"):
         assert key in rows[0], key
     assert rows[0]["mfu"] is None and rows[0]["images_per_sec"] > 0 and 0 <= rows[0]["data_wait_frac"] <= 1
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
-    assert "val_loss" in rows[2] and "val_loss" in rows[-1]
+    late_loss = sum(r["loss"] for r in rows[-3:]) / 3                   # step losses are noisy: average
+    assert late_loss < rows[0]["loss"] - 0.1, [r["loss"] for r in rows]
+    assert "val_loss" in rows[5] and "val_loss" in rows[-1]
     assert_checkpoint(out, 24, world_size=2)
     assert (out / "checkpoints" / "step_00000012" / "COMPLETE").exists()
     config = json.loads((out / "config.json").read_text())
