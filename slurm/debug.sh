@@ -4,7 +4,7 @@
 #
 #   bash slurm/debug.sh --dry-run | --submit [SBATCH ...]
 #   sbatch slurm/debug.sh                              # from the repository root
-#   RECIPE=eva01_g14 EXTRA_ARGS="--model.variant=eva_debug" sbatch slurm/debug.sh
+#   RECIPE=eva_g_p14_m30m EXTRA_ARGS="--model.variant=eva_l_p14" sbatch slurm/debug.sh
 # CPU-only cluster: sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/debug.sh
 #
 #SBATCH --job-name=eva-debug

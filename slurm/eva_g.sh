@@ -10,7 +10,7 @@
 #
 # Settings (environment variables; sbatch exports them to the job):
 #   PYTHON        project interpreter                              (python3 on PATH)
-#   RECIPE        recipe name or .toml path                        (eva01_g14)
+#   RECIPE        recipe name or .toml path                        (eva_g_p14_m30m)
 #   DATA_INDEX    comma-separated Arrow index files                (the recipe's data.index)
 #   DS_CONFIG     DeepSpeed JSON (ZeRO stage, precision)           (the recipe's)
 #   OUTPUT_ROOT   run folders go to OUTPUT_ROOT/<job name>-<job id> (outputs)
@@ -50,7 +50,7 @@
 #SBATCH --error=%x-%j.err
 set -euo pipefail
 
-: "${RECIPE:=eva01_g14}"
+: "${RECIPE:=eva_g_p14_m30m}"
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     # sbatch runs a copy of this file from its spool folder: the repository is the job's cwd.
     EVA_SCRIPT=$0 EVA_REPO=${EVA_REPO:-$PWD}
