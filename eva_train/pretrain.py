@@ -8,7 +8,6 @@ Also `python eva_train/pretrain.py ...` (one process) and one process per task u
 recipe it runs `demo`: a tiny EVA on procedural images it generates itself, on CPU in minutes.
 Exit codes: 0 finished (or stopped cleanly after a preemption save), 2 bad configuration, else error.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import warnings
 from typing import List, Optional, Tuple
 
 from eva_train.config import Config, ConfigError, build_config, derived_grad_accum, validate
-from eva_train.distributed import WorldInfo, world_from_env
+from eva_train.distributed import world_from_env
 
 log = logging.getLogger("eva_train.pretrain")
 REPO_ROOT = Path(__file__).resolve().parents[1]

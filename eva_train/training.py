@@ -3,7 +3,6 @@ with logging, validation, kNN monitoring, checkpoints, preemption and a stall wa
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
