@@ -1,8 +1,5 @@
-"""kNN monitor: single process, and under a real 2-rank ZeRO-3 DeepSpeed run compared with an
-offline evaluation of the same (gathered) weights.
-
-This file is also the worker script of the 2-rank run (`deepspeed ... test_eval_monitor.py --worker`).
-"""
+"""kNN monitor: single process, and inside a real 2-rank ZeRO-3 pretraining run (eva_train/pretrain.py)
+compared with an offline evaluation of the consolidated weights."""
 import json
 import os
 import subprocess
@@ -12,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))   # the worker imports the image writer as well
+sys.path.insert(0, str(Path(__file__).parent))   # shared image-folder writer
 from test_eval_data import write_class_folder  # noqa: E402
 
 from eva_train.config import EvalConfig, ModelConfig  # noqa: E402
 from eva_train.eval.knn_monitor import KnnMonitor  # noqa: E402
 
 IMG, PATCH = 16, 4
+REPO = Path(__file__).parents[1]
 
 
 def _monitor(train_dir, val_dir, rank=0, world_size=1, **kw) -> KnnMonitor:
@@ -62,57 +60,29 @@ def test_monitor_scores_a_random_model_and_restores_train_mode(tmp_path):
     assert len(small.datasets()[0]) == 6
 
 
-def _zero3_worker(out_dir: str, train_dir: str, val_dir: str) -> None:
-    import deepspeed
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                 "train_batch_size": 4 * world, "gradient_clipping": 1.0,
-                 "zero_optimization": {"stage": 3}}
-    torch.manual_seed(0)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = _model()
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                      config=ds_config)
-    g = torch.Generator().manual_seed(rank)
-    for _ in range(2):   # move the weights away from their init
-        images, mask = torch.randn(4, 3, IMG, IMG, generator=g), torch.rand(4, 16, generator=g) < 0.4
-        engine.backward(engine(images, mask).pow(2).mean())
-        engine.step()
-    monitor = _monitor(train_dir, val_dir, rank, world)
-    metrics = monitor.run(engine.module)
-    val_feats = monitor.features(engine.module)[2]
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        state = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
-    if rank == 0:
-        save_file(state, os.path.join(out_dir, "weights.safetensors"))
-        save_file({"val_feats": val_feats.contiguous()}, os.path.join(out_dir, "feats.safetensors"))
-        Path(out_dir, "metrics.json").write_text(json.dumps(metrics))
-
-
 @pytest.mark.slow
-def test_monitor_under_zero3_two_ranks_matches_offline(tmp_path):
-    from safetensors.torch import load_file
+def test_monitor_in_two_rank_zero3_pretraining_matches_offline_evaluation(tmp_path):
+    """The real entry point: the kNN it logs at the last step equals an offline evaluation of the
+    consolidated final checkpoint."""
+    from eva_train.consolidate import consolidate
+    from eva_train.eval.checkpoints import load_backbone
 
-    train, val = _folders(tmp_path)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-           "--master_port", "29731", __file__, "--worker", str(tmp_path), str(train), str(val)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out, demo = tmp_path / "run", tmp_path / "demo"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", "29731",
+           str(REPO / "eva_train" / "pretrain.py"), "--output_dir", str(out), f"--data.demo_root={demo}",
+           "--train.total_steps=2", "--eval.knn_every_steps=1", "--eval.knn_max_images=96",
+           "--checkpoint.every_steps=0", "--logging.log_every_steps=1", "--logging.wandb=false",
+           "--logging.progress_bar=false"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    logged = json.loads((tmp_path / "metrics.json").read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn_rows = [r for r in logged if "knn_top1" in r]
+    assert [r["step"] for r in knn_rows] == [1, 2]
 
-    model = _model()
-    model.load_state_dict(load_file(tmp_path / "weights.safetensors"))
-    offline = _monitor(train, val)
-    assert offline.run(model) == logged
-    torch.testing.assert_close(offline.features(model)[2], load_file(tmp_path / "feats.safetensors")["val_feats"],
-                               rtol=1e-4, atol=1e-4)
-
-
-if __name__ == "__main__" and "--worker" in sys.argv:
-    args = [a for a in sys.argv[sys.argv.index("--worker") + 1:] if not a.startswith("--local_rank")]
-    _zero3_worker(*args[:3])
+    consolidate(str(out / "checkpoints"), str(tmp_path / "final.safetensors"))
+    backbone, _ = load_backbone(str(tmp_path / "final.safetensors"), variant="eva_demo_p8", img_size=64)
+    cfg = EvalConfig(knn_train_index=[str(demo / "train.arrow")], knn_val_index=[str(demo / "val.arrow")],
+                     knn_max_images=96)
+    offline = KnnMonitor(cfg, 64, 8, 0, 1, num_workers=0).run(backbone.eval())
+    assert offline == {"knn_top1": knn_rows[-1]["knn_top1"], "knn_top5": knn_rows[-1]["knn_top5"]}
