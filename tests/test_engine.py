@@ -137,3 +137,23 @@ def test_rank_environment_from_slurm_and_for_a_lone_process():
     assert world_from_env(lone).world_size == 1 and "MASTER_PORT" in lone
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         world_from_env({"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_metrics_sink_writes_jsonl_and_offline_wandb(tmp_path, monkeypatch):
+    from eva_train.config import LoggingConfig
+    from eva_train.metrics import MetricsSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    sink = MetricsSink(str(tmp_path), LoggingConfig(wandb=True, progress_bar=True), {"recipe": "t"}, rank=0,
+                       total_steps=2, start_step=0)
+    for step in (1, 2):
+        sink.advance()
+        sink.write({"step": step, "loss": -0.5 * step, "lr": 1e-3, "mfu": None})
+    sink.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(line)["step"] for line in lines] == [1, 2]
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    silent = MetricsSink(str(tmp_path / "r1"), LoggingConfig(), {}, rank=1, total_steps=2, start_step=0)
+    silent.write({"step": 1})
+    assert not (tmp_path / "r1" / "metrics.jsonl").exists()  # only rank 0 writes
