@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--features", metavar="OUT", help="write pooled + patch features of a backbone file here")
+    parser.add_argument("--variant", default=None, help="with --features: the model variant when the file's "
+                        "metadata does not name it (e.g. eva_demo_p8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     try:
@@ -42,7 +44,7 @@ def _features(args) -> int:
 
     from eva_train.inference import extract_feat, get_model
 
-    feats = extract_feat(get_model(args.checkpoint, device=args.device), args.images)
+    feats = extract_feat(get_model(args.checkpoint, variant=args.variant, device=args.device), args.images)
     save_file({k: v.cpu().contiguous() for k, v in feats.items()}, args.features,
               metadata={"images": json.dumps(args.images)})
     print(f"wrote pooled {tuple(feats['pooled'].shape)} and patch {tuple(feats['patch'].shape)} features "
