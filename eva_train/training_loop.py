@@ -43,7 +43,7 @@ def _evaluations(run, step: int) -> Dict[str, float]:
     every = run.cfg.train.val_every_steps
     if run.val_loader is not None and ((every > 0 and step % every == 0) or step == run.total_steps):
         out["val_loss"] = run.trainer.val_loss(run.val_loader)
-    if run.knn is not None and (run.knn.due(step) or step == run.total_steps):
+    if run.knn is not None and run.knn.due(step):
         out.update(run.knn.run(run.engine.module))
     return out
 

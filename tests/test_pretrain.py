@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 def quick(*extra: str):
-    return ["--data.num_workers=0", "--logging.wandb=false", "--logging.progress_bar=false", *extra]
+    return ["--data.num_workers=0", "--logging.wandb=false", "--logging.progress_bar=false",
+            "--eval.final_report=false", *extra]
 
 
 def run_cli(args, env_extra=None, timeout=RUN_TIMEOUT_S):
