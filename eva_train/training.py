@@ -173,6 +173,12 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
 def _final_report(run: Run) -> None:
     if not run.cfg.eval.final_report:
         return
+    e, d = run.cfg.eval, run.cfg.data
+    if not ((e.knn_train_index and e.knn_val_index) or (d.index and d.val_index)):
+        # checked here, not at start-up: a training run must not die at its end over a report
+        log.warning("eval.final_report skipped: it needs a labeled train/val pair (eval.knn_train_index and "
+                    "eval.knn_val_index, or data.val_index)")
+        return
     try:
         from eva_train.eval.demo_report import final_report
     except ImportError as error:
