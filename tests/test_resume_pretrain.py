@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow,
 def overrides(demo_root: Path, *extra: str):
     # drop_path 0: a 1-rank resume cannot replay the 2 ranks' drop-path streams.
     return [f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
-            f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
+            f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false", "--eval.final_report=false",
             "--logging.progress_bar=false", "--checkpoint.every_steps=2", "--checkpoint.keep_last=4",
             "--model.drop_path_rate=0", *extra]
 

@@ -114,7 +114,7 @@ def demo_overrides(demo_root: Path) -> str:
     return " ".join([
         f"--data.demo_root={demo_root}", f"--data.val_index={demo_root / VAL_SMALL}", "--data.num_workers=0", "--train.precision=fp32",
         "--train.micro_batch_size=4", "--train.global_batch_size=8", "--optim.warmup_steps=2",
-        f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false",
+        f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false", "--eval.final_report=false",
         "--logging.progress_bar=false", f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
     ])
 
