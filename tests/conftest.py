@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _reset_kernel_backend():
+    """Code under test (bench_step, the training loop) may pick a kernel backend in-process; no test
+    may inherit another's choice."""
+    import eva_kernels
+
+    yield
+    eva_kernels.set_backend(None)
