@@ -139,7 +139,6 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "recipe")
 
 
 def available_recipes() -> List[str]:
@@ -178,10 +177,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}")
-    target = getattr(cfg, section)
+def apply_value(root: Any, section: str, key: str, value: Any, source: str) -> None:
+    """Set `root.section.key` (root: any dataclass of section dataclasses) from a TOML value or CLI
+    string, coerced to the field's type; unknown sections and keys are one-line errors."""
+    sections = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(getattr(root, f.name))]
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section '{section}'; sections are {', '.join(sections)}")
+    target = getattr(root, section)
     hints = get_type_hints(type(target))
     if key not in hints:
         known = ", ".join(sorted(hints))
@@ -228,9 +230,9 @@ def build_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) ->
         if not isinstance(values, dict):
             raise ConfigError(f"recipe {cfg.recipe}: top-level key '{section}' must be a [section] table")
         for key, value in values.items():
-            _apply(cfg, section, key, value, f"recipe {cfg.recipe}")
+            apply_value(cfg, section, key, value, f"recipe {cfg.recipe}")
     for section, key, value in parse_overrides(overrides):
-        _apply(cfg, section, key, value, "command line")
+        apply_value(cfg, section, key, value, "command line")
     return cfg
 
 

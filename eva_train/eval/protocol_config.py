@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence, Tuple, get_type_hints
 
-from eva_train.config import ConfigError, _coerce, parse_overrides
+from eva_train.config import ConfigError, apply_value, parse_overrides
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PROTOCOLS = ("linear", "finetune")
@@ -86,17 +86,6 @@ class ProtocolConfig:
         return self.optim.lr if self.optim.lr > 0 else self.optim.blr * self.train.global_batch_size / 256
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(ProtocolConfig) if f.name != "recipe")
-
-
-def _set(cfg: ProtocolConfig, section: str, key: str, value, source: str) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section '{section}'; sections are {', '.join(SECTIONS)}")
-    target = getattr(cfg, section)
-    hints = get_type_hints(type(target))
-    if key not in hints:
-        raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(sorted(hints))}")
-    setattr(target, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
 
 
 def build_protocol_config(recipe: str, overrides: Sequence[str] = ()) -> ProtocolConfig:
@@ -108,9 +97,9 @@ def build_protocol_config(recipe: str, overrides: Sequence[str] = ()) -> Protoco
     with open(path, "rb") as f:
         for section, values in tomllib.load(f).items():
             for key, value in values.items():
-                _set(cfg, section, key, value, f"recipe {path.stem}")
+                apply_value(cfg, section, key, value, f"recipe {path.stem}")
     for section, key, value in parse_overrides(overrides):
-        _set(cfg, section, key, value, "command line")
+        apply_value(cfg, section, key, value, "command line")
     return cfg
 
 
