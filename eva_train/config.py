@@ -39,6 +39,8 @@ class TeacherConfig:
     checkpoint: str = ""                # local file with the tower's weights (required unless random_init)
     random_init: bool = False           # demo only: a randomly initialised teacher, said loudly in the log
     precision: str = "bf16"             # teacher compute dtype on GPU (fp32 on CPU)
+    input_transform: str = "none"       # "none", or "gray_standardized" (demo only: a random teacher's
+                                        # targets would otherwise be dominated by the images' random colours)
 
 
 @dataclass
@@ -285,6 +287,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def _validate_teacher(t: TeacherConfig) -> None:
+    if t.input_transform not in ("none", "gray_standardized"):
+        raise ConfigError(f"teacher.input_transform '{t.input_transform}' is unknown; use none or gray_standardized")
+    if t.input_transform != "none" and not t.random_init:
+        raise ConfigError("teacher.input_transform is for the demo's random teacher only; a real CLIP teacher must "
+                          "see the real image: set teacher.input_transform=none")
     if t.random_init:
         return
     if not t.checkpoint:

@@ -151,3 +151,25 @@ def test_eva_clip_style_timm_tower_returns_projected_patch_tokens(tmp_path):
 def test_teacher_rejects_float_images(random_tiny):
     with pytest.raises(ValueError, match="uint8"):
         random_tiny(torch.zeros(1, 3, 64, 64))
+
+
+def test_gray_standardized_removes_colour_and_keeps_structure():
+    from eva_train.models.teacher import gray_standardized
+
+    gen = torch.Generator().manual_seed(0)
+    pattern = (torch.rand(2, 1, 16, 16, generator=gen) > 0.5).float()
+    red_green = (pattern * torch.tensor([200., 20., 0.]).view(1, 3, 1, 1) + 30).to(torch.uint8)
+    blue = (pattern * torch.tensor([0., 10., 90.]).view(1, 3, 1, 1) + 100).to(torch.uint8)
+    a, b = gray_standardized(red_green), gray_standardized(blue)
+    assert a.dtype == torch.uint8 and torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 1], a[:, 2])
+    assert (a.int() - b.int()).abs().max() <= 1  # same pattern in other colours: same teacher input
+    assert a[pattern.expand_as(a) > 0].float().mean() > a[pattern.expand_as(a) == 0].float().mean() + 50
+
+
+def test_input_transform_is_refused_for_a_real_teacher():
+    from eva_train.config import ConfigError, TeacherConfig, _validate_teacher
+
+    with pytest.raises(ConfigError, match="demo's random teacher only"):
+        _validate_teacher(TeacherConfig(name="tiny", checkpoint="", input_transform="gray_standardized"))
+    with pytest.raises(ConfigError, match="unknown"):
+        _validate_teacher(TeacherConfig(name="tiny", random_init=True, input_transform="sepia"))

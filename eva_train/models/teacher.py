@@ -38,8 +38,12 @@ class TeacherLoadError(RuntimeError):
 class Teacher(nn.Module):
     """Frozen vision tower: uint8 images (B, 3, H, W) -> float32 patch targets (B, N, out_dim)."""
 
-    def __init__(self, visual: nn.Module, out_dim: int, input_px: int, autocast_dtype: Optional[torch.dtype]):
+    def __init__(self, visual: nn.Module, out_dim: int, input_px: int, autocast_dtype: Optional[torch.dtype],
+                 input_transform: str = "none"):
         super().__init__()
+        if input_transform not in ("none", "gray_standardized"):
+            raise ValueError(f"teacher input_transform '{input_transform}' is unknown; use none or gray_standardized")
+        self.input_transform = input_transform
         self.visual = visual
         self.out_dim = out_dim
         self.input_px = input_px
@@ -72,6 +76,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_transform == "gray_standardized":
+            images = gray_standardized(images)
         x = self._preprocess(images)
         enabled = self.autocast_dtype is not None and x.is_cuda
         with torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
@@ -185,6 +191,18 @@ def _build_tower(name: str, cfg: Dict, raw: Optional[Dict[str, torch.Tensor]]) -
     return visual, int(cfg["embed_dim"])
 
 
+def gray_standardized(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> uint8 gray image with each channel standardized per image first.
+
+    Demo only: the procedural images paint each class's pattern in two random colours, and a random
+    teacher's features are then mostly colour, which carries no class information; predicting them
+    teaches the student nothing useful. Without colour the targets describe structure only."""
+    x = images.float()
+    x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1e-3)
+    gray = x.mean(dim=1, keepdim=True).expand_as(x)
+    return (gray * 50 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def build_teacher(teacher_cfg, student_grid: int, device) -> Teacher:
     """The frozen teacher for a student with `student_grid` x `student_grid` patches."""
     device = torch.device(device)
@@ -209,6 +227,9 @@ def build_teacher(teacher_cfg, student_grid: int, device) -> Teacher:
     autocast_dtype = None
     if device.type == "cuda":  # fp32 weights, low-precision matmuls: LayerNorm/softmax stay fp32 under autocast
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(teacher_cfg.precision)
-    teacher = Teacher(visual, out_dim, student_grid * _tower_patch_size(visual), autocast_dtype)
+    transform = getattr(teacher_cfg, "input_transform", "none")
+    if transform != "none" and not teacher_cfg.random_init:
+        raise TeacherLoadError("teacher.input_transform is for the demo's random teacher only; use none")
+    teacher = Teacher(visual, out_dim, student_grid * _tower_patch_size(visual), autocast_dtype, transform)
     return teacher.to(device)
 
