@@ -289,9 +289,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 def _validate_teacher(t: TeacherConfig) -> None:
     if t.input_transform not in ("none", "gray_standardized"):
         raise ConfigError(f"teacher.input_transform '{t.input_transform}' is unknown; use none or gray_standardized")
-    if t.input_transform != "none" and not t.random_init:
-        raise ConfigError("teacher.input_transform is for the demo's random teacher only; a real CLIP teacher must "
-                          "see the real image: set teacher.input_transform=none")
     if t.random_init:
         return
     if not t.checkpoint:
@@ -300,6 +297,9 @@ def _validate_teacher(t: TeacherConfig) -> None:
     if not os.path.isfile(t.checkpoint):
         raise ConfigError(f"teacher.checkpoint '{t.checkpoint}' does not exist; download the {t.name} "
                           f"weights to a local file and pass its path")
+    if t.input_transform != "none":
+        raise ConfigError("teacher.input_transform is for the demo's random teacher only; a real CLIP teacher must "
+                          "see the real image: set teacher.input_transform=none")
 
 
 def _validate_paths(cfg: Config) -> None:

@@ -166,10 +166,12 @@ def test_gray_standardized_removes_colour_and_keeps_structure():
     assert a[pattern.expand_as(a) > 0].float().mean() > a[pattern.expand_as(a) == 0].float().mean() + 50
 
 
-def test_input_transform_is_refused_for_a_real_teacher():
+def test_input_transform_is_refused_for_a_real_teacher(tmp_path):
     from eva_train.config import ConfigError, TeacherConfig, _validate_teacher
 
+    weights = tmp_path / "tower.safetensors"
+    weights.write_bytes(b"x")  # existence is all the config check looks at
     with pytest.raises(ConfigError, match="demo's random teacher only"):
-        _validate_teacher(TeacherConfig(name="tiny", checkpoint="", input_transform="gray_standardized"))
+        _validate_teacher(TeacherConfig(name="tiny", checkpoint=str(weights), input_transform="gray_standardized"))
     with pytest.raises(ConfigError, match="unknown"):
         _validate_teacher(TeacherConfig(name="tiny", random_init=True, input_transform="sepia"))
