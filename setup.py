@@ -18,6 +18,8 @@ setup(
         "pyarrow>=15",
         "numpy",
         "pillow",
+        # faster JPEG decode (libjpeg-turbo into numpy); optional at run time, wheels for these CPUs
+        "simplejpeg>=1.7; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
         "safetensors",
         "tqdm",
         "psutil",

@@ -13,7 +13,8 @@ from eva_train.config import DataConfig, MaskConfig
 from eva_train.data import BadSampleMonitor, DataError
 from eva_train.data.build import build_index
 from eva_train.data.dataset import MaskedImageDataset, SampleSpec, replacement_row
-from eva_train.data.decode import BadImageError, decode_crop, open_image
+from eva_train.data.decode import (DEFAULT_JPEG_DECODER, BadImageError, dct_factor, decode_crop, exif_orientation,
+                                   open_image, read_header, simplejpeg)
 from eva_train.data.index import open_index
 from eva_train.data.loader import build_loader
 from eva_train.data.masking import BlockMaskGenerator, RandomMaskGenerator, build_mask_generator
@@ -33,12 +34,17 @@ def hwc(chw: torch.Tensor) -> np.ndarray:
     return chw.permute(1, 2, 0).numpy()
 
 
-def decode_whole(data: bytes, out=16, flip=False) -> np.ndarray:
-    img = open_image(data, MAX_PIXELS * 100)
-    return hwc(decode_crop(img, center_crop_box(*img.size, crop_fraction=1.0) if img.width == img.height
-                       else (0, 0) + img.size, out, flip))
+DECODERS = ["pillow"] + (["simplejpeg"] if simplejpeg is not None else [])
 
 
+def decode_whole(data: bytes, out=16, flip=False, decoder=DEFAULT_JPEG_DECODER) -> np.ndarray:
+    image = read_header(data, MAX_PIXELS * 100, decoder)
+    size = image.upright_size
+    box = center_crop_box(*size, crop_fraction=1.0) if size[0] == size[1] else (0, 0) + size
+    return hwc(decode_crop(image, box, out, flip))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("mode,fmt,color,expected", [
     ("L", "JPEG", 128, (128, 128, 128)),
     ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0)),
@@ -46,12 +52,12 @@ def decode_whole(data: bytes, out=16, flip=False) -> np.ndarray:
     ("RGBA", "PNG", (0, 0, 255, 0), (255, 255, 255)),   # fully transparent -> white background
     ("LA", "PNG", (50, 255), (50, 50, 50)),
 ])
-def test_modes_become_rgb(mode, fmt, color, expected):
+def test_modes_become_rgb(mode, fmt, color, expected, decoder):
     if mode == "P":
         img = Image.new("RGB", (24, 24), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
     else:
         img = Image.new(mode, (24, 24), color)
-    out = decode_whole(encode(img, fmt))
+    out = decode_whole(encode(img, fmt), decoder=decoder)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - np.array(expected)).max() <= 6
 
@@ -61,21 +67,52 @@ def test_exif_orientation_is_applied():
     raw.paste((0, 0, 255), (20, 0, 40, 20))  # raw: left red, right blue
     exif = Image.Exif()
     exif[0x0112] = 6  # display rotated 90 degrees clockwise: red ends on top
-    img = open_image(encode(raw, exif=exif.tobytes()), MAX_PIXELS)
-    out = hwc(decode_crop(img, center_crop_box(20, 40), 16, flip=False))
-    assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60    # top red
-    assert out[-1, 8, 2] > 200 and out[-1, 8, 0] < 60  # bottom blue
+    data = encode(raw, exif=exif.tobytes())
+    for decoder in DECODERS:
+        out = hwc(decode_crop(read_header(data, MAX_PIXELS, decoder), center_crop_box(20, 40), 16, False))
+        assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60    # top red
+        assert out[-1, 8, 2] > 200 and out[-1, 8, 0] < 60  # bottom blue
 
 
-def test_flip_and_draft_keep_the_picture():
+def photo_like(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([128 + 100 * np.sin(x / 9.0 + c) * np.cos(y / 13.0 - c) for c in range(3)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.skipif(simplejpeg is None, reason="simplejpeg is not installed")
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0
+def test_simplejpeg_equals_pillow_for_every_orientation(orientation, subsampling):
+    """Same pixels from both decoders: every EXIF orientation, a crop off the centre, a crop large
+    enough for decode-time downscaling (1/2), and a flip."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(photo_like(120, 72), quality=92, subsampling=subsampling, exif=exif.tobytes())
+    headers = [read_header(data, MAX_PIXELS, decoder) for decoder in ("pillow", "simplejpeg")]
+    assert headers[0].pillow is not None and headers[1].pillow is None  # the fast header path was taken
+    assert headers[0].orientation == headers[1].orientation == exif_orientation(open_image(data, MAX_PIXELS))
+    width, height = headers[1].upright_size
+    assert (width, height) == ((72, 120) if orientation >= 5 else (120, 72))
+    for box, out, flip in [((5, 9, 37, 50), 24, False), ((3, 1, width - 2, height - 4), 16, True)]:
+        assert dct_factor(headers[0], box, out) == (1 if out == 24 else 4)
+        outs = [hwc(decode_crop(read_header(data, MAX_PIXELS, decoder), box, out, flip))
+                for decoder in ("pillow", "simplejpeg")]
+        assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_flip_and_draft_keep_the_picture(decoder):
     x = np.linspace(0, 255, 800)
     pixels = np.stack([np.tile(x, (600, 1)), np.tile(x[::-1], (600, 1)), np.full((600, 800), 90)], -1)
     data = encode(Image.fromarray(pixels.astype(np.uint8)), quality=95)
     box = (100, 50, 700, 550)
-    drafted = hwc(decode_crop(open_image(data, 10**7), box, 64, flip=False))  # 500 px crop -> 64: draft at 1/4
+    assert dct_factor(read_header(data, 10**7), box, 64) == 4  # 500 px crop -> 64: decoded at 1/4
+    drafted = hwc(decode_crop(read_header(data, 10**7, decoder), box, 64, False))
     exact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box))
     assert np.abs(drafted.astype(int) - exact.astype(int)).mean() < 3
-    flipped = hwc(decode_crop(open_image(data, 10**7), box, 64, flip=True))
+    flipped = hwc(decode_crop(read_header(data, 10**7, decoder), box, 64, True))
     assert np.array_equal(flipped, drafted[:, ::-1])
 
 

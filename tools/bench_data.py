@@ -5,8 +5,9 @@
 1. Index at --rows synthetic rows: write time, file size, open time, random lookup latency,
    per-worker USS/PSS over an epoch's worth of lookups (forked workers, like DataLoader's),
    next to a Python-list-of-paths dataset (measured at --list-rows, extrapolated linearly).
-2. Decode + RandomResizedCrop + flip (+ block mask) per core on ImageNet-like JPEGs (500x375
-   q90) against a plain `PIL.Image.open(p).convert('RGB')` loop over the same files.
+2. Decode + RandomResizedCrop + flip (and the whole sample: + block mask) per core on
+   ImageNet-like JPEGs (500x375 q90) and larger ones (1024x768, where decode-time downscaling
+   applies) against a plain `PIL.Image.open(p).convert('RGB')` loop over the same files.
 3. Reads from tar shards: random positioned reads through the index vs a sequential tar scan.
 """
 import argparse
@@ -28,7 +29,7 @@ from PIL import Image
 from eva_train.config import MaskConfig
 from eva_train.data.build import build_index
 from eva_train.data.dataset import MaskedImageDataset, SampleSpec
-from eva_train.data.decode import channels_last_pixels, open_image, resize_pixels, upright_size
+from eva_train.data.decode import DEFAULT_JPEG_DECODER, channels_last, decode_crop, read_header, resize_pixels, simplejpeg
 from eva_train.data.index import open_index, write_index_atomic
 from eva_train.data.masking import build_mask_generator
 from eva_train.data.reading import HandleCache, read_image_bytes
@@ -67,15 +68,16 @@ def write_synthetic_index(path: str, n: int) -> float:
 
 
 def lookup_latency_us(lookup, n: int, count: int = 200_000):
-    """CPU microseconds per random lookup: first pass (pages of the map touched for the first time
-    in this process: minor faults) and second pass over the same rows (steady state)."""
+    """Microseconds per random lookup, (CPU time, wall time), for a first pass (pages of the map
+    touched for the first time in this process: minor faults) and a second pass over the same
+    rows (steady state)."""
     rows = np.random.default_rng(1).integers(0, n, count).tolist()
     passes = []
     for _ in range(2):
-        start = time.process_time()
+        cpu, wall = time.process_time(), time.perf_counter()
         for row in rows:
             lookup(row)
-        passes.append((time.process_time() - start) / count * 1e6)
+        passes.append(((time.process_time() - cpu) / count * 1e6, (time.perf_counter() - wall) / count * 1e6))
     return passes
 
 
@@ -131,8 +133,8 @@ def bench_index(rows: int, list_rows: int, workers: int, tmp: Path):
     print(f"{'build / create (s)':34} {write_s:>22.2f} {list_build_s * scale:>16.2f} (extr.)")
     print(f"{'file size (MiB)':34} {os.path.getsize(path) / MIB:>22.1f} {'-':>22}")
     print(f"{'open (s)':34} {open_s:>22.4f} {'-':>22}")
-    print(f"{'random lookup, first touch (us)':34} {arrow_us[0]:>22.2f} {list_us[0]:>22.2f}")
-    print(f"{'random lookup, warm (us)':34} {arrow_us[1]:>22.2f} {list_us[1]:>22.2f}")
+    for name, a, b in (("first touch", arrow_us[0], list_us[0]), ("warm", arrow_us[1], list_us[1])):
+        print(f"{f'random lookup, {name}, cpu / wall (us)':34} {a[0]:>12.2f} / {a[1]:>7.2f} {b[0]:>12.2f} / {b[1]:>7.2f}")
     for k, pct in enumerate((0, 25, 50, 75, 100)):
         a, b = arrow_mem[k], list_mem[k]
         growth = (b[0] - list_mem[0][0]) * scale
@@ -141,11 +143,11 @@ def bench_index(rows: int, list_rows: int, workers: int, tmp: Path):
     print(f"(Python list measured at {list_rows:,} rows; 'extr.' = scaled linearly to {rows:,})")
 
 
-def imagenet_like_jpegs(folder: Path, count: int):
-    """500x375 q90 JPEGs with smooth shapes plus texture (compresses like photos, ~100 KB)."""
+def photo_like_jpegs(folder: Path, count: int, width: int = 500, height: int = 375):
+    """q90 JPEGs with smooth shapes plus texture (compress like photos: ~90 KB at 500x375)."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
-    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     paths = []
     for i in range(count):
         base = np.stack([128 + 100 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(
@@ -157,54 +159,69 @@ def imagenet_like_jpegs(folder: Path, count: int):
     return paths
 
 
-def _cpu_per_image_ms(fn, items, repeats: int = 3) -> float:
-    """Best of `repeats` CPU-time passes (process time: robust to other jobs on the machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        for item in items:
-            fn(item)
-        best = min(best, time.process_time() - start)
-    return best / len(items) * 1e3
+def _cpu_ms_interleaved(loops: dict, rounds: int = 7) -> dict:
+    """{name: (fn, items)} -> {name: CPU ms per item}, best of `rounds` passes, the loops taking
+    turns so that a slow spell of the machine hits all of them alike (process time: robust to
+    other jobs on the machine)."""
+    best = {name: float("inf") for name in loops}
+    for _ in range(rounds):
+        for name, (fn, items) in loops.items():
+            start = time.process_time()
+            for item in items:
+                fn(item)
+            best[name] = min(best[name], (time.process_time() - start) / len(items) * 1e3)
+    return best
 
 
-def _stage_costs(paths, out_size: int):
-    """CPU ms per image of each stage of our sample path, in isolation."""
-    datas = [p.read_bytes() for p in paths]
-    rng = np.random.default_rng(0)
-    boxes = []
-    for d in datas:
-        img = open_image(d, 1 << 40)
-        boxes.append(random_resized_crop_box(*upright_size(img), (0.2, 1.0), rng))
-    decoded = [Image.open(io.BytesIO(d)).convert("RGB") for d in datas]
-    mask = build_mask_generator(MaskConfig(), (16, 16))
-    return {
-        "read file": _cpu_per_image_ms(lambda p: p.read_bytes(), paths),
-        "open header + crop box": _cpu_per_image_ms(
-            lambda d: random_resized_crop_box(*upright_size(open_image(d, 1 << 40)), (0.2, 1.0), rng), datas),
-        "decode (Pillow load)": _cpu_per_image_ms(lambda d: Image.open(io.BytesIO(d)).load(), datas),
-        "crop + resize + flip": _cpu_per_image_ms(
-            lambda i: resize_pixels(channels_last_pixels(decoded[i].crop(boxes[i])), out_size, True), range(len(datas))),
-        "block mask 105/256": _cpu_per_image_ms(lambda _: mask(rng), datas),
-        "per-sample RNG": _cpu_per_image_ms(lambda i: np.random.default_rng([0, 1, i]), range(len(datas))),
-    }
+def _decode_crop_flip(dataset: MaskedImageDataset, rng: np.random.Generator, decoder: str):
+    """What the issue times: read, header, RandomResizedCrop box, decode, crop + resize, flip."""
+    reader, spec = dataset.reader, dataset.spec
+
+    def sample(row: int):
+        data = read_image_bytes(reader.image_location(row), dataset.handles)
+        image = read_header(data, spec.max_image_pixels, decoder)
+        box = random_resized_crop_box(*image.upright_size, (spec.min_crop_scale, 1.0), rng)
+        return decode_crop(image, box, spec.img_size, flip=bool(rng.random() < 0.5))
+    return sample
 
 
-def bench_decode(paths, tmp: Path, out_size: int = 224):
+def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
     torch.set_num_threads(1)  # per core, as in a DataLoader worker
-    index = build_index([str(paths[0].parent)], str(tmp / "jpegs.arrow"), num_workers=1)
+    index = build_index([str(paths[0].parent)], str(tmp / f"jpegs_{label}.arrow"), num_workers=1)
     dataset = MaskedImageDataset(open_index([index]), SampleSpec(img_size=out_size),
                                  build_mask_generator(MaskConfig(), (16, 16)))
-    plain_ms = _cpu_per_image_ms(lambda p: Image.open(p).convert("RGB"), paths)
-    ours_ms = _cpu_per_image_ms(lambda i: dataset[(0, i)], range(len(paths)))
+    rows, rng = range(len(paths)), np.random.default_rng(0)
+    datas = [p.read_bytes() for p in paths]
+    headers = [read_header(d, 1 << 40) for d in datas]
+    boxes = [random_resized_crop_box(*h.upright_size, (0.2, 1.0), rng) for h in headers]
+    decoded = [simplejpeg.decode_jpeg(d, "RGB") if simplejpeg else np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))
+               for d in datas]
+    mask = build_mask_generator(MaskConfig(), (16, 16))
+    loops = {
+        "plain PIL open().convert(RGB)": (lambda p: Image.open(p).convert("RGB"), paths),
+        **{f"ours: decode + crop + flip ({decoder})": (_decode_crop_flip(dataset, rng, decoder), rows)
+           for decoder in ["pillow"] + (["simplejpeg"] if simplejpeg else [])},
+        f"ours: whole sample, dataset[i] (+ mask; {DEFAULT_JPEG_DECODER})": (lambda i: dataset[(0, i)], rows),
+        "  stage: read file": (lambda p: p.read_bytes(), paths),
+        "  stage: header + crop box": (
+            lambda d: random_resized_crop_box(*read_header(d, 1 << 40).upright_size, (0.2, 1.0), rng), datas),
+        "  stage: Pillow decode (load)": (lambda d: Image.open(io.BytesIO(d)).load(), datas),
+        **({"  stage: simplejpeg decode": (lambda d: simplejpeg.decode_jpeg(d, "RGB"), datas)} if simplejpeg else {}),
+        "  stage: crop + resize + flip": (
+            lambda i: resize_pixels(channels_last(decoded[i][boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]]),
+                                    out_size, True), rows),
+        "  stage: block mask 105/256": (lambda _: mask(rng), rows),
+        "  stage: per-sample RNG": (lambda i: np.random.default_rng([0, 1, i]), rows),
+    }
+    ms = _cpu_ms_interleaved(loops)
+    plain = ms["plain PIL open().convert(RGB)"]
     mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
-    print(f"\n## Decode per core (CPU time, best of 3): {len(paths)} JPEGs 500x375 q90 (~{mean_kb:.0f} KB) "
-          f"-> {out_size}x{out_size} + block mask")
-    print(f"{'plain PIL open().convert(RGB)':42} {1e3 / plain_ms:>8.0f} img/s {plain_ms:>7.2f} ms  (the limit)")
-    print(f"{'ours: full dataset[i] (read..mask)':42} {1e3 / ours_ms:>8.0f} img/s {ours_ms:>7.2f} ms  "
-          f"= {plain_ms / ours_ms:.0%} of the limit")
-    for stage, ms in _stage_costs(paths, out_size).items():
-        print(f"{'  stage: ' + stage:42} {'':>14} {ms:>7.3f} ms")
+    print(f"\n## Decode per core (CPU time, best of 7 interleaved): {len(paths)} JPEGs {label} q90 (~{mean_kb:.0f} KB) "
+          f"-> {out_size}x{out_size}")
+    for name, value in ms.items():
+        share = "  (the limit)" if value == plain else "" if name.startswith("  ") else f"  = {plain / value:.0%} of the limit"
+        rate = "" if name.startswith("  ") else f"{1e3 / value:>8.0f} img/s"
+        print(f"{name:52} {rate:>14} {value:>7.3f} ms{share}")
 
 
 def bench_tar(paths, tmp: Path, num_shards: int = 4):
@@ -246,8 +263,9 @@ def main():
         tmp = Path(tmp)
         if not args.skip_index:
             bench_index(args.rows, min(args.list_rows, args.rows), args.workers, tmp)
-        paths = imagenet_like_jpegs(tmp / "jpegs" / "all", args.images)
-        bench_decode(paths, tmp)
+        paths = photo_like_jpegs(tmp / "jpegs" / "all", args.images)
+        bench_decode(paths, tmp, "500x375")
+        bench_decode(photo_like_jpegs(tmp / "large" / "all", args.images // 4, 1024, 768), tmp, "1024x768")
         bench_tar(paths, tmp)
 
 

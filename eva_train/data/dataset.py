@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eva_train.data.decode import BadImageError, decode_crop, open_image, upright_size
+from eva_train.data.decode import BadImageError, decode_crop, read_header
 from eva_train.data.errors import DataError
 from eva_train.data.index import IndexReader
 from eva_train.data.reading import HandleCache, read_image_bytes
@@ -65,14 +65,14 @@ class MaskedImageDataset(torch.utils.data.Dataset):
 
     def _load(self, row: int, rng: np.random.Generator) -> torch.Tensor:
         data = read_image_bytes(self.reader.image_location(row), self.handles)
-        img = open_image(data, self.spec.max_image_pixels)
-        width, height = upright_size(img)
+        image = read_header(data, self.spec.max_image_pixels)
+        width, height = image.upright_size
         if self.spec.train:
             box = random_resized_crop_box(width, height, (self.spec.min_crop_scale, 1.0), rng)
             flip = bool(rng.random() < 0.5)
         else:
             box, flip = center_crop_box(width, height), False
-        return decode_crop(img, box, self.spec.img_size, flip)
+        return decode_crop(image, box, self.spec.img_size, flip)
 
     def _log_bad(self, row: int, exc: Exception) -> None:
         if row in self._logged_bad:
