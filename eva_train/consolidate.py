@@ -1,7 +1,8 @@
 """ZeRO-1/2/3 checkpoint -> one safetensors file, streaming one rank's shard at a time.
 
-Each rank's optimizer file is opened with `torch.load(mmap=True)`: only its fp32 master
-partitions are read (the Adam moments' storages are never touched, so never paged in), and every
+Each rank's optimizer file is memory-mapped and unpickled by `eva_train.torch_zip` (numpy views;
+neither torch nor DeepSpeed is imported: that alone took longer than the data here): only its fp32
+master partitions are read (the Adam moments' storages are never touched, so never paged in), and every
 partition slice is written straight to its place in the output (`StreamingSafetensorsWriter`).
 Peak memory is one rank's fp32 partition plus page cache, not the sum of the shards.
 
@@ -13,7 +14,8 @@ Where each element of a parameter lives (what DeepSpeed's `zero_to_fp32.py` reco
 Buffers come from rank 0's model states; frozen params from `frozen_param_fragments` (ZeRO-3: one
 chunk per rank) or the saved module; tied params (`shared_params`) are written as copies.
 
-Only files of a DeepSpeed checkpoint directory the user named are unpickled (weights_only=False).
+Only files of a DeepSpeed checkpoint directory the user named are unpickled. Torch is imported
+only to compare with a live model (`reference`).
 """
 import json
 import logging
@@ -27,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
-import torch
+import numpy as np
 
+from eva_train import torch_zip
 from eva_train.layouts import LayoutPlan, plan_layout
-from eva_train.safetensors_writer import StreamingSafetensorsWriter
+from eva_train.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
 
 log = logging.getLogger(__name__)
-OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-Piece = Tuple[str, int, torch.Tensor]   # (param name, flat element offset, flat values)
+OUTPUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # safetensors dtype names
+Piece = Tuple[str, int, np.ndarray]   # (param name, flat element offset, flat values)
 
 
 class ConsolidationError(RuntimeError):
@@ -87,7 +90,11 @@ def _check_zip(path: Path) -> None:
 
 def _load_pickled(path: Path) -> dict:
     _check_zip(path)
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        return torch_zip.load(path)
+    except (torch_zip.TorchZipError, ValueError, EOFError) as exc:
+        raise ConsolidationError(f"{path} cannot be read as a DeepSpeed checkpoint file ({exc}); use an "
+                                 f"earlier tag (--tag)") from None
 
 
 @dataclass
@@ -98,10 +105,10 @@ class ZeroCheckpoint:
     world_size: int
     optim_files: List[Path]
     model_files: List[Path]
-    param_shapes: List["OrderedDict[str, torch.Size]"]      # per param group
-    frozen_shapes: "OrderedDict[str, torch.Size]"
-    buffers: "OrderedDict[str, torch.Tensor]"
-    module_only: "OrderedDict[str, torch.Tensor]"           # ZeRO-1/2 frozen params found only in the module
+    param_shapes: List["OrderedDict[str, Tuple[int, ...]]"]  # per param group
+    frozen_shapes: "OrderedDict[str, Tuple[int, ...]]"
+    buffers: "OrderedDict[str, np.ndarray]"
+    module_only: "OrderedDict[str, np.ndarray]"             # ZeRO-1/2 frozen params found only in the module
     shared: Dict[str, str]                                  # alias -> source
     client: dict = field(default_factory=dict)              # step, config (eva-train client_state)
     ds_version: str = ""
@@ -126,7 +133,7 @@ class ZeroCheckpoint:
         optim0 = _load_pickled(optim_files[0])["optimizer_state_dict"]
         ckpt.stage = int(optim0.get("zero_stage", ckpt.stage))
         # ZeRO-1/2: every rank but the last holds equal partitions (the last one drops group padding)
-        ckpt.partition_numels = [t.numel() for t in optim0.get("single_partition_of_fp32_groups", [])]
+        ckpt.partition_numels = [t.size for t in optim0.get("single_partition_of_fp32_groups", [])]
         return ckpt
 
     @classmethod
@@ -138,7 +145,7 @@ class ZeroCheckpoint:
         shared = dict(states.get("shared_params") or {})
         known = {n for group in param_shapes for n in group} | set(frozen) | buffer_names | set(shared)
         module_only = OrderedDict((k, v) for k, v in module.items() if k not in known) if not zero3 else OrderedDict()
-        buffers = OrderedDict((k, v.float() if v.is_floating_point() else v)
+        buffers = OrderedDict((k, torch_zip.to_float32(v) if torch_zip.is_float(v) else v)
                               for k, v in module.items() if k in buffer_names)
         client = {k: states[k] for k in ("step", "config", "samples_seen", "code_version") if k in states}
         return cls(tag_dir, 3 if zero3 else 2, int(states.get("dp_world_size", len(optim_files))), optim_files,
@@ -180,10 +187,10 @@ class ZeroCheckpoint:
                 shapes[alias] = shapes[source]
         return shapes
 
-    def source_dtypes(self) -> Dict[str, torch.dtype]:
-        dtypes = {k: v.dtype for k, v in self.buffers.items()}
-        dtypes.update((k, v.dtype) for k, v in self.module_only.items())
-        return dtypes  # everything else is an fp32 master partition
+    def source_is_float(self) -> Dict[str, bool]:
+        kinds = {k: torch_zip.is_float(v) for k, v in self.buffers.items()}
+        kinds.update((k, torch_zip.is_float(v)) for k, v in self.module_only.items())
+        return kinds  # everything else is an fp32 master partition
 
     def rank_pieces(self, rank: int) -> Iterator[Piece]:
         """Every (name, element offset, values) this rank holds; values are views into its mmap."""
@@ -226,7 +233,7 @@ def _rank_of(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _zero3_pieces(param_shapes, flat_groups: List[torch.Tensor], rank: int, world_size: int) -> Iterator[Piece]:
+def _zero3_pieces(param_shapes, flat_groups: List[np.ndarray], rank: int, world_size: int) -> Iterator[Piece]:
     cursor = _FlatCursor(flat_groups)
     for group in param_shapes:
         for name, shape in group.items():
@@ -241,12 +248,13 @@ def _zero3_pieces(param_shapes, flat_groups: List[torch.Tensor], rank: int, worl
                                  f"the checkpoint does not match its param_shapes")
 
 
-def _zero12_pieces(param_shapes, partitions: List[torch.Tensor], part_starts: List[int], alignment_paddings,
+def _zero12_pieces(param_shapes, partitions: List[np.ndarray], part_starts: List[int], alignment_paddings,
                    path: Path) -> Iterator[Piece]:
+    partitions = [p.reshape(-1) for p in partitions]
     if not len(partitions) == len(param_shapes) == len(part_starts):
         raise ConsolidationError(f"{path}: {len(partitions)} fp32 groups but {len(param_shapes)} param groups")
     for group_index, (group, partition, part_start) in enumerate(zip(param_shapes, partitions, part_starts)):
-        part_end = part_start + partition.numel()
+        part_end = part_start + partition.size
         offset = 0
         paddings = alignment_paddings[group_index] if alignment_paddings else [0] * len(group)
         for (name, shape), padding in zip(group.items(), paddings):
@@ -260,15 +268,15 @@ def _zero12_pieces(param_shapes, partitions: List[torch.Tensor], part_starts: Li
 class _FlatCursor:
     """Reads consecutive ranges across a list of flat tensors (a rank's ZeRO-3 groups)."""
 
-    def __init__(self, groups: List[torch.Tensor]):
+    def __init__(self, groups: List[np.ndarray]):
         self.groups = [g.reshape(-1) for g in groups]
         self.bounds = [0]
         for g in self.groups:
-            self.bounds.append(self.bounds[-1] + g.numel())
+            self.bounds.append(self.bounds[-1] + g.size)
         self.total = self.bounds[-1]
         self.position = 0
 
-    def take(self, length: int, keep: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    def take(self, length: int, keep: int) -> Iterator[Tuple[int, np.ndarray]]:
         """Advance by `length`; yield (offset within the range, values) for its first `keep` elements."""
         start, end = self.position, self.position + keep
         self.position += length
@@ -291,7 +299,7 @@ class ConsolidationReport:
 
 def consolidate(ckpt_dir: str, out_path: str, tag: Optional[str] = None, dtype: str = "fp32",
                 layout: str = "native", progress: bool = True, swiglu: Optional[bool] = None,
-                reference: Optional[Mapping[str, torch.Tensor]] = None) -> ConsolidationReport:
+                reference: Optional[Mapping[str, "torch.Tensor"]] = None) -> ConsolidationReport:
     """Write the checkpoint's full weights to `out_path` (safetensors) in `layout` names.
     `reference` (a live model's state dict, same layout) is compared tensor by tensor."""
     if dtype not in OUTPUT_DTYPES:
@@ -300,7 +308,7 @@ def consolidate(ckpt_dir: str, out_path: str, tag: Optional[str] = None, dtype: 
     ckpt = ZeroCheckpoint.open(ckpt_dir, tag)
     shapes = ckpt.tensor_shapes()
     plan = plan_layout(layout, shapes, swiglu)
-    specs = _dest_specs(plan, ckpt.source_dtypes(), OUTPUT_DTYPES[dtype])
+    specs = _dest_specs(plan, ckpt, OUTPUT_DTYPES[dtype])
     writer = StreamingSafetensorsWriter(out_path, specs, _metadata(ckpt, layout, dtype))
     try:
         nonfinite = _stream(ckpt, plan, writer, progress)
@@ -314,14 +322,19 @@ def consolidate(ckpt_dir: str, out_path: str, tag: Optional[str] = None, dtype: 
     return ConsolidationReport(path, len(specs), os.path.getsize(path), time.perf_counter() - start, plan.dropped)
 
 
-def _dest_specs(plan: LayoutPlan, source_dtypes, float_dtype):
+def _dest_specs(plan: LayoutPlan, ckpt: ZeroCheckpoint, float_dtype: str):
+    """dest name -> (shape, safetensors dtype): floats in the output dtype, integers as saved."""
+    is_float, arrays = ckpt.source_is_float(), {**ckpt.buffers, **ckpt.module_only}
     dest_dtype = {}
     for src, routes in plan.routes.items():
-        src_dtype = source_dtypes.get(src, torch.float32)
         for route in routes:
             if route.dest is not None:
-                dest_dtype[route.dest] = float_dtype if src_dtype.is_floating_point else src_dtype
+                dest_dtype[route.dest] = float_dtype if is_float.get(src, True) else dtype_name(arrays[src])
     return OrderedDict((name, (shape, dest_dtype[name])) for name, shape in plan.dest_shapes.items())
+
+
+def dtype_name(array: np.ndarray) -> str:
+    return "BF16" if isinstance(array, torch_zip.BF16Array) else SAFETENSORS_NAMES[array.dtype]
 
 
 def _metadata(ckpt: ZeroCheckpoint, layout: str, dtype: str) -> Dict[str, str]:
@@ -350,7 +363,7 @@ def _stream(ckpt: ZeroCheckpoint, plan: LayoutPlan, writer: StreamingSafetensors
         for rank in range(ckpt.world_size):
             pending = []
             for name, offset, values in ckpt.rank_pieces(rank):
-                if values.is_floating_point() and not _all_finite(values):
+                if torch_zip.is_float(values) and not _all_finite(values):
                     nonfinite.add(name)
                 for target in [name] + aliases.get(name, []):
                     pending.append(pool.submit(_route_piece, plan, writer, target, offset, values))
@@ -361,21 +374,23 @@ def _stream(ckpt: ZeroCheckpoint, plan: LayoutPlan, writer: StreamingSafetensors
     return nonfinite
 
 
-def _all_finite(values: torch.Tensor) -> bool:
-    # a sum is NaN/Inf when any element is (10x faster than isfinite().all() on CPU); the exact
-    # check runs only when the sum is not finite (e.g. a finite overflow of huge values)
-    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+def _all_finite(values: np.ndarray) -> bool:
+    # a sum is NaN/Inf when any element is (much faster than isfinite().all()); the exact check
+    # runs only when the sum is not finite (e.g. a finite overflow of huge values)
+    values = torch_zip.to_float32(values) if isinstance(values, torch_zip.BF16Array) else values
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum())) or bool(np.isfinite(values).all())
 
 
-def _route_piece(plan: LayoutPlan, writer, name: str, offset: int, values: torch.Tensor) -> None:
-    end = offset + values.numel()
+def _route_piece(plan: LayoutPlan, writer, name: str, offset: int, values: np.ndarray) -> None:
+    end = offset + values.size
     for route in plan.routes[name]:
         lo, hi = max(offset, route.src_start), min(end, route.src_start + route.length)
         if lo >= hi:
             continue
         piece = values[lo - offset:hi - offset]
         if route.dest is None:
-            if bool(piece.any()):
+            if bool(torch_zip.to_float32(piece).any() if torch_zip.is_float(piece) else piece.any()):
                 raise ConsolidationError(f"{name} has non-zero values where the {plan.layout} layout has none "
                                          f"(a learned k bias); use --layout native")
             continue
@@ -395,7 +410,7 @@ def _verify(writer: StreamingSafetensorsWriter, plan: LayoutPlan, nonfinite: set
     os.fsync(writer.fd)
     from safetensors import safe_open
 
-    with safe_open(writer.tmp_path, "pt") as f:
+    with safe_open(writer.tmp_path, "np") as f:
         names = list(f.keys())
         if sorted(names) != sorted(writer.specs):
             raise ConsolidationError(f"{writer.tmp_path} reads back {len(names)} tensors, expected {len(writer.specs)}")
@@ -404,9 +419,10 @@ def _verify(writer: StreamingSafetensorsWriter, plan: LayoutPlan, nonfinite: set
                 raise ConsolidationError(f"{name} reads back with shape {f.get_slice(name).get_shape()}")
 
 
-def compare_with_reference(path: str, reference: Mapping[str, torch.Tensor], atol: float = 0.0) -> None:
+def compare_with_reference(path: str, reference: Mapping[str, "torch.Tensor"], atol: float = 0.0) -> None:
     """Every tensor of `reference` (e.g. a live model's state_dict, gathered) equals the file's
     (compared in the file's dtype); raises naming the first mismatches."""
+    import torch
     from safetensors import safe_open
 
     bad = []
@@ -427,5 +443,5 @@ def compare_with_reference(path: str, reference: Mapping[str, torch.Tensor], ato
 def read_metadata(path: str) -> Dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as f:
+    with safe_open(path, "np") as f:
         return dict(f.metadata() or {})

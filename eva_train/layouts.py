@@ -18,13 +18,16 @@ Layouts (all drop the MIM/MAE-only tensors `mask_token`, `lm_head.*`, `decoder*`
               fuses qkv (k bias zero) and the SwiGLU gate/value into `w12`; the final norm goes to
               `ln2` (mmpretrain's EVA configs pool with `out_type='avg_featmap'` through `ln2`)
 """
+from __future__ import annotations
+
 import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are converted; plans (streaming export) need none
+    import torch
 
 LAYOUTS = ("native", "timm", "open_clip", "mmpretrain")
 MIM_ONLY_PREFIXES = ("mask_token", "lm_head.", "decoder")
@@ -56,6 +59,8 @@ class LayoutPlan:
 
     def convert(self, state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
         """Apply the plan to whole tensors (source -> destination names)."""
+        import torch
+
         dtypes = {}
         for src, routes in self.routes.items():
             for route in routes:
@@ -89,6 +94,8 @@ class LayoutPlan:
         """Destination-layout tensors -> source names, for what is there. Ranges the layout drops
         come back as zeros (a fixed zero k bias). Returns (tensors, missing source names,
         source names whose foreign tensors have another size, foreign names used)."""
+        import torch
+
         out, missing, mismatched, used = OrderedDict(), [], [], set()
         for src, routes in self.routes.items():
             dests = [r for r in routes if r.dest is not None]

@@ -3,8 +3,12 @@
 The header (names, shapes, dtypes, offsets) is fixed first; the data region is preallocated
 (zero-filled by the filesystem) and every piece is `pwrite`n straight to its place, so peak memory
 is the largest piece, not the output. Written to `PATH.tmp`, fsynced, renamed by `commit()`; a
-crash or an error leaves no file at PATH.
+crash or an error leaves no file at PATH. Every WRITEBACK_BYTES written, the kernel is asked to
+start writing the dirty pages out (Linux sync_file_range, asynchronous), so the disk works while
+the shards are still being read and the final fsync has little left to wait for.
 """
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -12,23 +16,53 @@ import struct
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
-import torch
+import numpy as np
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
+from eva_train.torch_zip import BF16Array, float32_to_bf16, to_float32
+
+WRITEBACK_BYTES = 64 << 20
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    """libc's sync_file_range, or None (not Linux / not found): then writeback waits for the fsync."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+SAFETENSORS_NAMES = {np.dtype(t): name for t, name in [
+    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"), (np.int32, "I32"),
+    (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL")]}
+NUMPY_DTYPES = {name: dtype for dtype, name in SAFETENSORS_NAMES.items()}
+ITEMSIZE = {**{name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items()}, "BF16": 2}
+
+
+def convert(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Flat contiguous `values` in safetensors dtype `dtype` (floats round to nearest even)."""
+    if dtype == "BF16":
+        out = values if isinstance(values, BF16Array) else float32_to_bf16(to_float32(values))
+    elif isinstance(values, BF16Array):
+        out = to_float32(values).astype(NUMPY_DTYPES[dtype], copy=False)
+    else:
+        out = values.astype(NUMPY_DTYPES[dtype], copy=False)
+    return np.ascontiguousarray(out).reshape(-1)
 
 
 class StreamingSafetensorsWriter:
-    def __init__(self, path: str, specs: "OrderedDict[str, Tuple[Tuple[int, ...], torch.dtype]]",
+    def __init__(self, path: str, specs: "OrderedDict[str, Tuple[Tuple[int, ...], str]]",
                  metadata: Optional[Dict[str, str]] = None):
         self.path = os.fspath(path)
         self.tmp_path = self.path + ".tmp"
         self.specs = specs
         self.offsets: Dict[str, int] = {}      # name -> byte offset of its data in the file
         self.written_elems: Dict[str, int] = {name: 0 for name in specs}
+        self._unflushed = 0  # bytes written since writeback was last started
         header = self._header(metadata or {})
         self.data_start = 8 + len(header)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -43,8 +77,8 @@ class StreamingSafetensorsWriter:
     def _header(self, metadata: Dict[str, str]) -> bytes:
         entries, cursor = {}, 0
         for name, (shape, dtype) in self.specs.items():
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+            nbytes = math.prod(shape) * ITEMSIZE[dtype]
+            entries[name] = {"dtype": dtype, "shape": list(shape),
                              "data_offsets": [cursor, cursor + nbytes]}
             self.offsets[name] = cursor
             cursor += nbytes
@@ -54,15 +88,25 @@ class StreamingSafetensorsWriter:
         raw = json.dumps(entries, separators=(",", ":")).encode()
         return raw + b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
 
-    def write(self, name: str, elem_offset: int, values: torch.Tensor) -> None:
+    def write(self, name: str, elem_offset: int, values: np.ndarray) -> None:
         """Write the flat `values` into tensor `name` starting at element `elem_offset`."""
         shape, dtype = self.specs[name]
-        values = values.reshape(-1).to(dtype).contiguous()
-        if elem_offset < 0 or elem_offset + values.numel() > math.prod(shape):
-            raise ValueError(f"piece [{elem_offset}, {elem_offset + values.numel()}) is outside {name} {tuple(shape)}")
-        raw = values.view(torch.uint8).numpy() if values.numel() else b""
-        os.pwrite(self.fd, memoryview(raw), self.data_start + self.offsets[name] + elem_offset * values.element_size())
-        self.written_elems[name] += values.numel()
+        values = convert(values.reshape(-1), dtype)
+        if elem_offset < 0 or elem_offset + values.size > math.prod(shape):
+            raise ValueError(f"piece [{elem_offset}, {elem_offset + values.size}) is outside {name} {tuple(shape)}")
+        if values.size:
+            os.pwrite(self.fd, memoryview(values.view(np.uint8)), self.data_start + self.offsets[name]
+                      + elem_offset * ITEMSIZE[dtype])
+        self.written_elems[name] += values.size
+        self._unflushed += values.nbytes
+        if self._unflushed >= WRITEBACK_BYTES:
+            self.start_writeback()
+
+    def start_writeback(self) -> None:
+        """Start (not wait for) writing this file's dirty pages to disk."""
+        self._unflushed = 0
+        if _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # best effort: errors surface at fsync
 
     def commit(self) -> str:
         os.fsync(self.fd)

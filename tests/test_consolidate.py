@@ -68,6 +68,20 @@ def test_equals_zero_to_fp32(toy_ckpts, tmp_path, stage):
 
 
 @pytest.mark.slow
+def test_consolidation_imports_neither_torch_nor_deepspeed(toy_ckpts, tmp_path):
+    """Importing them costs more than the data here; a login node without DeepSpeed can consolidate."""
+    code = ("import sys; from eva_train.consolidate import consolidate; "
+            f"consolidate({str(toy_ckpts / 'zero3')!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+    assert torch.equal(load_file(tmp_path / "o.safetensors")["emb.weight"],
+                       _zero_to_fp32(toy_ckpts / "zero3" / "checkpoints")["emb.weight"])
+
+
+@pytest.mark.slow
 def test_bf16_output_and_metadata(toy_ckpts, tmp_path):
     ckpt_dir = toy_ckpts / "zero3" / "checkpoints"
     fp32 = load_file(consolidate(str(ckpt_dir), str(tmp_path / "a.safetensors"), progress=False).path)

@@ -1,0 +1,153 @@
+"""Read `torch.save` files (the zip format) as numpy arrays over a memory map, without torch.
+
+Consolidation only reads tensors out of DeepSpeed's files; importing torch to do so costs ~3 s
+here (more than reading the data), so this reader unpickles `data.pkl` with tensors rebuilt as
+read-only numpy views of the mapped file: nothing is read from disk until it is used. Other
+pickled objects: numpy's and the standard library's load as usual; DeepSpeed's and any other
+torch object become inert placeholders (`DeepSpeedPlaceholder`, `int()` gives an enum's value).
+bfloat16 (which numpy lacks) is `BF16Array`, a uint16 array subclass; `to_float32` widens it.
+"""
+import mmap
+import pickle
+import struct
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: ..., name length, extra length
+STORAGE_DTYPES = {
+    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": "bf16",
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
+    "ByteStorage": np.uint8, "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+}
+
+
+class TorchZipError(ValueError):
+    pass
+
+
+class BF16Array(np.ndarray):
+    """bfloat16 values held as their uint16 bit patterns; slicing and reshaping keep the type."""
+
+
+class DeepSpeedPlaceholder:
+    """Stands for one pickled object we do not need (DeepSpeed's, or torch's other than tensors)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __int__(self):  # enums pickle as Enum(value)
+        return int(self.args[0])
+
+    def __repr__(self):
+        return f"<{type(self).__qualname__} args={getattr(self, 'args', ())}>"
+
+
+@lru_cache(maxsize=None)
+def _placeholder_type(module: str, name: str) -> type:
+    return type(name, (DeepSpeedPlaceholder,), {"__module__": "placeholder." + module})
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name, self.dtype = name, STORAGE_DTYPES[name]
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_):
+    if 0 in size or not size:
+        return storage[offset:offset + (0 if size else 1)].reshape(size)
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                           strides=[s * itemsize for s in stride], subok=True, writeable=False)
+
+
+_TORCH_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
+    ("torch._tensor", "_rebuild_from_type_v2"): lambda func, new_type, args, state: func(*args),
+    ("torch", "Size"): tuple,
+    ("torch", "Tensor"): None, ("torch.nn.parameter", "Parameter"): None,  # only as _rebuild_from_type_v2's type
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storages):
+        super().__init__(__import__("io").BytesIO(data))
+        self._storages = storages
+
+    def find_class(self, module, name):
+        if (module, name) in _TORCH_GLOBALS:
+            return _TORCH_GLOBALS[(module, name)]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if module.split(".")[0] in ("torch", "deepspeed"):
+            return _placeholder_type(module, name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        storage_type, key, _location, numel = pid[1:5]
+        return self._storages(storage_type, str(key), int(numel))
+
+
+def load(path) -> object:
+    """The unpickled object of a torch.save zip file, tensors as read-only numpy views of a map."""
+    path = Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise TorchZipError(f"{path} is not a torch.save zip file ({exc})") from None
+    with archive, open(path, "rb") as f:
+        names = archive.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise TorchZipError(f"{path} has no data.pkl: not a torch.save file (or the legacy format)")
+        prefix = pkl[:-len("data.pkl")]
+        order = prefix + "byteorder"
+        if order in names and archive.read(order).strip() != b"little":
+            raise TorchZipError(f"{path} was saved big-endian; load it with torch instead")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+        infos = {info.filename: info for info in archive.infolist()}
+
+        def storage(storage_type, key: str, numel: int) -> np.ndarray:
+            info = infos.get(prefix + "data/" + key)
+            if info is None or info.compress_type != zipfile.ZIP_STORED:
+                raise TorchZipError(f"{path}: storage {key} is missing or compressed")
+            header = LOCAL_HEADER.unpack_from(mapped, info.header_offset)
+            start = info.header_offset + LOCAL_HEADER.size + header[-2] + header[-1]
+            bf16 = storage_type.dtype == "bf16"
+            dtype = np.dtype(np.uint16 if bf16 else storage_type.dtype)
+            if start + numel * dtype.itemsize > len(mapped):
+                raise TorchZipError(f"{path} is truncated: storage {key} ends past the end of the file")
+            array = np.frombuffer(mapped, dtype, numel, start)
+            return array.view(BF16Array) if bf16 else array
+
+        return _Unpickler(archive.read(pkl), storage).load()
+
+
+def is_float(array: np.ndarray) -> bool:
+    return isinstance(array, BF16Array) or array.dtype.kind == "f"
+
+
+def to_float32(array: np.ndarray) -> np.ndarray:
+    if isinstance(array, BF16Array):
+        return (np.asarray(array).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(array, np.float32)
+
+
+def float32_to_bf16(array: np.ndarray) -> BF16Array:
+    """Round to nearest even, as torch's .to(torch.bfloat16); NaN stays (quiet) NaN."""
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | 0x40
+    return rounded.view(BF16Array)
