@@ -271,6 +271,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "set mask.strategy=random")
     if not 0.0 <= m.checkpoint_fraction <= 1.0:
         raise ConfigError(f"model.checkpoint_fraction={m.checkpoint_fraction} must lie in [0, 1]")
+    if m.init_from and not Path(m.init_from).is_file():
+        raise ConfigError(f"model.init_from '{m.init_from}' does not exist; give a local weights file (official "
+                          f"EVA-01/EVA-02 .pt, timm/open_clip/mmpretrain, or tools/consolidate.py output)")
     if m.kernels not in ("", "auto", "triton", "torch", "apex"):
         raise ConfigError(f"model.kernels '{m.kernels}' is unknown; use auto, triton, torch or apex")
     if cfg.train.precision not in ("bf16", "fp16", "fp32"):

@@ -85,15 +85,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any]) -> torch.nn.Module:
-    """The student, built partitioned under ZeRO-3 so EVA-g never exists whole on one rank."""
+def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any], init_from: str = "") -> torch.nn.Module:
+    """The student, built partitioned under ZeRO-3 so EVA-g never exists whole on one rank, then
+    loaded from `init_from` (model.init_from, skipped by the caller when resuming) if given."""
     import deepspeed
 
     from eva_train.models import build_model
+    from eva_train.weights import init_from as load_init_weights
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank and in every run
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
-        return build_model(cfg.model, teacher_dim)
+        model = build_model(cfg.model, teacher_dim)
+    if init_from:
+        load_init_weights(model, init_from)
+    return model
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -179,11 +184,12 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(value / world)
 
 
-def build_engine(cfg: Config, ds_config: Dict[str, Any], teacher_dim: int, device: torch.device):
+def build_engine(cfg: Config, ds_config: Dict[str, Any], teacher_dim: int, device: torch.device,
+                 init_from: str = ""):
     """(DeepSpeed engine, the AdamW it wraps)."""
     import deepspeed
 
-    model = build_student(cfg, teacher_dim, ds_config)
+    model = build_student(cfg, teacher_dim, ds_config, init_from)
     optimizer = build_optimizer(model, cfg, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     log.info("engine: ZeRO stage %d, %s, micro %d x accumulation %d, %d ranks", zero_stage(ds_config),

@@ -102,10 +102,11 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     ds_config = build_ds_config(cfg, world.world_size)
     grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
     teacher = build_teacher(cfg.teacher, grid, device)  # outside the engine: frozen, never partitioned
-    engine, optimizer = build_engine(cfg, ds_config, teacher.out_dim, device)
-    torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank + 1)  # per-rank drop-path streams
     ckpt = CheckpointManager(cfg.train.output_dir, cfg.checkpoint, world.rank, world.world_size)
     resume_path = ckpt.find_resume(cfg.checkpoint.resume)
+    # model.init_from starts a run; a resumed run continues from its checkpoint instead
+    engine, optimizer = build_engine(cfg, ds_config, teacher.out_dim, device, "" if resume_path else cfg.model.init_from)
+    torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank + 1)  # per-rank drop-path streams
     client = ckpt.load(engine, resume_path) if resume_path else {}
     if resume_path:
         log.info("resumed from %s at step %d", resume_path, client["step"])

@@ -11,12 +11,12 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from eva_train.layouts import LayoutError, plan_layout
+from eva_train.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
 
 log = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
@@ -105,11 +105,10 @@ def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         state_dict, layout = official_eva02_to_timm(state_dict), "timm"
     if layout == "mmpretrain" and not any(k.startswith("backbone.") for k in state_dict):
         state_dict = OrderedDict(("backbone." + k, v) for k, v in state_dict.items())
-    ours = model.state_dict()
-    shapes = OrderedDict((k, tuple(v.shape)) for k, v in ours.items())
+    shapes = full_shapes(model)
     swiglu = getattr(getattr(model, "cfg", None), "swiglu", None)
     plan = plan_layout(layout, shapes, swiglu)
-    state_dict = _resize_pos_embed(state_dict, plan, model, report)
+    state_dict = _resize_pos_embed(state_dict, plan, model, shapes, report)
     converted, missing, mismatched, used = plan.invert_partial(state_dict, shapes)
     _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used)
     report.missing = [k for k in missing if k not in converted and k not in mismatched] + [
@@ -131,12 +130,17 @@ def _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used) 
             used.add(name)
 
 
-def _resize_pos_embed(state_dict, plan, model, report: ImportReport):
+def full_shapes(model: nn.Module) -> "OrderedDict[str, Tuple[int, ...]]":
+    """State-dict names -> shapes, also for ZeRO-3 partitioned params (whose .shape is empty)."""
+    return OrderedDict((k, tuple(getattr(v, "ds_shape", v.shape))) for k, v in model.state_dict(keep_vars=True).items())
+
+
+def _resize_pos_embed(state_dict, plan, model, shapes, report: ImportReport):
     routes = plan.routes.get("pos_embed") or []
     if not routes or routes[0].dest not in state_dict or not hasattr(model, "pos_embed"):
         return state_dict
     name = routes[0].dest
-    if tuple(state_dict[name].shape) == tuple(model.pos_embed.shape):
+    if tuple(state_dict[name].shape) == shapes["pos_embed"]:
         return state_dict
     from eva_train.models.pos_embed import resize_pos_embed
 
@@ -158,6 +162,33 @@ def load_weights(model: nn.Module, source: Union[str, Mapping[str, torch.Tensor]
     if strict and problems:
         raise LayoutError(f"weights do not match the model strictly: {report.summary()}")
     log.info("loaded weights: %s", report.summary())
+    return report
+
+
+def init_from(model: nn.Module, path: str) -> ImportReport:
+    """Start training from a weights file (model.init_from): every rank converts it to our names;
+    a ZeRO-3 partitioned param is gathered, rank 0 copies the value in and DeepSpeed partitions it
+    again. Anything but the MIM/MAE heads missing, or any shape mismatch, is an error naming them."""
+    state_dict = read_state_dict(path)
+    converted, report = to_our_names(state_dict, model)
+    missing = [k for k in report.missing if not k.startswith(MIM_ONLY_PREFIXES)]
+    if report.mismatched or missing or not converted:
+        raise LayoutError(f"model.init_from {path} does not fit model {type(model).__name__}: {report.summary()}; "
+                          f"check model.variant / model.img_size against the file")
+    params = dict(model.named_parameters())
+    partitioned = [name for name in converted if hasattr(params.get(name), "ds_id")]
+    if partitioned:
+        import deepspeed
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        for name in partitioned:  # one param at a time: EVA-g is never whole on a rank
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        params[name].data.copy_(converted[name].reshape(params[name].ds_shape))
+    model.load_state_dict(OrderedDict((k, v) for k, v in converted.items() if k not in partitioned), strict=False)
+    log.info("model.init_from %s: %d tensors loaded; %s", path, len(converted), report.summary())
     return report
 
 

@@ -118,6 +118,31 @@ def test_two_ranks_read_tar_shards_through_the_index(tmp_path):
     assert_checkpoint(out, 3, world_size=2)
 
 
+@pytest.mark.slow
+def test_two_rank_zero3_run_starts_from_init_from_weights(demo_root, tmp_path):
+    """model.init_from under ZeRO-3 (each param gathered, filled on rank 0, re-partitioned): with lr 0
+    the checkpoint after one step holds exactly the file's weights (given here in timm names)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from eva_train.consolidate import consolidate
+    from eva_train.layouts import to_layout
+    from eva_train.models import build_backbone
+
+    torch.manual_seed(1234)  # not the run's seed: the run's own init would not match
+    weights = {k: v.contiguous() for k, v in build_backbone("eva_demo_p8", 64).state_dict().items()}
+    save_file(to_layout(weights, "timm"), str(tmp_path / "init.safetensors"))
+    out = tmp_path / "run"
+    logs = launch_ranks(out, 2, ["--deepspeed_config", "ds_configs/zero3.json", f"--data.demo_root={demo_root}",
+                                 f"--model.init_from={tmp_path / 'init.safetensors'}", "--optim.lr=0",
+                                 "--optim.min_lr=0", *quick("--train.total_steps=1", "--data.val_index=")])
+    assert "model.init_from" in logs[0] and "3 missing (mask_token, lm_head.weight, lm_head.bias)" in logs[0], logs[0][-3000:]
+    trained = load_file(consolidate(str(out), str(tmp_path / "after.safetensors"), progress=False).path)
+    assert set(weights) < set(trained)
+    for name, value in weights.items():
+        assert torch.equal(trained[name], value), name
+
+
 @pytest.fixture
 def lone_rank_env(monkeypatch):
     """main() in this process, as rank 0 of 2 (restored afterwards: it fills the rank variables in)."""
@@ -152,6 +177,7 @@ def test_dry_run_as_a_script_in_a_fresh_process(tmp_path):
     (["--deepspeed_config=/no/ds.json"], "deepspeed config '/no/ds.json' not found"),
     (["--output_dir=FILE/run"], "not a folder"),
     (["--resume=/no/ckpt"], "checkpoint.resume '/no/ckpt' does not exist"),
+    (["--model.init_from=/no/eva.pt"], "model.init_from '/no/eva.pt' does not exist"),
     (["--bogus"], "unrecognised argument"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, lone_rank_env, capsys, args, message):

@@ -112,3 +112,18 @@ def test_pickled_code_is_refused(tmp_path):
 
 class _Custom:
     pass
+
+
+def test_init_from_loads_a_backbone_and_refuses_another_variant(tmp_path):
+    from safetensors.torch import save_file
+
+    from eva_train.weights import init_from
+
+    source = build_backbone("eva_debug_p4", 16)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "debug.safetensors"))
+    model = _mim("eva_debug_p4", 16, seed=1)
+    report = init_from(model, str(tmp_path / "debug.safetensors"))
+    assert sorted(report.missing) == ["lm_head.bias", "lm_head.weight", "mask_token"]
+    _assert_same(model.state_dict(), source.state_dict(), skip=("lm_head.weight", "lm_head.bias", "mask_token"))
+    with pytest.raises(LayoutError, match="does not fit model EvaForMIM.*mismatched.*check model.variant"):
+        init_from(_mim("eva_demo_p8", 64), str(tmp_path / "debug.safetensors"))
