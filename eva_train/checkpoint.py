@@ -73,7 +73,8 @@ def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
 # --- small filesystem primitives: every file that marks progress is written temp -> fsync -> rename
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path) -> None:
+    """fsync a file or a folder (a folder: so a rename or a new entry in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +89,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -100,21 +101,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path, skip=lambda name: False) -> None:
     """DeepSpeed's torch.save does not fsync; make its files durable before COMPLETE says so."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if not skip(name):
-                _fsync_file(os.path.join(dirpath, name))
-        _fsync_dir(Path(dirpath))
+                _fsync(os.path.join(dirpath, name))
+        _fsync(Path(dirpath))
 
 
 def _is_rank_shard(name: str) -> bool:
@@ -125,7 +118,7 @@ def _is_rank_shard(name: str) -> bool:
 def _fsync_own_shards(tag_dir: Path, rank: int) -> None:
     """Each rank flushes its own shards, in parallel with the others, before the commit barrier."""
     for path in tag_dir.glob(f"*pp_rank_{rank}_mp_rank_*"):
-        _fsync_file(str(path))
+        _fsync(str(path))
 
 
 def _remove_tag_dir(path: Path) -> None:
@@ -133,7 +126,7 @@ def _remove_tag_dir(path: Path) -> None:
     marker = path / COMPLETE_FILE
     if marker.exists():
         marker.unlink()
-        _fsync_dir(path)
+        _fsync(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -188,7 +181,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
                               f"world size it was saved with (see its COMPLETE file)")
     _fsync_tree(staging)
     os.replace(staging, final)
-    _fsync_dir(tag_dir)
+    _fsync(tag_dir)
     log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.time() - started)
     return final
 

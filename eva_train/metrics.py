@@ -60,6 +60,28 @@ class ThroughputMeter:
                 "step_time_s": elapsed_s / max(1, self.steps)}
 
 
+def trim_after(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (a killed run logged them past its last checkpoint; the
+    resumed run logs them again) and a torn last line; atomic (temp file + rename)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) <= step]
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        log.info("%s: dropped %d lines after step %d (logged after the last checkpoint)", path, dropped, step)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # the torn last line of a killed run
+        return float("inf")
+
+
 class MetricsSink:
     """Where logged metrics go. Rank 0 writes; other ranks hold a sink that does nothing."""
 
@@ -71,6 +93,7 @@ class MetricsSink:
         self.bar = None
         if not self.enabled:
             return
+        trim_after(self.path, start_step)
         if logging_cfg.wandb:
             self.wandb_run = _start_wandb(output_dir, logging_cfg, run_config)
         if logging_cfg.progress_bar:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ class Run:
     val_loader: Any = None
     knn: Any = None
     client_rng: Optional[dict] = None
+    bad_samples: Tuple[int, int] = (0, 0)  # (replaced, seen) by the run this one resumes
     grad_accum: int = 1
     code_version: str = ""
     extras: Dict[str, Any] = field(default_factory=dict)
@@ -122,6 +123,7 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
                ckpt=ckpt, total_steps=total, start_step=int(client.get("step", 0)),
                flops_per_image=_flops_per_image(cfg, teacher), peak_flops=peak_flops(device_name, cfg.train.precision),
                val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
+               bad_samples=tuple(client.get("bad_samples", (0, 0))),
                grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version,
                extras={"ds_config": ds_config, "warmup_steps": warmup, "kernels": eva_kernels.describe()})
 

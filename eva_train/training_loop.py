@@ -28,11 +28,12 @@ def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def client_state(run, step: int) -> Dict[str, Any]:
+def client_state(run, step: int, bad_total: torch.Tensor) -> Dict[str, Any]:
     from eva_train.rng import capture_rng_state
 
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
     return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
+            "bad_samples": [int(v) for v in bad_total],  # (replaced, seen) over the whole run, all ranks
             "sampler_state": run.sampler.state_after(consumed_this_run), "rng": capture_rng_state(),
             "config": run.cfg.to_dict(), "code_version": run.code_version}
 
@@ -57,11 +58,11 @@ def _record(run, step: int, result, meter: ThroughputMeter, bad_total: torch.Ten
     return record
 
 
-def _save(run, step: int, watchdog) -> None:
+def _save(run, step: int, watchdog, bad_total: torch.Tensor) -> None:
     from eva_train.training import SAVE_TIMEOUT_S
 
     watchdog.beat(f"save step {step}", timeout_s=SAVE_TIMEOUT_S)
-    run.ckpt.save(run.engine, step, client_state(run, step))
+    run.ckpt.save(run.engine, step, client_state(run, step, bad_total))
 
 
 def _stop_reason(run, step: int, preempted: bool) -> str:
@@ -82,7 +83,9 @@ def run_loop(run, sink, preemption, watchdog) -> str:
     if run.client_rng is not None:
         restore_rng_state(run.client_rng)
     monitor = BadSampleMonitor(run.cfg.data.bad_sample_threshold, run.cfg.data.bad_sample_min_count)
-    meter, bad_total = ThroughputMeter(), torch.zeros(2, dtype=torch.int64)
+    bad_total = torch.tensor(run.bad_samples, dtype=torch.int64)  # (replaced, seen) before this run
+    monitor.bad_samples, monitor.seen_samples = run.bad_samples
+    meter = ThroughputMeter()
     run.engine.train()
     reason, step = _stop_reason(run, run.start_step, False), run.start_step
     while not reason:
@@ -104,7 +107,7 @@ def run_loop(run, sink, preemption, watchdog) -> str:
             sink.write({**_record(run, step, result, meter, bad_total), **evaluations})
             meter.reset()
         if run.ckpt.due(step) or reason:
-            _save(run, step, watchdog)
+            _save(run, step, watchdog, bad_total)
         if reason == "preempted" and run.world.rank == 0:
             preemption.requeue()
     run.extras["last_step"] = step

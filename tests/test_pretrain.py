@@ -101,6 +101,41 @@ def test_single_process_zero1_run_then_resume_appends(demo_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_bad_sample_count_continues_across_resume(tmp_path):
+    """A third of the files are broken: the cumulative bad_samples of a run stopped after step 2 and
+    resumed equals the uninterrupted run's, step for step (the count travels in the checkpoint)."""
+    import numpy as np
+    from PIL import Image
+
+    from eva_train.data.build import build_index
+
+    folder = tmp_path / "images" / "class0"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        path = folder / f"{i:03d}.jpg"
+        if i % 3:
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        else:
+            path.write_bytes(b"" if i % 2 else b"not an image")
+    index = build_index([str(tmp_path / "images")], str(tmp_path / "train.arrow"), num_workers=1)
+
+    def cli(out, *extra):
+        return [sys.executable, str(PRETRAIN), "--deepspeed_config", "ds_configs/zero1.json", "--output_dir", str(out),
+                *quick("--data.demo_root=", f"--data.index={index}", "--data.val_index=", "--train.total_steps=4",
+                       "--train.global_batch_size=8", "--train.micro_batch_size=8", "--logging.log_every_steps=1",
+                       "--data.bad_sample_threshold=0.9", *extra)]
+
+    for args in (cli(tmp_path / "whole"), cli(tmp_path / "split", "--train.max_steps_this_run=2"), cli(tmp_path / "split")):
+        result = run_cli(args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    assert [r["bad_samples"] for r in split] == [r["bad_samples"] for r in whole]
+    assert 0 < whole[1]["bad_samples"] < whole[-1]["bad_samples"] < 32
+
+
+@pytest.mark.slow
 def test_two_ranks_read_tar_shards_through_the_index(tmp_path):
     from eva_train.data.build import build_index
     from eva_train.data.demo import write_tar_shards

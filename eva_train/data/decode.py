@@ -182,7 +182,8 @@ def _decode_pillow(image: EncodedImage, factor: int) -> np.ndarray:
 
 
 def channels_last(hwc: np.ndarray) -> torch.Tensor:
-    """(H, W, C) uint8 array (any strides) -> (1, C, H, W) channels-last tensor that owns its memory."""
+    """(H, W, C) uint8 array (any strides) -> (1, C, H, W) channels-last tensor: a copy, except for an
+    already contiguous array (a whole-image crop), which it shares (the resize then copies)."""
     hwc = np.ascontiguousarray(hwc)
     with warnings.catch_warnings():  # a read-only Arrow buffer: we only read it
         warnings.simplefilter("ignore", UserWarning)
