@@ -7,6 +7,7 @@ pickled objects: numpy's and the standard library's load as usual; DeepSpeed's a
 torch object become inert placeholders (`DeepSpeedPlaceholder`, `int()` gives an enum's value).
 bfloat16 (which numpy lacks) is `BF16Array`, a uint16 array subclass; `to_float32` widens it.
 """
+import io
 import mmap
 import pickle
 import struct
@@ -79,7 +80,7 @@ _TORCH_GLOBALS = {
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, storages):
-        super().__init__(__import__("io").BytesIO(data))
+        super().__init__(io.BytesIO(data))
         self._storages = storages
 
     def find_class(self, module, name):

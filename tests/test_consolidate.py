@@ -200,3 +200,17 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         _cli(tmp_path, "--out", tmp_path / "x.bin")
     assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_bench_consolidate_run_prints_the_table(eva_ckpt, capsys):
+    spec = importlib.util.spec_from_file_location("bench_consolidate", REPO / "tools/bench_consolidate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(["run", str(eva_ckpt), "--repeats", "1", "--cache", "cold"])
+    out = capsys.readouterr().out
+    assert "tensors identical: True" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[1:2] == ["cold"]}
+    assert set(rows) == {"zero_to_fp32", "eva_train.consolidate"}
+    assert rows["zero_to_fp32"][5:] == ["1.00", "1.00", "1.00"]
+    assert all(float(v) > 0 for v in rows["eva_train.consolidate"][2:])

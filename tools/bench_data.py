@@ -36,6 +36,7 @@ from eva_train.data.reading import HandleCache, read_image_bytes
 from eva_train.data.transforms import random_resized_crop_box
 
 MIB = 1024 * 1024
+LIMIT = "plain PIL open().convert(RGB)"
 
 
 def synthetic_paths(n: int) -> pa.Array:
@@ -198,7 +199,7 @@ def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
                for d in datas]
     mask = build_mask_generator(MaskConfig(), (16, 16))
     loops = {
-        "plain PIL open().convert(RGB)": (lambda p: Image.open(p).convert("RGB"), paths),
+        LIMIT: (lambda p: Image.open(p).convert("RGB"), paths),
         **{f"ours: decode + crop + flip ({decoder})": (_decode_crop_flip(dataset, rng, decoder), rows)
            for decoder in ["pillow"] + (["simplejpeg"] if simplejpeg else [])},
         f"ours: whole sample, dataset[i] (+ mask; {DEFAULT_JPEG_DECODER})": (lambda i: dataset[(0, i)], rows),
@@ -214,12 +215,12 @@ def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
         "  stage: per-sample RNG": (lambda i: np.random.default_rng([0, 1, i]), rows),
     }
     ms = _cpu_ms_interleaved(loops)
-    plain = ms["plain PIL open().convert(RGB)"]
+    plain = ms[LIMIT]
     mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
     print(f"\n## Decode per core (CPU time, best of 7 interleaved): {len(paths)} JPEGs {label} q90 (~{mean_kb:.0f} KB) "
           f"-> {out_size}x{out_size}")
     for name, value in ms.items():
-        share = "  (the limit)" if value == plain else "" if name.startswith("  ") else f"  = {plain / value:.0%} of the limit"
+        share = "  (the limit)" if name == LIMIT else "" if name.startswith("  ") else f"  = {plain / value:.0%} of the limit"
         rate = "" if name.startswith("  ") else f"{1e3 / value:>8.0f} img/s"
         print(f"{name:52} {rate:>14} {value:>7.3f} ms{share}")
 
@@ -251,14 +252,14 @@ def bench_tar(paths, tmp: Path, num_shards: int = 4):
     print(f"{'random positioned reads via index':40} {len(paths) / rand_s:>10.0f} samples/s {total / MIB / rand_s:>8.0f} MiB/s")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=30_000_000)
     p.add_argument("--list-rows", type=int, default=3_000_000)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--skip-index", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         tmp = Path(tmp)
         if not args.skip_index:
