@@ -12,9 +12,10 @@ kill at any point of a save leaves the previous checkpoint as the resume point. 
 COMPLETE before the rest of an old tag, so a half-deleted dir is never mistaken for a checkpoint.
 
 World-size change: DeepSpeed 0.19.8 refuses to load ZeRO optimizer shards on another data-parallel
-size, so `load` converts the checkpoint once (rank 0, `deepspeed.checkpoint.ds_to_universal`) into
-`<tag>/universal/` and loads that with DeepSpeed's universal-checkpoint loader, which re-partitions
-fp32 weights and Adam moments for the new world size.
+size, so `prepare_resume` (before the engine is built) converts the checkpoint once (rank 0,
+`deepspeed.checkpoint.ds_to_universal`) into `<tag>/universal/`, the engine is built with
+DeepSpeed's public `checkpoint.load_universal` switch, and `load` reads the universal copy, which
+re-partitions fp32 weights and Adam moments for the new world size.
 """
 import json
 import logging
@@ -267,20 +268,43 @@ class CheckpointManager:
             return str(own)
         return str(found)
 
-    def load(self, engine, path: str) -> Dict[str, Any]:
-        """Collective. Restores DeepSpeed state; returns client_state with this rank's `rng` (None when
-        the world size changed: per-rank streams do not map onto a different number of ranks)."""
+    def prepare_resume(self, path: Optional[str]) -> bool:
+        """Collective, before the engine is built. True when `path` was saved by another number of
+        ranks: rank 0 has converted it to DeepSpeed's universal format, and the engine must be built
+        with `"checkpoint": {"load_universal": true}` in its DeepSpeed config to load it."""
+        if not path:
+            return False
         tag_dir = Path(path)
+        saved_world = int(self._complete_record(tag_dir)["world_size"])
+        if saved_world == self.world_size:
+            return False
+        self._convert_on_rank0(tag_dir, saved_world)
+        return True
+
+    @staticmethod
+    def _complete_record(tag_dir: Path) -> Dict[str, Any]:
         record = read_complete(tag_dir)
         if record is None:
             raise CheckpointError(f"{tag_dir} has no COMPLETE marker (its save never finished); "
                                   f"resume from an earlier checkpoint or use --resume auto")
+        return record
+
+    def load(self, engine, path: str) -> Dict[str, Any]:
+        """Collective. Restores DeepSpeed state; returns client_state with this rank's `rng` (None when
+        the world size changed: per-rank streams do not map onto a different number of ranks)."""
+        tag_dir = Path(path)
+        record = self._complete_record(tag_dir)
         saved_world = int(record["world_size"])
-        load_dir, flag = str(tag_dir.parent), False
+        load_dir = str(tag_dir.parent)
         if saved_world != self.world_size:
-            self._convert_on_rank0(tag_dir, saved_world)
-            load_dir, flag = str(tag_dir / UNIVERSAL_DIR), True
-        loaded, client_state = _load_engine(engine, load_dir, tag_dir.name, universal=flag)
+            if not engine.load_universal_checkpoint():
+                raise CheckpointError(f"{tag_dir} was saved by {saved_world} ranks; to load it on {self.world_size}, "
+                                      f"call prepare_resume() before building the engine and set "
+                                      f"checkpoint.load_universal in its DeepSpeed config")
+            load_dir = str(tag_dir / UNIVERSAL_DIR)
+        loaded, client_state = engine.load_checkpoint(load_dir, tag=tag_dir.name, load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        client_state = client_state or {}
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}; it is damaged, "
                                   f"resume from another checkpoint")
@@ -365,16 +389,3 @@ def resolve_checkpoint_path(path: Path) -> Path:
 
 def _zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
-
-
-def _load_engine(engine, load_dir: str, tag: str, universal: bool) -> Tuple[Optional[str], Dict[str, Any]]:
-    """DeepSpeed's loader; `universal` flips its universal-checkpoint switch for this one call
-    (it is a config flag read only inside load_checkpoint)."""
-    previous = engine._config.load_universal_checkpoint
-    engine._config.load_universal_checkpoint = universal
-    try:
-        loaded, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
-                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
-    finally:
-        engine._config.load_universal_checkpoint = previous
-    return loaded, client_state or {}

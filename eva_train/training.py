@@ -105,6 +105,8 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     teacher = build_teacher(cfg.teacher, grid, device)  # outside the engine: frozen, never partitioned
     ckpt = CheckpointManager(cfg.train.output_dir, cfg.checkpoint, world.rank, world.world_size)
     resume_path = ckpt.find_resume(cfg.checkpoint.resume)
+    if ckpt.prepare_resume(resume_path):  # saved by another number of ranks: DeepSpeed's universal loader
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     # model.init_from starts a run; a resumed run continues from its checkpoint instead
     engine, optimizer = build_engine(cfg, ds_config, teacher.out_dim, device, "" if resume_path else cfg.model.init_from)
     torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank + 1)  # per-rank drop-path streams

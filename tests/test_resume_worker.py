@@ -51,13 +51,14 @@ def sample_batch(first: int, rank: int, world_size: int):
     return torch.stack(xs), torch.stack(ys)
 
 
-def build_engine(args, world_size: int):
+def build_engine(args, world_size: int, load_universal: bool):
     torch.manual_seed(0)  # same initial weights on every rank and every launch
     model = nn.Sequential(nn.Linear(IN_DIM, HIDDEN_DIM), nn.GELU(), nn.Dropout(args.dropout),
                           nn.Linear(HIDDEN_DIM, OUT_DIM))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.05)
     ds_config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size,
-                 "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage}}
+                 "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage},
+                 "checkpoint": {"load_universal": load_universal}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -77,15 +78,15 @@ def main():
     args = parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    engine = build_engine(args, world_size)
-    if args.slow_save_s:
-        slow_down_saves(engine, args.slow_save_s)
     ckpt_cfg = CheckpointConfig(every_steps=args.every_steps, keep_last=args.keep_last,
                                 keep_every=args.keep_every, resume=args.resume)
     manager = CheckpointManager(args.out, ckpt_cfg, rank, world_size)
+    resume_path = manager.find_resume(args.resume)
+    engine = build_engine(args, world_size, load_universal=manager.prepare_resume(resume_path))
+    if args.slow_save_s:
+        slow_down_saves(engine, args.slow_save_s)
     step, samples_seen = 0, 0
     torch.manual_seed(1 + rank)  # the dropout stream, per rank
-    resume_path = manager.find_resume(args.resume)
     if resume_path:
         state = manager.load(engine, resume_path)
         step, samples_seen = state["step"], state["samples_seen"]
