@@ -61,18 +61,21 @@ class ThroughputMeter:
 
 
 def trim_after(path: Path, step: int) -> None:
-    """Drop the lines of steps after `step` (a killed run logged them past its last checkpoint; the
-    resumed run logs them again) and a torn last line; atomic (temp file + rename)."""
+    """Move the lines of steps after `step` (a killed run logged them past its last checkpoint; the
+    resumed run logs them again) and a torn last line to metrics.abandoned.jsonl; atomic rewrite."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
     kept = [line for line in lines if _step_of(line) <= step]
-    dropped = len(lines) - len(kept)
-    if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-        log.info("%s: dropped %d lines after step %d (logged after the last checkpoint)", path, dropped, step)
+    if len(kept) == len(lines):
+        return
+    with open(path.with_name("metrics.abandoned.jsonl"), "a") as f:
+        f.write("".join(line + "\n" for line in lines if _step_of(line) > step))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    log.info("%s: %d lines after step %d (logged after the checkpoint this run starts from) moved to %s",
+             path, len(lines) - len(kept), step, path.with_name("metrics.abandoned.jsonl"))
 
 
 def _step_of(line: str) -> float:

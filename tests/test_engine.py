@@ -1,5 +1,6 @@
 """Unit tests of the engine's parts that need no process group: objective, lr schedule, param groups,
 input normalization, MFU peak table, wandb mode, rank environment."""
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from eva_train.config import ModelConfig
 from eva_train.distributed import world_from_env
 from eva_train.engine import normalize_images, param_groups
-from eva_train.metrics import ThroughputMeter, peak_flops, wandb_mode
+from eva_train.metrics import ThroughputMeter, peak_flops, trim_after, wandb_mode
 from eva_train.objective import masked_cosine_loss
 from eva_train.schedule import lr_at_step, plan_steps
 
@@ -157,3 +158,14 @@ def test_metrics_sink_writes_jsonl_and_offline_wandb(tmp_path, monkeypatch):
     silent = MetricsSink(str(tmp_path / "r1"), LoggingConfig(), {}, rank=1, total_steps=2, start_step=0)
     silent.write({"step": 1})
     assert not (tmp_path / "r1" / "metrics.jsonl").exists()  # only rank 0 writes
+
+
+def test_resume_moves_metrics_logged_past_the_checkpoint_aside(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    trim_after(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    aside = (tmp_path / "metrics.abandoned.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside[:2]] == [4, 5] and aside[2] == '{"step": 6, "lo'
+    trim_after(path, 3)  # nothing past step 3 any more: the file is left alone
+    assert len((tmp_path / "metrics.abandoned.jsonl").read_text().splitlines()) == 3

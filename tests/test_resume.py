@@ -74,8 +74,8 @@ def wait_until(condition, procs, what: str) -> None:
         time.sleep(0.02)
 
 
-def metric_lines(out: Path):
-    path = out / "metrics.jsonl"
+def metric_lines(out: Path, name: str = "metrics.jsonl"):
+    path = out / name
     if not path.exists():
         return []
     # A SIGKILL can cut the last line short: only whole lines count.

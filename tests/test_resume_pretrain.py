@@ -71,8 +71,10 @@ def test_sigkill_at_random_step_then_auto_resume_matches_bit_for_bit(demo_root, 
     wait_until(lambda: any(line["step"] >= kill_step for line in metric_lines(out)), procs, f"step {kill_step}")
     kill_all(procs)
     wait_ok(launch_pretrain(out, 2, overrides(demo_root, "--resume", "auto")), out)
-    lines = metric_lines(out)  # steps logged past the last checkpoint before the kill were dropped
+    lines = metric_lines(out)  # steps logged past the last checkpoint before the kill were set aside
     assert [line["step"] for line in lines] == list(range(1, TOTAL_STEPS + 1))
+    if (out / "metrics.abandoned.jsonl").exists():
+        assert all(line["step"] > 2 for line in metric_lines(out, "metrics.abandoned.jsonl"))
     for line in lines:
         assert line["loss"] == ref[line["step"]]["loss"], f"step {line['step']}"
 
