@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
+from eva_train.fsio import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +72,7 @@ def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
                               f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir")
 
 
-# --- small filesystem primitives: every file that marks progress is written temp -> fsync -> rename
-
-
-def _fsync(path) -> None:
-    """fsync a file or a folder (a folder: so a rename or a new entry in it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+# --- every file that marks progress is written temp -> fsync -> rename (eva_train.fsio)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -107,8 +89,8 @@ def _fsync_tree(root: Path, skip=lambda name: False) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if not skip(name):
-                _fsync(os.path.join(dirpath, name))
-        _fsync(Path(dirpath))
+                fsync_path(os.path.join(dirpath, name))
+        fsync_path(Path(dirpath))
 
 
 def _is_rank_shard(name: str) -> bool:
@@ -119,7 +101,7 @@ def _is_rank_shard(name: str) -> bool:
 def _fsync_own_shards(tag_dir: Path, rank: int) -> None:
     """Each rank flushes its own shards, in parallel with the others, before the commit barrier."""
     for path in tag_dir.glob(f"*pp_rank_{rank}_mp_rank_*"):
-        _fsync(str(path))
+        fsync_path(str(path))
 
 
 def _remove_tag_dir(path: Path) -> None:
@@ -127,7 +109,7 @@ def _remove_tag_dir(path: Path) -> None:
     marker = path / COMPLETE_FILE
     if marker.exists():
         marker.unlink()
-        _fsync(path)
+        fsync_path(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -182,7 +164,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
                               f"world size it was saved with (see its COMPLETE file)")
     _fsync_tree(staging)
     os.replace(staging, final)
-    _fsync(tag_dir)
+    fsync_path(tag_dir)
     log.info("converted %s to a universal checkpoint in %.1f s", tag_dir, time.time() - started)
     return final
 
@@ -235,8 +217,8 @@ class CheckpointManager:
         _fsync_tree(tag_dir, skip=_is_rank_shard)  # shared files (ZeRO-1/2 model states), dir entries
         record = {"step": step, "world_size": self.world_size, "zero_stage": _zero_stage(engine),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
-        _atomic_write_text(self.root / LATEST_FILE, tag_dir.name + "\n")
+        atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
+        atomic_write_text(self.root / LATEST_FILE, tag_dir.name + "\n")
         self._prune(keep=tag_dir)
 
     def _prune(self, keep: Path) -> None:
@@ -356,7 +338,7 @@ class CheckpointManager:
                 log.warning("resumed from step %d: set aside later checkpoint %s as %s", step, path, aside)
         latest = self.root / LATEST_FILE
         if latest.exists() and latest.read_text().strip() != tag_dir.name:
-            _atomic_write_text(latest, tag_dir.name + "\n")
+            atomic_write_text(latest, tag_dir.name + "\n")
 
 
 def newest_complete(ckpt_root: Path) -> Optional[Path]:

@@ -27,13 +27,16 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from eva_train import torch_zip
 from eva_train.layouts import LayoutPlan, plan_layout
 from eva_train.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
+
+if TYPE_CHECKING:  # only a live-model comparison touches torch tensors
+    import torch
 
 log = logging.getLogger(__name__)
 OUTPUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # safetensors dtype names

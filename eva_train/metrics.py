@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from eva_train.fsio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 # Dense peak FLOPs per device for bf16/fp16 tensor-core math; unknown devices (and CPUs) give mfu = null.
@@ -66,14 +68,13 @@ def trim_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if _step_of(line) <= step]
-    if len(kept) == len(lines):
+    past = [_step_of(line) > step for line in lines]
+    if not any(past):
         return
     with open(path.with_name("metrics.abandoned.jsonl"), "a") as f:
-        f.write("".join(line + "\n" for line in lines if _step_of(line) > step))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+        f.write("".join(line + "\n" for line, is_past in zip(lines, past) if is_past))
+    kept = [line for line, is_past in zip(lines, past) if not is_past]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     log.info("%s: %d lines after step %d (logged after the checkpoint this run starts from) moved to %s",
              path, len(lines) - len(kept), step, path.with_name("metrics.abandoned.jsonl"))
 

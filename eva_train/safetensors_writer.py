@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from eva_train.fsio import fsync_path
 from eva_train.torch_zip import BF16Array, float32_to_bf16, to_float32
 
 WRITEBACK_BYTES = 64 << 20
@@ -113,11 +114,7 @@ class StreamingSafetensorsWriter:
         os.close(self.fd)
         self.fd = None
         os.replace(self.tmp_path, self.path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(os.path.dirname(os.path.abspath(self.path)))
         return self.path
 
     def abort(self) -> None:

@@ -2,7 +2,6 @@
 with logging, validation, kNN monitoring, checkpoints, preemption and a stall watchdog."""
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from eva_train.config import Config, derived_grad_accum
 from eva_train.distributed import WorldInfo, init_process_group
+from eva_train.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 3600.0  # watchdog budget for one checkpoint save (EVA-g optimizer state is ~12 GB)
@@ -139,13 +139,7 @@ def write_run_config(run: Run) -> None:
                      "total_steps": run.total_steps, "warmup_steps": run.extras["warmup_steps"],
                      "kernels": run.extras["kernels"], "code_version": run.code_version,
                      "deepspeed": run.extras["ds_config"], "device": str(run.device)}
-    path = Path(run.cfg.train.output_dir) / "config.json"
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(Path(run.cfg.train.output_dir) / "config.json", json.dumps(record, indent=2))
 
 
 def train(cfg: Config, world: WorldInfo, code_version: str) -> int:

@@ -14,7 +14,6 @@ a COMPLETE marker and OUT/checkpoints/latest, the layout of the eva-train contra
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -114,6 +113,8 @@ def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
     import deepspeed
     import torch
 
+    from eva_train.fsio import atomic_write_text
+
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
     ds_config = _ds_config(stage, args.precision)
@@ -137,19 +138,10 @@ def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
                            save_latest=False)
     torch.distributed.barrier()
     if rank == 0:
-        _write_atomic(root / tag / "COMPLETE", json.dumps({"step": args.steps, "world_size": world_size,
-                                                           "time": time.time()}))
-        _write_atomic(root / "latest", tag)
+        atomic_write_text(root / tag / "COMPLETE", json.dumps({"step": args.steps, "world_size": world_size,
+                                                               "time": time.time()}))
+        atomic_write_text(root / "latest", tag)
     torch.distributed.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------- run (benchmark)

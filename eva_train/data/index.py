@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from eva_train.data.errors import DataError
+from eva_train.fsio import fsync_path
 
 INDEX_FORMAT_VERSION = 1
 METADATA_KEY = b"eva_index"
@@ -293,15 +294,7 @@ def write_index_atomic(table: pa.Table, meta: dict, out_path: str, max_chunk_row
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        fsync_dir(out.parent)
+        fsync_path(out.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def fsync_dir(path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,13 +8,13 @@ features. Rank 0 prints the table and writes OUT/final_report.json.
 """
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Dict
 
 import torch
 
 from eva_train.eval.knn import knn_accuracy
+from eva_train.fsio import atomic_write_text
 from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.eval.linear_probe import fit_linear_probe, head_accuracy
 from eva_train.eval.protocol_config import build_protocol_config
@@ -75,7 +75,5 @@ def final_report(cfg, model: torch.nn.Module, rank: int, world_size: int) -> Dic
         _print_table(report)
         path = Path(cfg.train.output_dir) / "final_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(report, indent=2))
     return report
