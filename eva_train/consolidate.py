@@ -92,7 +92,8 @@ def _check_zip(path: Path) -> None:
 
 
 def _load_pickled(path: Path) -> dict:
-    _check_zip(path)
+    """Unpickled with numpy views (torch_zip checks each storage lies inside the file); every shard's
+    zip directory was already checked by `_check_complete`."""
     try:
         return torch_zip.load(path)
     except (torch_zip.TorchZipError, ValueError, EOFError) as exc:
@@ -189,11 +190,6 @@ class ZeroCheckpoint:
             if source in shapes:
                 shapes[alias] = shapes[source]
         return shapes
-
-    def source_is_float(self) -> Dict[str, bool]:
-        kinds = {k: torch_zip.is_float(v) for k, v in self.buffers.items()}
-        kinds.update((k, torch_zip.is_float(v)) for k, v in self.module_only.items())
-        return kinds  # everything else is an fp32 master partition
 
     def rank_pieces(self, rank: int) -> Iterator[Piece]:
         """Every (name, element offset, values) this rank holds; values are views into its mmap."""
@@ -327,12 +323,13 @@ def consolidate(ckpt_dir: str, out_path: str, tag: Optional[str] = None, dtype: 
 
 def _dest_specs(plan: LayoutPlan, ckpt: ZeroCheckpoint, float_dtype: str):
     """dest name -> (shape, safetensors dtype): floats in the output dtype, integers as saved."""
-    is_float, arrays = ckpt.source_is_float(), {**ckpt.buffers, **ckpt.module_only}
+    arrays = {**ckpt.buffers, **ckpt.module_only}  # everything else is an fp32 master partition
     dest_dtype = {}
     for src, routes in plan.routes.items():
+        integer = src in arrays and not torch_zip.is_float(arrays[src])
         for route in routes:
             if route.dest is not None:
-                dest_dtype[route.dest] = float_dtype if is_float.get(src, True) else dtype_name(arrays[src])
+                dest_dtype[route.dest] = dtype_name(arrays[src]) if integer else float_dtype
     return OrderedDict((name, (shape, dest_dtype[name])) for name, shape in plan.dest_shapes.items())
 
 
