@@ -28,12 +28,12 @@ def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def client_state(run, step: int, bad_total: torch.Tensor) -> Dict[str, Any]:
+def client_state(run, step: int, monitor) -> Dict[str, Any]:
     from eva_train.rng import capture_rng_state
 
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
     return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
-            "bad_samples": [int(v) for v in bad_total],  # (replaced, seen) over the whole run, all ranks
+            "bad_samples": [monitor.bad_samples, monitor.seen_samples],  # whole run, all ranks
             "sampler_state": run.sampler.state_after(consumed_this_run), "rng": capture_rng_state(),
             "config": run.cfg.to_dict(), "code_version": run.code_version}
 
@@ -49,20 +49,20 @@ def _evaluations(run, step: int) -> Dict[str, float]:
     return out
 
 
-def _record(run, step: int, result, meter: ThroughputMeter, bad_total: torch.Tensor) -> Dict[str, Any]:
+def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int) -> Dict[str, Any]:
     samples_seen = step * run.cfg.train.global_batch_size
     record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm}
     record.update(meter.read(run.flops_per_image, run.peak_flops, run.world.world_size))
-    record.update({"epoch": samples_seen / run.sampler.epoch_length, "bad_samples": int(bad_total[0]),
+    record.update({"epoch": samples_seen / run.sampler.epoch_length, "bad_samples": bad_samples,
                    "samples_seen": samples_seen, "memory_gib": round(memory_gib(run.device), 3)})
     return record
 
 
-def _save(run, step: int, watchdog, bad_total: torch.Tensor) -> None:
+def _save(run, step: int, watchdog, monitor) -> None:
     from eva_train.training import SAVE_TIMEOUT_S
 
     watchdog.beat(f"save step {step}", timeout_s=SAVE_TIMEOUT_S)
-    run.ckpt.save(run.engine, step, client_state(run, step, bad_total))
+    run.ckpt.save(run.engine, step, client_state(run, step, monitor))
 
 
 def _stop_reason(run, step: int, preempted: bool) -> str:
@@ -82,9 +82,7 @@ def run_loop(run, sink, preemption, watchdog) -> str:
     batches = iter(run.loader)  # before the RNG restore: creating the iterator draws from torch's RNG
     if run.client_rng is not None:
         restore_rng_state(run.client_rng)
-    monitor = BadSampleMonitor(run.cfg.data.bad_sample_threshold, run.cfg.data.bad_sample_min_count)
-    bad_total = torch.tensor(run.bad_samples, dtype=torch.int64)  # (replaced, seen) before this run
-    monitor.bad_samples, monitor.seen_samples = run.bad_samples
+    monitor = BadSampleMonitor(run.cfg.data.bad_sample_threshold, run.cfg.data.bad_sample_min_count, *run.bad_samples)
     meter = ThroughputMeter()
     run.engine.train()
     reason, step = _stop_reason(run, run.start_step, False), run.start_step
@@ -97,17 +95,16 @@ def run_loop(run, sink, preemption, watchdog) -> str:
         result = run.trainer.train_step(step, micro_batches)
         step += 1
         counts = _global_sum(_bad_sample_counts(micro_batches, run.device)).cpu()
-        bad_total += counts
         monitor.update(int(counts[0]), int(counts[1]))  # global counts: every rank aborts together
         meter.add(run.cfg.train.global_batch_size, data_wait_s)
         sink.advance()
         evaluations = _evaluations(run, step)
         reason = _stop_reason(run, step, preemption.agree(run.device))
         if step % run.cfg.logging.log_every_steps == 0 or evaluations or reason:
-            sink.write({**_record(run, step, result, meter, bad_total), **evaluations})
+            sink.write({**_record(run, step, result, meter, monitor.bad_samples), **evaluations})
             meter.reset()
         if run.ckpt.due(step) or reason:
-            _save(run, step, watchdog, bad_total)
+            _save(run, step, watchdog, monitor)
         if reason == "preempted" and run.world.rank == 0:
             preemption.requeue()
     run.extras["last_step"] = step

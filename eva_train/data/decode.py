@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from eva_train.data.jpeg_header import jpeg_orientation
 
@@ -40,7 +40,7 @@ if DEFAULT_JPEG_DECODER not in ("pillow", "simplejpeg") or (DEFAULT_JPEG_DECODER
 SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")  # what it converts to RGB (not CMYK/YCCK)
 _DECODE_BUFFER = threading.local()
 
-# EXIF orientation -> the same transform as ImageOps.exif_transpose, on an (H, W, C) array view
+# EXIF orientation -> the same transform as PIL.ImageOps.exif_transpose, on an (H, W, C) array view
 _ORIENT = {
     1: lambda a: a,
     2: lambda a: a[:, ::-1],
@@ -136,8 +136,7 @@ def decode_crop(image: EncodedImage, box, out_size: int, flip: bool) -> torch.Te
     pixels = _decode_simplejpeg(image, factor) if image.pillow is None else None
     if pixels is None:
         pixels = _decode_pillow(image, factor)
-    else:
-        pixels = _ORIENT[image.orientation](pixels)
+    pixels = _ORIENT[image.orientation](pixels)  # both decoders return the stored orientation
     scale = pixels.shape[1] / image.upright_size[0]  # DCT scaling shrank the image by `factor` (rounded up)
     left, top, right, bottom = [int(round(v * scale)) for v in box]
     crop = pixels[top:max(bottom, top + 1), left:max(right, left + 1)]  # RGBX stays RGBX
@@ -162,15 +161,13 @@ def _decode_simplejpeg(image: EncodedImage, factor: int):
 
 
 def _decode_pillow(image: EncodedImage, factor: int) -> np.ndarray:
-    """(H, W, 3 or 4) uint8, upright. Pillow keeps RGB as RGBX (4 bytes a pixel) and exports it
+    """(H, W, 3 or 4) uint8 in stored orientation. Pillow keeps RGB as RGBX (4 bytes a pixel) and exports it
     through Arrow without a copy (one memory block: images up to ~16 MB); else np.asarray copies."""
     img = image.pillow or open_image(image.data, image.width * image.height)
     if factor > 1:
         img.draft("RGB", (-(-img.width // factor), -(-img.height // factor)))
     try:
         img.load()
-        if image.orientation != 1:
-            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
     except Exception as exc:  # truncated data, bad markers, decoder errors
         raise BadImageError(f"decode failed ({type(exc).__name__}: {exc})") from None

@@ -3,11 +3,12 @@ from eva_train.data.errors import DataError
 
 
 class BadSampleMonitor:
-    def __init__(self, threshold: float = 0.01, min_samples: int = 1000):
+    def __init__(self, threshold: float = 0.01, min_samples: int = 1000, bad_samples: int = 0, seen_samples: int = 0):
+        """`bad_samples` / `seen_samples`: the counts so far of the run being resumed."""
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"bad sample threshold {threshold} must lie in [0, 1]")
         self.threshold, self.min_samples = threshold, min_samples
-        self.bad_samples, self.seen_samples = 0, 0
+        self.bad_samples, self.seen_samples = bad_samples, seen_samples
 
     @property
     def fraction(self) -> float:
