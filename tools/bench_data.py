@@ -29,7 +29,7 @@ from PIL import Image
 from eva_train.config import MaskConfig
 from eva_train.data.build import build_index
 from eva_train.data.dataset import MaskedImageDataset, SampleSpec
-from eva_train.data.decode import DEFAULT_JPEG_DECODER, channels_last, decode_crop, read_header, resize_pixels, simplejpeg
+from eva_train.data.decode import DEFAULT_JPEG_DECODER, channels_last, read_header, resize_pixels, simplejpeg
 from eva_train.data.index import open_index, write_index_atomic
 from eva_train.data.masking import build_mask_generator
 from eva_train.data.reading import HandleCache, read_image_bytes
@@ -174,23 +174,13 @@ def _cpu_ms_interleaved(loops: dict, rounds: int = 7) -> dict:
     return best
 
 
-def _decode_crop_flip(dataset: MaskedImageDataset, rng: np.random.Generator, decoder: str):
-    """What the issue times: read, header, RandomResizedCrop box, decode, crop + resize, flip."""
-    reader, spec = dataset.reader, dataset.spec
-
-    def sample(row: int):
-        data = read_image_bytes(reader.image_location(row), dataset.handles)
-        image = read_header(data, spec.max_image_pixels, decoder)
-        box = random_resized_crop_box(*image.upright_size, (spec.min_crop_scale, 1.0), rng)
-        return decode_crop(image, box, spec.img_size, flip=bool(rng.random() < 0.5))
-    return sample
-
-
 def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
     torch.set_num_threads(1)  # per core, as in a DataLoader worker
     index = build_index([str(paths[0].parent)], str(tmp / f"jpegs_{label}.arrow"), num_workers=1)
-    dataset = MaskedImageDataset(open_index([index]), SampleSpec(img_size=out_size),
-                                 build_mask_generator(MaskConfig(), (16, 16)))
+    decoders = ["pillow"] + (["simplejpeg"] if simplejpeg else [])
+    datasets = {decoder: MaskedImageDataset(open_index([index]), SampleSpec(img_size=out_size, jpeg_decoder=decoder),
+                                            build_mask_generator(MaskConfig(), (16, 16))) for decoder in decoders}
+    dataset = datasets[DEFAULT_JPEG_DECODER]
     rows, rng = range(len(paths)), np.random.default_rng(0)
     datas = [p.read_bytes() for p in paths]
     headers = [read_header(d, 1 << 40) for d in datas]
@@ -200,8 +190,9 @@ def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
     mask = build_mask_generator(MaskConfig(), (16, 16))
     loops = {
         LIMIT: (lambda p: Image.open(p).convert("RGB"), paths),
-        **{f"ours: decode + crop + flip ({decoder})": (_decode_crop_flip(dataset, rng, decoder), rows)
-           for decoder in ["pillow"] + (["simplejpeg"] if simplejpeg else [])},
+        # what the issue times: read, header, RandomResizedCrop box, decode, crop + resize, flip
+        **{f"ours: decode + crop + flip ({decoder})": (lambda i, d=datasets[decoder]: d.load_image(i, rng), rows)
+           for decoder in decoders},
         f"ours: whole sample, dataset[i] (+ mask; {DEFAULT_JPEG_DECODER})": (lambda i: dataset[(0, i)], rows),
         "  stage: read file": (lambda p: p.read_bytes(), paths),
         "  stage: header + crop box": (

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eva_train.data.decode import BadImageError, decode_crop, read_header
+from eva_train.data.decode import DEFAULT_JPEG_DECODER, BadImageError, decode_crop, read_header
 from eva_train.data.errors import DataError
 from eva_train.data.index import IndexReader
 from eva_train.data.reading import HandleCache, read_image_bytes
@@ -29,6 +29,7 @@ class SampleSpec:
     max_image_pixels: int = 64 * 1024 * 1024
     train: bool = True
     seed: int = 0
+    jpeg_decoder: str = DEFAULT_JPEG_DECODER  # "simplejpeg" or "pillow" (EVA_JPEG_DECODER sets the default)
 
 
 class MaskedImageDataset(torch.utils.data.Dataset):
@@ -51,7 +52,7 @@ class MaskedImageDataset(torch.utils.data.Dataset):
         row = self.reader.virtual_to_row(sample_id, epoch)
         for bad in range(MAX_REPLACEMENTS + 1):
             try:
-                image = self._load(row, rng)
+                image = self.load_image(row, rng)
                 break
             except (BadImageError, OSError) as exc:
                 self._log_bad(row, exc)
@@ -63,9 +64,11 @@ class MaskedImageDataset(torch.utils.data.Dataset):
                 "mask": torch.from_numpy(self.mask_generator(rng)),
                 "label": self.reader.label(row), "index": row, "bad": bad}
 
-    def _load(self, row: int, rng: np.random.Generator) -> torch.Tensor:
+    def load_image(self, row: int, rng: np.random.Generator) -> torch.Tensor:
+        """Read, header, crop box, decode + crop + resize, flip: one (3, S, S) uint8 image; raises
+        BadImageError / OSError for a bad one (the caller replaces it)."""
         data = read_image_bytes(self.reader.image_location(row), self.handles)
-        image = read_header(data, self.spec.max_image_pixels)
+        image = read_header(data, self.spec.max_image_pixels, self.spec.jpeg_decoder)
         width, height = image.upright_size
         if self.spec.train:
             box = random_resized_crop_box(width, height, (self.spec.min_crop_scale, 1.0), rng)
