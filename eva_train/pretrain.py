@@ -24,7 +24,7 @@ import warnings
 from typing import List, Optional, Tuple
 
 from eva_train.config import Config, ConfigError, build_config, derived_grad_accum, validate
-from eva_train.distributed import world_from_env
+from eva_train.runtime.distributed import world_from_env
 
 log = logging.getLogger("eva_train.pretrain")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,8 @@ def resolve_config(args: argparse.Namespace, overrides: List[str]) -> Config:
 
 def check_config(cfg: Config, world_size: int) -> None:
     """Everything that can fail cheaply, before a process group, a model or data workers exist."""
-    from eva_train.checkpoint import check_checkpoint_config
-    from eva_train.engine import build_ds_config
+    from eva_train.train.checkpoint import check_checkpoint_config
+    from eva_train.train.engine import build_ds_config
     from eva_train.models import check_model_config
 
     validate(cfg, world_size)
@@ -91,7 +91,7 @@ def dataset_size(cfg: Config) -> Tuple[int, str]:
 
 
 def plan(cfg: Config, world_size: int) -> dict:
-    from eva_train.schedule import plan_steps
+    from eva_train.optim.schedule import plan_steps
 
     size, source = dataset_size(cfg)
     total, warmup = plan_steps(total_steps=cfg.train.total_steps, epochs=cfg.train.epochs,
@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("plan: " + json.dumps(run_plan, indent=2))
         return 0
     setup_logging(world.rank)
-    from eva_train.training import train
+    from eva_train.train.build import train
 
     return train(cfg, world, code_version())
 

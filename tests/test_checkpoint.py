@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from eva_train.checkpoint import (CheckpointError, CheckpointManager, check_checkpoint_config, newest_complete,
+from eva_train.train.checkpoint import (CheckpointError, CheckpointManager, check_checkpoint_config, newest_complete,
                                   resolve_checkpoint_path, retained_steps, step_of_tag, tag_for_step)
 from eva_train.config import CheckpointConfig
-from eva_train.rng import capture_rng_state, restore_rng_state
+from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 
 
 def make_tag(root, step, complete=True, world_size=2):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from eva_train.config import ConfigError, available_recipes, build_config, derived_grad_accum, validate
-from eva_train.engine import build_ds_config
+from eva_train.train.engine import build_ds_config
 
 RECIPES = ("demo", "eva_g_p14_m30m", "eva02_l_p14", "eva_mae_b16")
 

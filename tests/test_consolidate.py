@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eva_train.consolidate import ConsolidationError, ZeroCheckpoint, consolidate, read_metadata
+from eva_train.export.consolidate import ConsolidationError, ZeroCheckpoint, consolidate, read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_equals_zero_to_fp32(toy_ckpts, tmp_path, stage):
 @pytest.mark.slow
 def test_consolidation_imports_neither_torch_nor_deepspeed(toy_ckpts, tmp_path):
     """Importing them costs more than the data here; a login node without DeepSpeed can consolidate."""
-    code = ("import sys; from eva_train.consolidate import consolidate; "
+    code = ("import sys; from eva_train.export.consolidate import consolidate; "
             f"consolidate({str(toy_ckpts / 'zero3')!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')))")
     proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -177,7 +177,7 @@ def _cli(*args) -> int:
 
 @pytest.mark.slow
 def test_cli_layouts_of_an_eva_checkpoint(eva_ckpt, tmp_path, capsys):
-    from eva_train.layouts import to_layout
+    from eva_train.export.layouts import to_layout
 
     native = tmp_path / "native.safetensors"
     assert _cli(eva_ckpt, "--out", native, "--check-model", "--no-progress") == 0
@@ -211,6 +211,6 @@ def test_bench_consolidate_run_prints_the_table(eva_ckpt, capsys):
     out = capsys.readouterr().out
     assert "tensors identical: True" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[1:2] == ["cold"]}
-    assert set(rows) == {"zero_to_fp32", "eva_train.consolidate"}
+    assert set(rows) == {"zero_to_fp32", "eva_train.export.consolidate"}
     assert rows["zero_to_fp32"][5:] == ["1.00", "1.00", "1.00"]
-    assert all(float(v) > 0 for v in rows["eva_train.consolidate"][2:])
+    assert all(float(v) > 0 for v in rows["eva_train.export.consolidate"][2:])

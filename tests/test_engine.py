@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from eva_train.config import ModelConfig
-from eva_train.distributed import world_from_env
-from eva_train.engine import normalize_images, param_groups
-from eva_train.metrics import ThroughputMeter, peak_flops, trim_after, wandb_mode
-from eva_train.objective import masked_cosine_loss
-from eva_train.schedule import lr_at_step, plan_steps
+from eva_train.runtime.distributed import world_from_env
+from eva_train.train.engine import normalize_images, param_groups
+from eva_train.train.metrics import ThroughputMeter, peak_flops, trim_after, wandb_mode
+from eva_train.train.objective import masked_cosine_loss
+from eva_train.optim.schedule import lr_at_step, plan_steps
 
 
 def test_loss_is_minus_one_for_targets_it_predicts_up_to_scale():
@@ -142,7 +142,7 @@ def test_rank_environment_from_slurm_and_for_a_lone_process():
 
 def test_metrics_sink_writes_jsonl_and_offline_wandb(tmp_path, monkeypatch):
     from eva_train.config import LoggingConfig
-    from eva_train.metrics import MetricsSink
+    from eva_train.train.metrics import MetricsSink
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

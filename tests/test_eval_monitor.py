@@ -64,7 +64,7 @@ def test_monitor_scores_a_random_model_and_restores_train_mode(tmp_path):
 def test_monitor_in_two_rank_zero3_pretraining_matches_offline_evaluation(tmp_path):
     """The real entry point: the kNN it logs at the last step equals an offline evaluation of the
     consolidated final checkpoint."""
-    from eva_train.consolidate import consolidate
+    from eva_train.export.consolidate import consolidate
     from eva_train.eval.checkpoints import load_backbone
 
     out, demo = tmp_path / "run", tmp_path / "demo"

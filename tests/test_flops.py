@@ -2,7 +2,7 @@
 import pytest
 
 from eva_train.config import ModelConfig, TeacherConfig
-from eva_train.flops import forward_flops, mfu, student_forward_flops, train_flops_per_image
+from eva_train.models.flops import forward_flops, mfu, student_forward_flops, train_flops_per_image
 from eva_train.models.teacher import build_teacher
 
 

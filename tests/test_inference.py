@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from eva_train.inference import IMAGENET_MEAN, IMAGENET_STD, extract_feat, get_model, list_image_files
-from eva_train.layouts import to_layout
+from eva_train.export.inference import IMAGENET_MEAN, IMAGENET_STD, extract_feat, get_model, list_image_files
+from eva_train.export.layouts import to_layout
 from eva_train.models.eva import EvaForMIM
 from eva_train.models.variants import VARIANTS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eva_train.config import ModelConfig
-from eva_train.layouts import LayoutError, from_layout, plan_layout, to_layout
+from eva_train.export.layouts import LayoutError, from_layout, plan_layout, to_layout
 from eva_train.models import build_model
 from eva_train.models.eva import EvaForMIM
 from eva_train.models.variants import VARIANTS

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_train.preemption import PreemptionHandler, slurm_job_summary
+from eva_train.train.preemption import PreemptionHandler, slurm_job_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOOP = """
 import json, os, sys, time, logging
 logging.basicConfig(level=logging.INFO)
-from eva_train.preemption import PreemptionHandler
+from eva_train.train.preemption import PreemptionHandler
 progress, save_path, save_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 handler = PreemptionHandler().install()
 
@@ -103,7 +103,7 @@ def test_second_signal_during_save_does_not_corrupt_it(tmp_path):
 RANKS = """
 import json, os, sys, time
 import torch.distributed as dist
-from eva_train.preemption import PreemptionHandler
+from eva_train.train.preemption import PreemptionHandler
 handler = PreemptionHandler().install()
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
 progress = sys.argv[1] + os.environ["RANK"]

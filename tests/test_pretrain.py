@@ -160,8 +160,8 @@ def test_two_rank_zero3_run_starts_from_init_from_weights(demo_root, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from eva_train.consolidate import consolidate
-    from eva_train.layouts import to_layout
+    from eva_train.export.consolidate import consolidate
+    from eva_train.export.layouts import to_layout
     from eva_train.models import build_backbone
 
     torch.manual_seed(1234)  # not the run's seed: the run's own init would not match

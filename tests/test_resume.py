@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_train.checkpoint import read_complete, step_of_tag
+from eva_train.train.checkpoint import read_complete, step_of_tag
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("test_resume_worker.py")

@@ -72,7 +72,7 @@ def test_scripts_pass_shellcheck():
 
 REQUEUE_ONCE = """
 import os
-from eva_train.preemption import PreemptionHandler, slurm_job_summary
+from eva_train.train.preemption import PreemptionHandler, slurm_job_summary
 print(slurm_job_summary(), flush=True)
 if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":  # unset on the first run
     assert PreemptionHandler().requeue()

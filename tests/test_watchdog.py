@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 
-from eva_train.watchdog import STALL_EXIT_CODE, StallWatchdog
+from eva_train.train.watchdog import STALL_EXIT_CODE, StallWatchdog
 
 
 def run_child(body: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    code = "import sys, time\nfrom eva_train.watchdog import StallWatchdog\n" + textwrap.dedent(body)
+    code = "import sys, time\nfrom eva_train.train.watchdog import StallWatchdog\n" + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -82,7 +82,7 @@ def test_bad_timeout_is_rejected():
 MISSED_COLLECTIVE = """
 import os, sys, time
 import torch, torch.distributed as dist
-from eva_train.watchdog import StallWatchdog
+from eva_train.train.watchdog import StallWatchdog
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 wd = StallWatchdog(timeout_s=2.0, rank=rank).start()

@@ -3,11 +3,11 @@ position-embedding resize and a missing/unexpected/mismatched report."""
 import pytest
 import torch
 
-from eva_train.layouts import LayoutError, to_layout
+from eva_train.export.layouts import LayoutError, to_layout
 from eva_train.models import build_backbone
 from eva_train.models.eva import EvaForMIM
 from eva_train.models.variants import VARIANTS
-from eva_train.weights import load_weights, read_state_dict
+from eva_train.export.weights import load_weights, read_state_dict
 
 
 def _mim(variant: str, img_size=None, teacher_dim: int = 8, seed: int = 0) -> EvaForMIM:
@@ -117,7 +117,7 @@ class _Custom:
 def test_init_from_loads_a_backbone_and_refuses_another_variant(tmp_path):
     from safetensors.torch import save_file
 
-    from eva_train.weights import init_from
+    from eva_train.export.weights import init_from
 
     source = build_backbone("eva_debug_p4", 16)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "debug.safetensors"))

@@ -113,7 +113,7 @@ def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
     import deepspeed
     import torch
 
-    from eva_train.fsio import atomic_write_text
+    from eva_train.runtime.fsio import atomic_write_text
 
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
@@ -148,7 +148,7 @@ def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
 
 _OURS = """
 import sys
-from eva_train.consolidate import consolidate
+from eva_train.export.consolidate import consolidate
 consolidate(sys.argv[1], sys.argv[2], progress=False)
 """
 
@@ -217,7 +217,7 @@ def _identical(ours: str, theirs_dir: str) -> bool:
 
 
 def run_benchmark(args) -> None:
-    from eva_train.consolidate import resolve_checkpoint
+    from eva_train.export.consolidate import resolve_checkpoint
 
     tag_dir = resolve_checkpoint(args.ckpt, None)
     shard_files = [str(p) for p in tag_dir.iterdir() if p.suffix == ".pt"]
@@ -230,7 +230,7 @@ def run_benchmark(args) -> None:
             for cache in caches:
                 # zero_to_fp32 takes the tag dir's parent plus the tag
                 for name, code, ckpt, out in (("zero_to_fp32", theirs_code, str(tag_dir.parent), theirs_dir),
-                                              ("eva_train.consolidate", _OURS, str(tag_dir), ours_file)):
+                                              ("eva_train.export.consolidate", _OURS, str(tag_dir), ours_file)):
                     _remove(out)  # freeing a previous output's blocks is not part of either tool's time
                     os.sync()
                     if cache == "cold":

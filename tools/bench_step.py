@@ -88,7 +88,7 @@ class TimmMIM(torch.nn.Module):
 
 
 def make_step(model: torch.nn.Module, args) -> Callable[[], None]:
-    from eva_train.objective import masked_cosine_loss
+    from eva_train.train.objective import masked_cosine_loss
 
     device, dtype = torch.device(args.device), DTYPES[args.precision]
     model.to(device).train()
@@ -136,7 +136,7 @@ def time_steps(step: Callable[[], None], args) -> Dict[str, float]:
 
 def flops_per_image(args) -> float:
     from eva_train.config import ModelConfig
-    from eva_train.flops import train_flops_per_image
+    from eva_train.models.flops import train_flops_per_image
 
     grid = args.img_size // model_patch(args)
     cfg = ModelConfig(variant=args.variant, img_size=args.img_size, checkpoint_fraction=args.checkpoint_fraction)
@@ -146,7 +146,7 @@ def flops_per_image(args) -> float:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     import eva_kernels
-    from eva_train.metrics import peak_flops
+    from eva_train.train.metrics import peak_flops
 
     eva_kernels.set_backend(args.kernels)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

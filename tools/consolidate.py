@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from eva_train.consolidate import ConsolidationError, consolidate
-    from eva_train.layouts import LayoutError
+    from eva_train.export.consolidate import ConsolidationError, consolidate
+    from eva_train.export.layouts import LayoutError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         report = consolidate(args.ckpt_dir, args.out, tag=args.tag, dtype=args.dtype, layout=args.layout,
                              progress=not args.no_progress)
         if args.check_model:
-            from eva_train.weights import check_loads_strict
+            from eva_train.export.weights import check_loads_strict
 
             check_loads_strict(report.path)
     except (ConsolidationError, LayoutError) as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from eva_train.flops import forward_flops  # noqa: E402
+from eva_train.models.flops import forward_flops  # noqa: E402
 from eva_train.models import build_backbone  # noqa: E402
 from eva_train.models.variants import VARIANTS  # noqa: E402
 

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 def _features(args) -> int:
     from safetensors.torch import save_file
 
-    from eva_train.inference import extract_feat, get_model
+    from eva_train.export.inference import extract_feat, get_model
 
     feats = extract_feat(get_model(args.checkpoint, variant=args.variant, device=args.device), args.images)
     save_file({k: v.cpu().contiguous() for k, v in feats.items()}, args.features,

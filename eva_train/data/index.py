@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from eva_train.data.errors import DataError
-from eva_train.fsio import fsync_path
+from eva_train.runtime.fsio import fsync_path
 
 INDEX_FORMAT_VERSION = 1
 METADATA_KEY = b"eva_index"

@@ -65,7 +65,7 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
     """(EVA backbone with the file's weights, {'variant', 'img_size'}); strict about missing keys.
     The metadata's img_size wins over the variant default; `img_size` resizes the position table."""
     from eva_train.models import build_backbone
-    from eva_train.weights import load_weights, read_state_dict
+    from eva_train.export.weights import load_weights, read_state_dict
 
     meta = read_metadata(path)
     spec = dict(model_spec_from_metadata(meta) or {})
@@ -81,7 +81,7 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
     if any(k.startswith("backbone.") for k in state):   # one of our classifier files
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith(PRETRAINING_ONLY_PREFIXES)}
-    report = load_weights(backbone, state)   # any layout eva_train.weights reads (native, timm, ...)
+    report = load_weights(backbone, state)   # any layout eva_train.export.weights reads (native, timm, ...)
     if report.missing or report.unexpected or report.mismatched:
         raise ValueError(f"checkpoint '{path}' does not match {spec['variant']}: {report.summary()}; "
                          f"check the variant (--model.variant) or the file")

@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 
 from eva_train.eval.knn import knn_accuracy
-from eva_train.fsio import atomic_write_text
+from eva_train.runtime.fsio import atomic_write_text
 from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.eval.linear_probe import fit_linear_probe, head_accuracy
 from eva_train.eval.protocol_config import build_protocol_config

@@ -1,5 +1,5 @@
 """Top-k class names and probabilities from a classifier file (tools/finetune.py or
-tools/linear_probe.py output); for a pretrained backbone file use `eva_train.inference`
+tools/linear_probe.py output); for a pretrained backbone file use `eva_train.export.inference`
 (`get_model` + `extract_feat`).
 
     predictor = Predictor("outputs/finetune/classifier.safetensors")

@@ -2,7 +2,7 @@
 
 A task (see linear_probe.py / finetune.py) supplies the trained module, its batches, loss and
 evaluation; this file owns the process group, DeepSpeed engine, lr schedule, per-epoch
-top-1/top-5 report, resumable checkpoints (one per epoch, via eva_train.checkpoint: tag
+top-1/top-5 report, resumable checkpoints (one per epoch, via eva_train.train.checkpoint: tag
 `step_{epoch:08d}` holds the state after that many epochs) and the final classifier file.
 """
 import json
@@ -109,7 +109,7 @@ def _resume(ckpt, engine, cfg: ProtocolConfig):
 def run_protocol(cfg: ProtocolConfig, make_task) -> List[Dict]:
     """Train `make_task(cfg, rank, world_size, device, dtype)`'s module; per-epoch history."""
     import deepspeed
-    from eva_train.checkpoint import CheckpointManager
+    from eva_train.train.checkpoint import CheckpointManager
 
     rank, world_size, device = setup_distributed()
     grad_accum = validate_protocol(cfg, world_size)

@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 
-from eva_train import flops
+from eva_train.models import flops
 from eva_train.models.pos_embed import resize_pos_embed
 
 log = logging.getLogger(__name__)

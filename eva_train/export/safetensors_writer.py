@@ -18,8 +18,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from eva_train.fsio import fsync_path
-from eva_train.torch_zip import BF16Array, float32_to_bf16, to_float32
+from eva_train.runtime.fsio import fsync_path
+from eva_train.export.torch_zip import BF16Array, float32_to_bf16, to_float32
 
 WRITEBACK_BYTES = 64 << 20
 SYNC_FILE_RANGE_WRITE = 2

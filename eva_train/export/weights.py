@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from eva_train.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
+from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
 
 log = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
@@ -210,7 +210,7 @@ def model_from_metadata(metadata: Dict[str, str], state_dict: Mapping[str, torch
 
 def check_loads_strict(path: str) -> nn.Module:
     """Build the model named in the file's metadata and load the file into it with strict=True."""
-    from eva_train.consolidate import read_metadata
+    from eva_train.export.consolidate import read_metadata
     from safetensors.torch import load_file
 
     state_dict = load_file(path)

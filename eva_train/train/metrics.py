@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from eva_train.fsio import atomic_write_text
+from eva_train.runtime.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
 

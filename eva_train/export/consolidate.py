@@ -1,6 +1,6 @@
 """ZeRO-1/2/3 checkpoint -> one safetensors file, streaming one rank's shard at a time.
 
-Each rank's optimizer file is memory-mapped and unpickled by `eva_train.torch_zip` (numpy views;
+Each rank's optimizer file is memory-mapped and unpickled by `eva_train.export.torch_zip` (numpy views;
 neither torch nor DeepSpeed is imported: that alone took longer than the data here): only its fp32
 master partitions are read (the Adam moments' storages are never touched, so never paged in), and every
 partition slice is written straight to its place in the output (`StreamingSafetensorsWriter`).
@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from eva_train import torch_zip
-from eva_train.layouts import LayoutPlan, plan_layout
-from eva_train.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
+from eva_train.export import torch_zip
+from eva_train.export.layouts import LayoutPlan, plan_layout
+from eva_train.export.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
 
 if TYPE_CHECKING:  # only a live-model comparison touches torch tensors
     import torch
@@ -338,7 +338,7 @@ def dtype_name(array: np.ndarray) -> str:
 
 
 def _metadata(ckpt: ZeroCheckpoint, layout: str, dtype: str) -> Dict[str, str]:
-    meta = {"format": "pt", "producer": "eva_train.consolidate", "layout": layout, "dtype": dtype,
+    meta = {"format": "pt", "producer": "eva_train.export.consolidate", "layout": layout, "dtype": dtype,
             "source_tag": ckpt.tag_dir.name, "zero_stage": str(ckpt.stage), "world_size": str(ckpt.world_size),
             "ds_version": ckpt.ds_version}
     if "config" in ckpt.client:

@@ -9,11 +9,11 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from eva_train.config import Config, ConfigError, derived_grad_accum
-from eva_train.objective import masked_cosine_loss
+from eva_train.train.objective import masked_cosine_loss
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -91,7 +91,7 @@ def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any], init
     import deepspeed
 
     from eva_train.models import build_model
-    from eva_train.weights import init_from as load_init_weights
+    from eva_train.export.weights import init_from as load_init_weights
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank and in every run
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):

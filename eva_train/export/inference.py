@@ -18,10 +18,10 @@ ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noq
 
 def get_model(path: str, variant: Optional[str] = None, img_size: Optional[int] = None,
               device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The EVA backbone in eval mode with the file's weights (any layout `eva_train.weights` reads).
+    """The EVA backbone in eval mode with the file's weights (any layout `eva_train.export.weights` reads).
     `variant` / `img_size` default to the file's eva-train config metadata."""
     from eva_train.models import build_backbone
-    from eva_train.weights import load_weights, read_state_dict
+    from eva_train.export.weights import load_weights, read_state_dict
 
     config = _file_model_config(path)
     variant = variant or config.get("variant")

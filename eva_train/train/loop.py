@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from eva_train.metrics import ThroughputMeter, memory_gib
+from eva_train.train.metrics import ThroughputMeter, memory_gib
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def client_state(run, step: int, monitor) -> Dict[str, Any]:
-    from eva_train.rng import capture_rng_state
+    from eva_train.runtime.rng import capture_rng_state
 
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
     return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
@@ -59,7 +59,7 @@ def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int) ->
 
 
 def _save(run, step: int, watchdog, monitor) -> None:
-    from eva_train.training import SAVE_TIMEOUT_S
+    from eva_train.train.build import SAVE_TIMEOUT_S
 
     watchdog.beat(f"save step {step}", timeout_s=SAVE_TIMEOUT_S)
     run.ckpt.save(run.engine, step, client_state(run, step, monitor))
@@ -77,7 +77,7 @@ def _stop_reason(run, step: int, preempted: bool) -> str:
 def run_loop(run, sink, preemption, watchdog) -> str:
     """Steps start_step..total_steps-1; returns finished / preempted / max_steps."""
     from eva_train.data import BadSampleMonitor
-    from eva_train.rng import restore_rng_state
+    from eva_train.runtime.rng import restore_rng_state
 
     batches = iter(run.loader)  # before the RNG restore: creating the iterator draws from torch's RNG
     if run.client_rng is not None:

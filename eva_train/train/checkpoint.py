@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
-from eva_train.fsio import atomic_write_text, fsync_path
+from eva_train.runtime.fsio import atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
                               f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir")
 
 
-# --- every file that marks progress is written temp -> fsync -> rename (eva_train.fsio)
+# --- every file that marks progress is written temp -> fsync -> rename (eva_train.runtime.fsio)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

@@ -10,8 +10,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from eva_train.config import Config, derived_grad_accum
-from eva_train.distributed import WorldInfo, init_process_group
-from eva_train.fsio import atomic_write_text
+from eva_train.runtime.distributed import WorldInfo, init_process_group
+from eva_train.runtime.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 3600.0  # watchdog budget for one checkpoint save (EVA-g optimizer state is ~12 GB)
@@ -65,7 +65,7 @@ def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=Non
 
 def _flops_per_image(cfg: Config, teacher) -> float:
     from eva_train.data.masking import scaled_patch_count
-    from eva_train.flops import train_flops_per_image
+    from eva_train.models.flops import train_flops_per_image
     from eva_train.models.variants import VARIANTS
 
     grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
@@ -89,12 +89,12 @@ def _knn_monitor(cfg: Config, world: WorldInfo):
 
 def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     import eva_kernels
-    from eva_train.checkpoint import CheckpointManager
-    from eva_train.engine import Trainer, build_ds_config, build_engine
-    from eva_train.metrics import peak_flops
+    from eva_train.train.checkpoint import CheckpointManager
+    from eva_train.train.engine import Trainer, build_ds_config, build_engine
+    from eva_train.train.metrics import peak_flops
     from eva_train.models.teacher import build_teacher
     from eva_train.models.variants import VARIANTS
-    from eva_train.schedule import lr_at_step, plan_steps
+    from eva_train.optim.schedule import lr_at_step, plan_steps
 
     prepare_data(cfg)
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -144,10 +144,10 @@ def write_run_config(run: Run) -> None:
 
 def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     """Build, resume, loop; 0 when finished or cleanly stopped (preemption, max_steps_this_run)."""
-    from eva_train.metrics import MetricsSink
-    from eva_train.preemption import PreemptionHandler
-    from eva_train.training_loop import run_loop
-    from eva_train.watchdog import StallWatchdog
+    from eva_train.train.metrics import MetricsSink
+    from eva_train.train.preemption import PreemptionHandler
+    from eva_train.train.loop import run_loop
+    from eva_train.train.watchdog import StallWatchdog
 
     preemption = PreemptionHandler().install()  # before the slow build: a signal then still ends cleanly
     watchdog = StallWatchdog(cfg.train.stall_timeout_s, world.rank).start()

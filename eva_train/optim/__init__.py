@@ -1,0 +1,1 @@
+"""Optimization pieces shared by pretraining and evaluation: the learning-rate schedule."""
