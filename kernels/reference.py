@@ -1,12 +1,20 @@
 """Plain-PyTorch references for the fused kernels.
 
-They are the CPU fallback, the ground truth of the kernel tests and a benchmark provider.
-Statistics and softmax run in fp32 whatever the input dtype, like the kernels.
+They are the CPU fallback, the ground truth of the kernel tests and self-check (fed float64
+inputs they compute in float64) and a benchmark provider. Statistics and softmax run in at least
+fp32 whatever the input dtype, like the kernels. The `*_same_precision` versions compute in the
+input dtype as eager PyTorch does: their error is the yardstick of the accuracy rule
+(`eva_kernels.accuracy`).
 """
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    # fp32 arithmetic for low-precision inputs; float64 stays float64 (the ground truth)
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def layer_norm(
@@ -19,9 +27,9 @@ def layer_norm(
     """LayerNorm over the last dim; with `residual`, normalizes x + residual and returns
     `(normalized, x + residual)` (the pre-LN block's fused "add then norm")."""
     summed = x if residual is None else x + residual
-    y = F.layer_norm(summed.float(), summed.shape[-1:],
-                     None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps).to(x.dtype)
+    wide = _wide(summed)
+    y = F.layer_norm(wide, wide.shape[-1:], None if weight is None else weight.to(wide.dtype),
+                     None if bias is None else bias.to(wide.dtype), eps).to(x.dtype)
     return y if residual is None else (y, summed)
 
 
@@ -32,7 +40,8 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
     prefix, patches = x[..., :num_prefix_tokens, :], x[..., num_prefix_tokens:, :]
-    rotated = patches.float() * cos.float() + rotate_pairs(patches.float()) * sin.float()
+    wide = _wide(patches)
+    rotated = wide * cos.to(wide.dtype) + rotate_pairs(wide) * sin.to(wide.dtype)
     return torch.cat([prefix, rotated.to(x.dtype)], dim=-2)
 
 
@@ -56,10 +65,32 @@ def rope_2d(
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """Non-causal softmax attention; q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    scores = torch.matmul(_wide(q), _wide(k).transpose(-2, -1)) * scale
+    return torch.matmul(scores.softmax(dim=-1), _wide(v)).to(q.dtype)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """PyTorch's fused SDPA: the fast torch path used by the model when Triton is off."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def layer_norm_same_precision(x, weight, bias, eps: float = 1e-6, residual=None):
+    """`layer_norm` as eager PyTorch computes it in x's dtype (weights cast to it)."""
+    summed = x if residual is None else x + residual
+    y = F.layer_norm(summed, summed.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps)
+    return y if residual is None else (y, summed)
+
+
+def rope_2d_same_precision(q, k, sin, cos, num_prefix_tokens: int = 1):
+    """`rope_2d` with every product in q's dtype (tables cast to it)."""
+    def rotate(x):
+        patches = x[..., num_prefix_tokens:, :]
+        s, c = sin.to(x.dtype), cos.to(x.dtype)
+        return torch.cat([x[..., :num_prefix_tokens, :], patches * c + rotate_pairs(patches) * s], -2)
+    return rotate(q), rotate(k)
+
+
+def attention_same_precision(q, k, v, scale: Optional[float] = None):
+    """Eager softmax attention in q's dtype (FlashAttention's tests' `upcast=False` reference)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v

@@ -3,25 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_kernels.testing import (ATOL, assert_close_like_torch, grads_of, leaf_copies, poisoned_outputs,
-                                 kernels_runnable)  # noqa: F401 (autouse fixture)
 import eva_kernels
 from eva_kernels import reference
+from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.attention import attention as triton_attention
 from eva_kernels.attention import head_dim_chunks
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _skip_cpu_on_gpu_host(device):
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("the interpreter runs only on hosts without CUDA; the cuda variant covers this")
-
-
-def eager_attention(q, k, v, scale=None):
-    """PyTorch's eager attention at the input precision (FlashAttention's tests' `upcast=False` ref)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
+from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
+                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def check_attention(q, k, v, scale=None):
@@ -35,7 +23,7 @@ def check_attention(q, k, v, scale=None):
     with poisoned_outputs():
         outs, grads = run(triton_attention, leaf_copies([q, k, v]))
     ref_outs, ref_grads = run(reference.attention, leaf_copies([q, k, v], torch.float64))
-    torch_outs, torch_grads = run(eager_attention, leaf_copies([q, k, v]))
+    torch_outs, torch_grads = run(reference.attention_same_precision, leaf_copies([q, k, v]))
     for name, o, t, r in zip(("o", "dq", "dk", "dv"), outs + list(grads), torch_outs + list(torch_grads),
                              ref_outs + list(ref_grads)):
         assert o.dtype == dtype and o.shape == q.shape
@@ -52,7 +40,7 @@ def check_attention(q, k, v, scale=None):
     (1, 1, 1, 64, torch.float32),       # a single token
 ])
 def test_attention_matches_float64(batch, heads, tokens, head_dim, dtype, device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(tokens * head_dim)
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, dtype=dtype, device=device) for _ in range(3))
     check_attention(q, k, v)
@@ -60,7 +48,7 @@ def test_attention_matches_float64(batch, heads, tokens, head_dim, dtype, device
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_strided_inputs_and_scale(device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(3)
     qkv = torch.randn(2, 50, 3, 2, 88, dtype=torch.bfloat16, device=device)  # the model's fused qkv
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)

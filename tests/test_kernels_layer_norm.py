@@ -3,24 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eva_kernels.testing import (ATOL, assert_close_like_torch, grads_of, leaf_copies, poisoned_outputs,
-                                 kernels_runnable)  # noqa: F401 (autouse fixture)
 import eva_kernels
 from eva_kernels import reference
+from eva_kernels.accuracy import ATOL, atol_for, grads_of, leaf_copies
 from eva_kernels.layer_norm import layer_norm as triton_layer_norm
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _skip_cpu_on_gpu_host(device):
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("the interpreter runs only on hosts without CUDA; the cuda variant covers this")
-
-
-def _torch_same_precision(x, weight, bias, eps, residual):
-    summed = x if residual is None else x + residual
-    y = F.layer_norm(summed, summed.shape[-1:], weight.to(x.dtype), bias.to(x.dtype), eps)
-    return (y,) if residual is None else (y, summed)
+from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
+                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def _run(fn, tensors, eps, upstream):
@@ -42,7 +30,7 @@ def check_layer_norm(rows, hidden, dtype, device, residual, weight_dtype=None, x
     with poisoned_outputs():
         outs, grads = _run(triton_layer_norm, leaf_copies(tensors), eps, upstream)
     ref_outs, ref_grads = _run(reference.layer_norm, leaf_copies(tensors, torch.float64), eps, upstream)
-    torch_outs, torch_grads = _run(_torch_same_precision, leaf_copies(tensors), eps, upstream)
+    torch_outs, torch_grads = _run(reference.layer_norm_same_precision, leaf_copies(tensors), eps, upstream)
 
     atol = ATOL[dtype]
     for name, o, t, r in zip(("y", "x+residual"), outs, torch_outs, ref_outs):
@@ -50,8 +38,8 @@ def check_layer_norm(rows, hidden, dtype, device, residual, weight_dtype=None, x
         assert_close_like_torch(name, o, t, r, atol)
     for name, g, t, r in zip(("dx", "dweight", "dbias", "dresidual"), grads, torch_grads, ref_grads):
         # dW/dB sum over rows: scale the atol with the row count
-        row_count = x.numel() // hidden
-        assert_close_like_torch(name, g, t, r, atol * (row_count if name in ("dweight", "dbias") else 1))
+        summed_rows = x.numel() // hidden if name in ("dweight", "dbias") else 1
+        assert_close_like_torch(name, g, t, r, atol_for(dtype, summed_rows))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,21 +53,21 @@ def check_layer_norm(rows, hidden, dtype, device, residual, weight_dtype=None, x
     (7, 40, torch.float32, True),
 ])
 def test_layer_norm_matches_float64(rows, hidden, dtype, residual, device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(rows * hidden)
     check_layer_norm(rows, hidden, dtype, device, residual)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_fp32_weights_with_bf16_input(device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(1)
     check_layer_norm(4, 1408, torch.bfloat16, device, residual=True, weight_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_non_contiguous_input(device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(2)
     x = torch.randn(2, 6, 3, 88, device=device).transpose(1, 2)[:, :, ::2]  # (2, 3, 3, 88) strided
     assert not x.is_contiguous()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import eva_kernels
-from eva_kernels.testing import kernels_runnable  # noqa: F401 (autouse fixture)
 from eva_train.models import build_backbone
+from kernel_helpers import kernels_runnable  # noqa: F401 (autouse fixture)
 
 
 def _autograd_node_names(tensor):

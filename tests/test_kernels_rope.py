@@ -3,18 +3,12 @@ import pytest
 import torch
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 
-from eva_kernels.testing import (ATOL, assert_close_like_torch, grads_of, leaf_copies, poisoned_outputs,
-                                 kernels_runnable)  # noqa: F401 (autouse fixture)
 import eva_kernels
 from eva_kernels import reference
+from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.rope import rope_2d as triton_rope_2d
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _skip_cpu_on_gpu_host(device):
-    if device == "cpu" and torch.cuda.is_available():
-        pytest.skip("the interpreter runs only on hosts without CUDA; the cuda variant covers this")
+from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
+                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def timm_tables(grid, head_dim, device):
@@ -22,14 +16,6 @@ def timm_tables(grid, head_dim, device):
     emb = RotaryEmbeddingCat(head_dim, in_pixels=False, feat_shape=list(grid)).get_embed()
     sin, cos = emb.chunk(2, dim=-1)
     return sin.to(device), cos.to(device)
-
-
-def _torch_same_precision(q, k, sin, cos, num_prefix_tokens):
-    def rotate(x):
-        patches = x[..., num_prefix_tokens:, :]
-        s, c = sin.to(x.dtype), cos.to(x.dtype)
-        return torch.cat([x[..., :num_prefix_tokens, :], patches * c + reference.rotate_pairs(patches) * s], -2)
-    return rotate(q), rotate(k)
 
 
 def qk_from_fused_qkv(batch, heads, tokens, head_dim, dtype, device):
@@ -47,7 +33,7 @@ def qk_from_fused_qkv(batch, heads, tokens, head_dim, dtype, device):
     (3, 2, (2, 3), 32, torch.bfloat16, 2),
 ])
 def test_rope_matches_float64(batch, heads, grid, head_dim, dtype, num_prefix_tokens, device):
-    _skip_cpu_on_gpu_host(device)
+    skip_cpu_on_gpu_host(device)
     torch.manual_seed(head_dim + batch)
     tokens = grid[0] * grid[1] + num_prefix_tokens
     q, k = qk_from_fused_qkv(batch, heads, tokens, head_dim, dtype, device)
@@ -62,7 +48,7 @@ def test_rope_matches_float64(batch, heads, grid, head_dim, dtype, num_prefix_to
     with poisoned_outputs():
         outs, grads = run(triton_rope_2d, leaf_copies([q, k]))
     ref_outs, ref_grads = run(reference.rope_2d, leaf_copies([q, k], torch.float64))
-    torch_outs, torch_grads = run(_torch_same_precision, leaf_copies([q, k]))
+    torch_outs, torch_grads = run(reference.rope_2d_same_precision, leaf_copies([q, k]))
     for name, o, t, r in zip(("q", "k", "dq", "dk"), outs + grads, torch_outs + torch_grads, ref_outs + ref_grads):
         assert o.dtype == dtype
         assert_close_like_torch(name, o, t, r, ATOL[dtype])

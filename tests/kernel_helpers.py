@@ -1,19 +1,25 @@
-"""Helpers for the kernel tests (CPU interpreter and GPU) and the GPU check: the tolerance rule,
-output poisoning, random inputs, and switching the Triton interpreter on.
-
-Tolerance rule (FlashAttention's tests): against a float64 reference, our max error may be at
-most twice the error of PyTorch's own implementation at the same precision, plus a small atol.
+"""Helpers for the kernel tests (CPU interpreter and GPU): output poisoning, the accuracy assertion
+(the rule itself lives in `eva_kernels.accuracy`, shared with the run-time self-check) and
+switching the Triton interpreter on. Imported by the test modules as `kernel_helpers` (pytest puts
+tests/ on the import path of the modules it collects from there).
 """
 import contextlib
 import importlib
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import pytest
 import torch
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from eva_kernels.accuracy import tolerance_problem
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 _KERNEL_MODULES = ("eva_kernels.layer_norm", "eva_kernels.rope", "eva_kernels.attention")
+
+
+def skip_cpu_on_gpu_host(device: str) -> None:
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the interpreter runs only on hosts without CUDA; the cuda variant covers this")
 
 
 def use_interpreter_if_no_cuda() -> Optional[str]:
@@ -31,7 +37,7 @@ def use_interpreter_if_no_cuda() -> Optional[str]:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return ("TRITON_INTERPRET=1 was not set before triton was imported; set it in tests/conftest.py "
                 "before any import of triton/timm/eva_kernels, or export TRITON_INTERPRET=1")
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction  # only exists/needed on the interpreter path
 
     for name in _KERNEL_MODULES:
         module = importlib.import_module(name)
@@ -50,19 +56,11 @@ def kernels_runnable():
         pytest.fail(problem)
 
 
-def max_error(ours: torch.Tensor, ref64: torch.Tensor) -> float:
-    """Max abs difference in float64; NaN (an unwritten, poisoned element) gives inf."""
-    diff = (ours.double() - ref64.double()).abs()
-    return float("inf") if torch.isnan(diff).any() else diff.max().item()
-
-
 def assert_close_like_torch(name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor,
                             ref64: torch.Tensor, atol: float) -> None:
-    """ours' error vs ref64 <= 2 x torch's own same-precision error + atol."""
-    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    ours_error, torch_error = max_error(ours, ref64), max_error(torch_same_precision, ref64)
-    assert ours_error <= 2 * torch_error + atol, (
-        f"{name}: max error {ours_error:.3g} > 2 x torch's {torch_error:.3g} + {atol:g}")
+    """The accuracy rule of `eva_kernels.accuracy`, as a test assertion."""
+    problem = tolerance_problem(name, ours, torch_same_precision, ref64, atol)
+    assert problem is None, problem
 
 
 @contextlib.contextmanager
@@ -80,14 +78,3 @@ def poisoned_outputs() -> Iterator[None]:
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
-
-
-def leaf_copies(tensors: Sequence[torch.Tensor], dtype=None):
-    """Detached copies that require grad (dtype=torch.float64 for the reference)."""
-    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
-
-
-def grads_of(outputs, inputs, upstream):
-    """Gradients of sum(out * g) over the outputs with respect to the inputs, in float64 math."""
-    loss = sum((o.double() * g.double()).sum() for o, g in zip(outputs, upstream))
-    return torch.autograd.grad(loss, inputs)
