@@ -25,6 +25,6 @@ setup(
         "psutil",
         "wandb",
     ],
-    extras_require={"dev": ["pytest>=8", "matplotlib"]},
+    extras_require={"dev": ["pytest>=8", "matplotlib", "ruff>=0.6"]},
     entry_points={"console_scripts": ["eva-pretrain=eva_train.pretrain:main"]},
 )
