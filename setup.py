@@ -24,7 +24,8 @@ setup(
         "tqdm",
         "psutil",
         "wandb",
+        "matplotlib",  # run pictures (OUT/plots); without it a run only notes that plots were skipped
     ],
-    extras_require={"dev": ["pytest>=8", "matplotlib", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
     entry_points={"console_scripts": ["eva-pretrain=eva_train.pretrain:main"]},
 )

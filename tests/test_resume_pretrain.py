@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from eva_train.train.plots import load_series, resume_steps
+
 from test_resume import free_port, kill_all, metric_lines, wait_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,10 @@ def test_sigkill_at_random_step_then_auto_resume_matches_bit_for_bit(demo_root, 
         assert all(line["step"] > 2 for line in metric_lines(out, "metrics.abandoned.jsonl"))
     for line in lines:
         assert line["loss"] == ref[line["step"]]["loss"], f"step {line['step']}"
+    # the pictures drawn at the end of the resumed run: one continuous loss curve, the resume marked
+    assert (out / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_series(out)["loss"][0] == list(range(1, TOTAL_STEPS + 1))
+    assert len(resume_steps(out)) == 1 and 0 < resume_steps(out)[0] < TOTAL_STEPS
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(demo_root, reference, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from eva_train.config import Config, derived_grad_accum
 from eva_train.runtime.distributed import WorldInfo, init_process_group
 from eva_train.runtime.fsio import atomic_write_text
+from eva_train.train.plots import draw_run_plots_safely
 
 log = logging.getLogger(__name__)
 SAVE_TIMEOUT_S = 3600.0  # watchdog budget for one checkpoint save (EVA-g optimizer state is ~12 GB)
@@ -162,6 +163,8 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     finally:
         sink.close()
         watchdog.stop()
+        if world.rank == 0:
+            draw_run_plots_safely(cfg.train.output_dir)
     log.info("run %s at step %s", outcome, run.extras.get("last_step"))
     import deepspeed
 

@@ -98,6 +98,8 @@ class MetricsSink:
         if not self.enabled:
             return
         trim_after(self.path, start_step)
+        with open(self.path.with_name("launches.jsonl"), "a") as f:  # resumes are marked on the plots
+            f.write(json.dumps({"step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         if logging_cfg.wandb:
             self.wandb_run = _start_wandb(output_dir, logging_cfg, run_config)
         if logging_cfg.progress_bar:
