@@ -16,6 +16,7 @@ from PIL import Image
 from eva_train.data.build import build_index
 from eva_train.data.errors import DataError
 from eva_train.data.index import check_index, open_index
+from eva_train.data.skips import SkipReport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,7 @@ def test_check_index_errors_are_one_line_with_fix(tmp_path):
 
 def test_bad_source_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="hold no images"):
+    with pytest.raises(DataError, match="hold no readable images"):
         build_index([str(tmp_path / "empty")], str(tmp_path / "i.arrow"), num_workers=1)
     with pytest.raises(DataError, match="holds no image folder"):
         build_index([str(tmp_path / "nothing*.tar")], str(tmp_path / "i.arrow"), num_workers=1)
@@ -232,3 +233,72 @@ def test_labels_array_matches_rows(tmp_path):
     reader = open_index([a, a])
     labels = reader.labels()
     assert labels.dtype == np.int64 and labels.tolist() == [reader.label(r) for r in range(12)] == [0, 0, 0, 1, 1, 1] * 2
+
+
+def test_unreadable_entries_are_skipped_with_a_summary(tmp_path):
+    """One bad entry of each kind never stops a build; the CLI names each reason with a count and
+    paths, and the index holds exactly the readable images. Tests run as root in CI, where chmod 000
+    does not stop a read, so the unreadable files here are ones root cannot read either: a symlink
+    loop (ELOOP) and a FIFO named like an image (opening it would block forever)."""
+    root = make_folder(tmp_path / "imgs")
+    cat = root / "cat"
+    (cat / "gone.jpg").symlink_to(cat / "never_written.jpg")
+    (cat / "loop.jpg").symlink_to(cat / "loop.jpg")
+    os.mkfifo(cat / "fifo.jpg")
+    (cat / "empty.jpg").write_bytes(b"")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    truncated = make_tar(shards / "a_truncated.tar", [{"jpg": jpeg(value=i), "cls": b"1"} for i in range(3)])
+    with tarfile.open(truncated) as tar:
+        last = tar.getmember("sub/0002.jpg")
+    os.truncate(truncated, last.offset_data + 10)   # the shard ends inside its last image
+    corrupt = make_tar(shards / "b_corrupt.tar", [{"jpg": jpeg(value=10 + i)} for i in range(3)])
+    with tarfile.open(corrupt) as tar:
+        second = tar.getmember("sub/0001.jpg")
+    with open(corrupt, "r+b") as f:                 # garbage over the second member's header
+        f.seek(second.offset)
+        f.write(b"\xff" * 512)
+    (shards / "c_junk.tar").write_bytes(b"this is not a tar file" * 100)
+    out = tmp_path / "i.arrow"
+    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), str(root), str(shards),
+                          "--out", str(out), "--workers", "2"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    summary = {reason: line for line in lines for reason in (
+        "dangling symlink", "symlink loop", "not a regular file", "empty file", "tar member runs past the end",
+        "corrupt tar data", "unreadable shard") if reason in line}
+    assert len(summary) == 7, run.stdout
+    assert "gone.jpg" in summary["dangling symlink"] and "loop.jpg" in summary["symlink loop"]
+    assert "fifo.jpg" in summary["not a regular file"] and "empty.jpg" in summary["empty file"]
+    assert "a_truncated.tar:sub/0002.jpg" in summary["tar member runs past the end"]
+    assert f"b_corrupt.tar@{second.offset}" in summary["corrupt tar data"]
+    assert "c_junk.tar" in summary["unreadable shard"]
+    assert all(line.split()[0] == "1" for line in summary.values()), summary   # one of each
+    assert "skipped 7 entries" in run.stdout
+    reader = open_index(str(out))
+    assert len(reader) == 6 + 2 + 1                # folder images, truncated shard's first two, corrupt's first
+    want = [jpeg(10 + i, 8 + c, i) for c in range(2) for i in range(3)] + [jpeg(value=0), jpeg(value=1),
+                                                                            jpeg(value=10)]
+    assert [read_image(reader, r) for r in range(len(reader))] == want
+    assert [reader.label(r) for r in range(6, 9)] == [1, 1, -1]
+    assert len(reader.containers) == 1 + 2        # the unreadable shard adds no container
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file; the FIFO and loop cases above "
+                                               "cover unreadable files as root")
+def test_permission_denied_is_skipped(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "dog" / "locked.jpg").write_bytes(jpeg())
+    (root / "dog" / "locked.jpg").chmod(0)
+    report = SkipReport()
+    reader = open_index(build_index([str(root)], str(tmp_path / "i.arrow"), num_workers=1, skips=report))
+    assert len(reader) == 6 and report.counts == {"permission denied": 1}
+
+
+def test_skips_are_logged_without_a_report(tmp_path, caplog):
+    root = make_folder(tmp_path / "imgs")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="eva_train.data.build"):
+        build_index([str(root)], str(tmp_path / "i.arrow"), num_workers=1)
+    assert "skipped 1 entries" in caplog.text and "empty.jpg" in caplog.text

@@ -7,6 +7,9 @@
 A SOURCE is an image folder (class subfolders -> labels, or flat), a folder or glob of .tar shards
 (webdataset layout), or .parquet files (image bytes or paths). Several SOURCEs are merged into
 one index with a `source` column; --weights repeats a source per epoch (2 = twice, 0.5 = half).
+Entries that cannot be read (dangling symlinks, symlink loops, FIFOs, empty or unreadable files,
+truncated or corrupt tar members, unreadable shards) are left out; the build ends with a summary
+of what was skipped and why (a count per reason and the first few paths).
 """
 import argparse
 import sys
@@ -15,6 +18,7 @@ import time
 from eva_train.data.build import build_index
 from eva_train.data.errors import DataError
 from eva_train.data.index import check_index
+from eva_train.data.skips import SkipReport
 
 
 def parse_args(argv):
@@ -39,12 +43,12 @@ def main(argv=None) -> int:
             return 0
         if not args.sources or not args.out:
             raise DataError("give at least one SOURCE and --out INDEX.arrow (or --check INDEX.arrow)")
-        start = time.time()
+        start, skipped = time.time(), SkipReport()
         build_index(args.sources, args.out, weights=args.weights, names=args.names, probe=args.probe,
-                    incremental=args.incremental, num_workers=args.workers, progress=True)
+                    incremental=args.incremental, num_workers=args.workers, progress=True, skips=skipped)
         reader = check_index([args.out])
         print(f"wrote {args.out}: {len(reader)} rows from {len(reader.containers)} containers "
-              f"in {time.time() - start:.1f} s")
+              f"in {time.time() - start:.1f} s; {skipped.summary()}")
         return 0
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,12 +6,13 @@ same sources always give the same index. `incremental=True` reuses the rows of s
 parquet files already in the previous index (same size and mtime) and only reads new ones.
 """
 import glob
-import hashlib
+import logging
 import os
+import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,9 @@ from tqdm import tqdm
 from eva_train.data import sources as src_readers
 from eva_train.data.errors import DataError
 from eva_train.data.index import SCHEMA, read_metadata, write_index_atomic
+from eva_train.data.skips import Skip, SkipReport, UNREADABLE_SHARD
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,17 +77,27 @@ def plan_source(spec: str, weight: float, name: str, probe: bool, blob_dir: str)
     return source
 
 
-def run_unit(unit: Unit) -> (pa.Table, dict):
-    """Rows of one unit (container column = 0, source = 0) and its container entry."""
+def run_unit(unit: Unit) -> Tuple[pa.Table, Optional[dict], List[Skip]]:
+    """Rows of one unit (container column = 0, source = 0), its container entry and what it skipped.
+    A shard or parquet file that cannot be read at all gives no rows and no container."""
+    try:
+        return _read_unit(unit)
+    except DataError:
+        raise  # a problem of the whole source (e.g. a parquet schema) that the user must fix
+    except (OSError, EOFError, tarfile.TarError, pa.ArrowException) as exc:
+        return SCHEMA.empty_table(), None, [(f"{UNREADABLE_SHARD} ({type(exc).__name__}: {exc})", unit.path)]
+
+
+def _read_unit(unit: Unit):
     if unit.kind == "dir":
-        table = src_readers.index_folder(unit.path, unit.subdir, unit.label, unit.probe)
-        return table, {"kind": "dir", "path": unit.path}
+        table, skipped = src_readers.index_folder(unit.path, unit.subdir, unit.label, unit.probe)
+        return table, {"kind": "dir", "path": unit.path}, skipped
     if unit.kind == "tar":
-        table = src_readers.index_tar(unit.path, unit.probe)
-        return table, container_entry("tar", unit.path)
+        table, skipped = src_readers.index_tar(unit.path, unit.probe)
+        return table, container_entry("tar", unit.path), skipped
     table, container_path = src_readers.index_parquet(unit.path, unit.blob_dir, unit.probe)
     kind = "blob" if container_path != os.path.dirname(unit.path) else "dir"
-    return table, container_entry(kind, container_path, origin=unit.path)
+    return table, container_entry(kind, container_path, origin=unit.path), []
 
 
 def container_entry(kind: str, path: str, origin: Optional[str] = None) -> dict:
@@ -113,13 +127,16 @@ class _PreviousIndex:
         if unit.kind == "dir" or unit.path not in self.by_origin:
             return None
         cid, entry = self.by_origin[unit.path]
-        stat = os.stat(unit.path)
+        try:
+            stat = os.stat(unit.path)
+        except OSError:
+            return None  # gone or unreadable now: read it again, which reports why
         if (stat.st_size, stat.st_mtime_ns) != (entry.get("bytes"), entry.get("mtime_ns")):
             return None
         if entry["kind"] == "blob" and not os.path.isfile(entry["path"]):
             return None
         rows = self.table.filter(pc.equal(self.table["container"], cid))
-        return rows, entry
+        return rows, entry, []  # its skips were reported when it was first read
 
 
 def _run_units(units: List[Unit], previous: _PreviousIndex, num_workers: int, progress: bool):
@@ -149,7 +166,9 @@ def _assemble(sources: List[Source], results) -> (pa.Table, dict):
     for source_id, source in enumerate(sources):
         start_row = row
         for _ in source.units:
-            table, entry = next(it)
+            table, entry, _ = next(it)
+            if entry is None:  # unreadable unit: no rows, no container
+                continue
             key = (entry["kind"], entry["path"], entry.get("origin"))
             if key not in container_ids:
                 container_ids[key] = len(containers)
@@ -169,8 +188,9 @@ def _assemble(sources: List[Source], results) -> (pa.Table, dict):
 
 def build_index(specs: Sequence[str], out_path: str, *, weights: Optional[Sequence[float]] = None,
                 names: Optional[Sequence[str]] = None, probe: bool = False, incremental: bool = False,
-                num_workers: int = 0, progress: bool = False) -> str:
-    """Index every SOURCE in `specs` into one Arrow file at `out_path` (atomically); returns the path."""
+                num_workers: int = 0, progress: bool = False, skips: Optional[SkipReport] = None) -> str:
+    """Index every SOURCE in `specs` into one Arrow file at `out_path` (atomically); returns the path.
+    Unreadable entries are left out and recorded in `skips` (if given; else logged as a warning)."""
     weights = list(weights) if weights else [1.0] * len(specs)
     names = list(names) if names else [""] * len(specs)
     if len(weights) != len(specs) or len(names) != len(specs):
@@ -184,8 +204,14 @@ def build_index(specs: Sequence[str], out_path: str, *, weights: Optional[Sequen
     workers = num_workers or min(len(units), os.cpu_count() or 1)
     results = _run_units(units, previous, workers, progress)
     table, meta = _assemble(sources, results)
+    report = skips if skips is not None else SkipReport()
+    for _, _, unit_skips in results:
+        report.extend(unit_skips)
+    if skips is None and report.total:
+        log.warning("%s", report.summary())
     if table.num_rows == 0:
-        raise DataError(f"sources {list(specs)} hold no images (extensions {', '.join(src_readers.IMAGE_EXTS)})")
+        raise DataError(f"sources {list(specs)} hold no readable images (extensions "
+                        f"{', '.join(src_readers.IMAGE_EXTS)}); {report.summary()}")
     write_index_atomic(table, meta, out_path)
     return out_path
 
@@ -193,8 +219,3 @@ def build_index(specs: Sequence[str], out_path: str, *, weights: Optional[Sequen
 def blob_dir_for(out_path: str) -> str:
     out = Path(out_path).absolute()
     return str(out.with_name(out.name + ".blobs"))
-
-
-def blob_name(parquet_path: str) -> str:
-    digest = hashlib.sha1(os.path.abspath(parquet_path).encode()).hexdigest()[:16]
-    return f"{Path(parquet_path).stem}-{digest}.bin"

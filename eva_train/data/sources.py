@@ -1,13 +1,17 @@
 """Readers that turn one unit of a source (class folder, tar shard, parquet file) into index rows.
 
 Each returns an Arrow table in index.SCHEMA with `container` and `source` set to 0 (the builder
-assigns the real ids). Rows are built from numpy arrays and Arrow buffers; per-row Python work
-is limited to what one file or shard holds.
+assigns the real ids) and the list of entries it skipped, as (reason, path) pairs (see skips.py):
+one unreadable file or tar member never stops a build. Rows are built from numpy arrays and Arrow
+buffers; per-row Python work is limited to what one file or shard holds.
 """
+import hashlib
 import io
 import os
 import posixpath
 import tarfile
+from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from eva_train.data import skips
+from eva_train.data.errors import DataError
 from eva_train.data.index import SCHEMA
 
+# the one list of file extensions taken for images (index builder, eval folders, feature extraction)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
 IMAGE_BYTES_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
@@ -55,14 +62,19 @@ def probe_size(fileobj) -> (int, int):
         return -1, -1
 
 
-def index_folder(root: str, subdir: str, label: int, probe: bool) -> pa.Table:
-    """Images under root/subdir (recursively), paths relative to root, sorted."""
-    paths, sizes = [], []
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir)):
+def index_folder(root: str, subdir: str, label: int, probe: bool) -> Tuple[pa.Table, List[skips.Skip]]:
+    """Images under root/subdir (recursively), paths relative to root, sorted; unreadable entries skipped."""
+    paths, sizes, skipped = [], [], []
+    on_error = lambda exc: skipped.append((f"{skips.UNREADABLE} folder ({exc.strerror})", exc.filename))  # noqa: E731
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, subdir), onerror=on_error):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if subdir else []
         for name in sorted(filenames):
             if is_image_name(name) and not name.startswith("."):
                 full = os.path.join(dirpath, name)
+                reason = skips.check_file(full)
+                if reason is not None:
+                    skipped.append((reason, full))
+                    continue
                 paths.append(os.path.relpath(full, root))
                 sizes.append(os.path.getsize(full))
     order = np.argsort(np.array(paths, dtype=object), kind="stable") if paths else []
@@ -72,7 +84,8 @@ def index_folder(root: str, subdir: str, label: int, probe: bool) -> pa.Table:
     if probe:
         dims = np.array([probe_size(os.path.join(root, p)) for p in paths], np.int32).reshape(-1, 2)
         widths, heights = dims[:, 0], dims[:, 1]
-    return _table(paths, np.zeros(len(paths)), sizes, np.full(len(paths), label), widths=widths, heights=heights)
+    table = _table(paths, np.zeros(len(paths)), sizes, np.full(len(paths), label), widths=widths, heights=heights)
+    return table, skipped
 
 
 def _split_key(name: str) -> (str, str):
@@ -82,28 +95,65 @@ def _split_key(name: str) -> (str, str):
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _tar_groups(path: str) -> dict:
-    groups = {}  # key -> fields, in shard order (dicts keep insertion order)
+def _member_text(tar: tarfile.TarFile, member: tarfile.TarInfo, shard_bytes: int):
+    """A small metadata member's text, or None when its data lies past the end of the shard."""
+    if member.offset_data + member.size > shard_bytes:
+        return None
+    return tar.extractfile(member).read().decode("utf-8", "replace")
+
+
+def _add_member(tar, member, group: dict, shard_bytes: int, skipped: list, where: str) -> None:
+    """File one member into its sample's fields (image location, caption, json, label)."""
+    _, ext = _split_key(member.name)
+    last_ext = ext.rsplit(".", 1)[-1]
+    if last_ext in IMAGE_EXTS and "image" not in group:
+        if member.offset_data + member.size > shard_bytes:
+            skipped.append((skips.TRUNCATED_MEMBER, where))
+        elif member.size == 0:
+            skipped.append((skips.EMPTY, where))
+        else:
+            group["image"] = (member.name, member.offset_data, member.size)
+    elif last_ext in CAPTION_EXTS + ("json",):
+        group["json" if last_ext == "json" else "caption"] = _member_text(tar, member, shard_bytes)
+    elif last_ext == "cls":
+        text = (_member_text(tar, member, shard_bytes) or "").strip()
+        try:
+            group["label"] = int(text or -1)
+        except ValueError:
+            skipped.append((skips.BAD_LABEL, where))
+
+
+def _trailing_garbage_at(path: str, offset: int) -> bool:
+    """True if bytes other than the zero end-of-archive blocks follow `offset`: tarfile stops
+    silently at a header it cannot parse, and whatever comes after it is lost."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return True
+    return False
+
+
+def _tar_groups(path: str) -> Tuple[dict, List[skips.Skip]]:
+    groups, skipped = {}, []  # key -> fields, in shard order (dicts keep insertion order)
+    shard_bytes = os.path.getsize(path)
     with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_key(member.name)
-            group = groups.setdefault(key, {})
-            last_ext = ext.rsplit(".", 1)[-1]
-            if last_ext in IMAGE_EXTS and "image" not in group:
-                group["image"] = (member.name, member.offset_data, member.size)
-            elif last_ext in CAPTION_EXTS:
-                group["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
-            elif last_ext == "json":
-                group["json"] = tar.extractfile(member).read().decode("utf-8", "replace")
-            elif last_ext == "cls":
-                group["label"] = int(tar.extractfile(member).read().strip() or -1)
-    return groups
+        try:
+            for member in tar:
+                if member.isfile():
+                    key, _ = _split_key(member.name)
+                    _add_member(tar, member, groups.setdefault(key, {}), shard_bytes, skipped, f"{path}:{member.name}")
+        except tarfile.ReadError:
+            pass  # "unexpected end of data": the last member read runs past the end, already skipped
+        stopped_at = tar.offset
+    if stopped_at < shard_bytes and _trailing_garbage_at(path, stopped_at):
+        skipped.append((skips.CORRUPT_TAR, f"{path}@{stopped_at}"))
+    return groups, skipped
 
 
-def index_tar(path: str, probe: bool) -> pa.Table:
-    groups = [g for g in _tar_groups(path).values() if "image" in g]
+def index_tar(path: str, probe: bool) -> Tuple[pa.Table, List[skips.Skip]]:
+    found, skipped = _tar_groups(path)
+    groups = [g for g in found.values() if "image" in g]
     names = [g["image"][0] for g in groups]
     offsets = [g["image"][1] for g in groups]
     sizes = [g["image"][2] for g in groups]
@@ -113,8 +163,9 @@ def index_tar(path: str, probe: bool) -> pa.Table:
             dims = np.array([probe_size(io.BytesIO(os.pread(f.fileno(), s, o))) for o, s in zip(offsets, sizes)],
                             np.int32).reshape(-1, 2)
         widths, heights = dims[:, 0], dims[:, 1]
-    return _table(names, offsets, sizes, [g.get("label", -1) for g in groups],
-                  [g.get("caption") for g in groups], [g.get("json") for g in groups], widths, heights)
+    table = _table(names, offsets, sizes, [g.get("label", -1) for g in groups],
+                   [g.get("caption") for g in groups], [g.get("json") for g in groups], widths, heights)
+    return table, skipped
 
 
 def _pick(names, candidates):
@@ -162,8 +213,6 @@ def _write_blob(images: pa.Array, blob_path: str) -> (np.ndarray, np.ndarray):
 
 def index_parquet(path: str, blob_dir: str, probe: bool) -> (pa.Table, str):
     """Rows of a parquet file; image bytes are extracted into a blob file. Returns (rows, container path)."""
-    from eva_train.data.build import blob_name  # the builder owns blob naming
-
     table = pq.read_table(path)
     images = _image_bytes_column(table)
     labels = _optional_int(table, LABEL_COLUMNS)
@@ -180,7 +229,7 @@ def index_parquet(path: str, blob_dir: str, probe: bool) -> (pa.Table, str):
         return _table(keys, offsets, sizes, labels, captions, jsons, *dims), blob_path
     path_col = _pick(table.column_names, IMAGE_PATH_COLUMNS)
     if path_col is None:
-        raise ValueError(f"parquet file {path} has neither an image bytes column ({', '.join(IMAGE_BYTES_COLUMNS)}) "
+        raise DataError(f"parquet file {path} has neither an image bytes column ({', '.join(IMAGE_BYTES_COLUMNS)}) "
                          f"nor an image path column ({', '.join(IMAGE_PATH_COLUMNS)}); rename the column")
     paths = table.column(path_col).combine_chunks().cast(pa.large_string())
     root = os.path.dirname(path)
@@ -196,3 +245,9 @@ def _parquet_dims(table: pa.Table, keep, probe: bool, images: pa.Array):
         return None, None
     dims = np.array([probe_size(io.BytesIO(images[i].as_py())) for i in range(len(images))], np.int32).reshape(-1, 2)
     return dims[:, 0], dims[:, 1]
+
+
+def blob_name(parquet_path: str) -> str:
+    """File name of the blob extracted from `parquet_path` (unique per absolute path)."""
+    digest = hashlib.sha1(os.path.abspath(parquet_path).encode()).hexdigest()[:16]
+    return f"{Path(parquet_path).stem}-{digest}.bin"
