@@ -3,12 +3,17 @@ implementations.
 
 Backend choice, in order: `set_backend(name)` (the training config calls it), else the env
 variable `EVA_KERNELS`, else "auto".
-- "auto":   Triton kernels on CUDA tensors, PyTorch elsewhere.
-- "triton": Triton kernels always (on CPU tensors this needs `TRITON_INTERPRET=1`).
+- "auto":   on CUDA, each Triton kernel where it passed its self-check and beat the PyTorch path
+            (`selfcheck`: per op, dtype and shape class, forward and backward); PyTorch elsewhere.
+- "triton": Triton kernels always, still self-checked on CUDA: a wrong one raises (on CPU tensors
+            this needs `TRITON_INTERPRET=1`, and is not self-checked unless `autotune` is asked).
 - "torch":  PyTorch always (SDPA for attention).
 - "apex":   like "auto", but LayerNorm through NVIDIA apex's FusedLayerNorm when importable.
 Inputs a kernel does not support are routed to the reference, never computed wrong.
-`describe()` says what the switch resolves to (the engine records it in the resolved config).
+
+Start-up: the model build calls `autotune(vit_shapes(...))` once on every rank, so every rank
+decides the same (one collective); `decisions()` then says what was chosen and why (JSON-able,
+for the run record) and `describe()` what the switch resolves to.
 
 The public functions share names with their submodules (`layer_norm`, `attention`), so reach a
 submodule's internals with `from eva_kernels.attention import AttentionFunction`, not
@@ -16,9 +21,10 @@ submodule's internals with `from eva_kernels.attention import AttentionFunction`
 """
 import functools
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
-from . import reference
+from . import reference, selfcheck
+from .selfcheck import KernelShape, set_test_hook, vit_shapes  # noqa: F401 (public API)
 
 try:  # the submodules are bound here, before the public functions below take their names
     from . import attention as _triton_attention
@@ -53,19 +59,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _use_triton(*tensors) -> bool:
-    """Whether this call goes to Triton; "triton" on CPU tensors without the interpreter is an error."""
+def _triton_mode(*tensors) -> Optional[str]:
+    """'auto' or 'triton' when this call may go to Triton (the self-check then decides), None when
+    it goes to PyTorch; "triton" on CPU tensors without the interpreter is an error."""
     name = backend()
     if name == "torch":
-        return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+        return None
     if name == "triton":
         if TRITON_IMPORT_ERROR is not None:
             raise RuntimeError(f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch")
-        if not on_cuda and not _interpreting():
+        if not all(t.is_cuda for t in tensors if t is not None) and not _interpreting():
             raise RuntimeError("EVA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1; use auto or torch on CPU")
-        return True
-    return on_cuda and TRITON_IMPORT_ERROR is None
+        return "triton"
+    return None if TRITON_IMPORT_ERROR is not None else "auto"
+
+
+def autotune(shapes: Iterable[KernelShape], warmup: Optional[int] = None, reps: Optional[int] = None) -> dict:
+    """Self-check every shape class in `shapes` under the current backend, on every rank at once
+    (one collective under torch.distributed; call it with the same shapes on every rank, e.g.
+    `autotune(vit_shapes(micro_batch, tokens, width, heads, torch.bfloat16, rope=...))` from the
+    model build). Returns `decisions()`. Raises under backend "triton" where a kernel is wrong."""
+    selfcheck.autotune(shapes, _check_mode(), warmup, reps)
+    return decisions()
+
+
+def decisions() -> dict:
+    """What the self-check chose per shape class, and why (JSON-able: the run record stores it)."""
+    return {"backend": backend(), "kernels": selfcheck.decisions(_check_mode())}
+
+
+def _check_mode() -> str:
+    return "auto" if backend() == "apex" else backend()  # apex swaps LayerNorm only: checked like auto
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +119,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-6, residual=None):
         summed = x if residual is None else x + residual
         y = apex_layer_norm()(summed, weight, bias, summed.shape[-1:], eps)
         return y if residual is None else (y, summed)
-    if _use_triton(x, weight, bias, residual) and _triton_layer_norm.supports(x, weight, bias, residual):
+    mode = _triton_mode(x, weight, bias, residual)
+    if mode and _triton_layer_norm.supports(x, weight, bias, residual) \
+            and selfcheck.use_triton(selfcheck.layer_norm_shape(x, residual), mode):
         return _triton_layer_norm.layer_norm(x, weight, bias, eps, residual)
     return reference.layer_norm(x, weight, bias, eps, residual)
 
@@ -108,13 +134,16 @@ def rope_2d(q, k, sin, cos, num_prefix_tokens: int = 1):
     `num_prefix_tokens` tokens (cls) pass through unchanged; no gradient flows to sin/cos.
     See `reference.rope_2d`.
     """
-    if _use_triton(q, k, sin, cos) and _triton_rope.supports(q, k, sin, cos, num_prefix_tokens):
+    mode = _triton_mode(q, k, sin, cos)
+    if mode and _triton_rope.supports(q, k, sin, cos, num_prefix_tokens) \
+            and selfcheck.use_triton(selfcheck.rope_shape(q, sin), mode):
         return _triton_rope.rope_2d(q, k, sin, cos, num_prefix_tokens)
     return reference.rope_2d(q, k, sin, cos, num_prefix_tokens)
 
 
 def attention(q, k, v, scale: Optional[float] = None):
     """Non-causal attention on (B, heads, N, head_dim) tensors, like SDPA; `scale` defaults to hd**-0.5."""
-    if _use_triton(q, k, v) and _triton_attention.supports(q, k, v):
+    mode = _triton_mode(q, k, v)
+    if mode and _triton_attention.supports(q, k, v) and selfcheck.use_triton(selfcheck.attention_shape(q), mode):
         return _triton_attention.attention(q, k, v, scale)
     return reference.sdpa_attention(q, k, v, scale)
