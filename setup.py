@@ -26,6 +26,6 @@ setup(
         "wandb",
         "matplotlib",  # run pictures (OUT/plots); without it a run only notes that plots were skipped
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "pypng"]},  # pypng: tests write 16-bit RGB PNGs
     entry_points={"console_scripts": ["eva-pretrain=eva_train.pretrain:main"]},
 )

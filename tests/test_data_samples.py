@@ -62,6 +62,51 @@ def test_modes_become_rgb(mode, fmt, color, expected, decoder):
     assert np.abs(out.astype(int) - np.array(expected)).max() <= 6
 
 
+RAMP_16 = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (256, 1))  # 0 -> 65535 along x
+
+
+@pytest.mark.parametrize("mode,fmt,array,expected", [
+    # independent expectations: 16-bit integers scale by 255 / 65535, floats in [0, 1] by 255, rounded
+    ("I;16", "PNG", RAMP_16, np.round(RAMP_16.astype(float) * 255 / 65535)),
+    ("I;16B", "TIFF", RAMP_16.astype(">u2"), np.round(RAMP_16.astype(float) * 255 / 65535)),
+    ("I", "TIFF", RAMP_16.astype(np.int32), np.round(RAMP_16.astype(float) * 255 / 65535)),
+    ("F", "TIFF", (RAMP_16 / 65535).astype(np.float32), np.round(RAMP_16 / 65535 * 255)),
+])
+def test_high_bit_depth_gray_is_scaled_not_clipped(mode, fmt, array, expected):
+    """A 16-bit (or float) ramp written by Pillow decodes to an 8-bit ramp through the dataset's
+    decode path, not to ~98% white as Pillow's convert("RGB") would give."""
+    data = encode(Image.fromarray(array), fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode   # the file really holds that mode
+    out = decode_whole(data, out=256).astype(int)
+    assert out.shape == (256, 256, 3) and (out == out[..., :1]).all()   # gray
+    assert np.abs(out[..., 0] - expected).max() <= 1
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255 and (np.diff(out[0, :, 0]) >= 0).all()
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_sixteen_bit_rgb_png(tmp_path, alpha):
+    """16-bit RGB(A) PNGs written by pypng (Pillow cannot write them): Pillow reads them as 8-bit RGB(A)
+    keeping the high byte, so the expectation is v >> 8."""
+    png = pytest.importorskip("png", reason="pypng writes the 16-bit RGB PNG: pip install -e .[dev]")
+    channels = [RAMP_16, RAMP_16[:, ::-1], np.full_like(RAMP_16, 0x8080)] + ([np.full_like(RAMP_16, 65535)] * alpha)
+    pixels = np.stack(channels, -1)
+    path = tmp_path / "deep.png"
+    with open(path, "wb") as f:
+        png.Writer(256, 256, greyscale=False, alpha=alpha, bitdepth=16).write(f, pixels.reshape(256, -1).tolist())
+    out = decode_whole(path.read_bytes(), out=256).astype(int)
+    assert np.abs(out - (pixels[..., :3] >> 8)).max() <= 1
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_palette_transparency_becomes_white(decoder):
+    img = Image.new("P", (16, 16), 0)
+    img.putpalette([200, 20, 20, 0, 0, 255])
+    img.paste(1, (8, 0, 16, 16))   # right half: palette entry 1 (blue), marked transparent
+    data = encode(img, "PNG", transparency=1)
+    out = decode_whole(data, decoder=decoder).astype(int)
+    assert np.abs(out[:, :6] - (200, 20, 20)).max() <= 2 and np.abs(out[:, 10:] - 255).max() <= 2
+
+
 def test_exif_orientation_is_applied():
     raw = Image.new("RGB", (40, 20), (255, 0, 0))
     raw.paste((0, 0, 255), (20, 0, 40, 20))  # raw: left red, right blue

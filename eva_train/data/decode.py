@@ -57,12 +57,34 @@ class BadImageError(Exception):
     """An image that cannot be used (unreadable, empty, too large); the sample is replaced."""
 
 
+# Pillow's one-channel modes deeper than 8 bits. convert("RGB") clips them (a 16-bit ramp becomes
+# ~98% white), so they are scaled here: integers as 16-bit (PNG and TIFF 16-bit gray open as I;16*,
+# older Pillow opened them as I), floats as [0, 1] (the convention of float TIFFs).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+FLOAT_MODES = ("F",)
+UINT16_TO_UINT8 = 257  # 65535 / 255: v / 257 maps [0, 65535] onto [0, 255] exactly
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """A deep one-channel image -> 8-bit "L", full range mapped to full range, rounded to nearest."""
+    values = np.asarray(img)
+    if img.mode in FLOAT_MODES:
+        scaled = np.nan_to_num(values.astype(np.float64), nan=0.0) * 255.0
+    else:
+        scaled = values.astype(np.float64) / UINT16_TO_UINT8
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: deep images scaled to 8 bits, transparency composited on white, CMYK
+    and the rest by Pillow's own conversion."""
     if img.mode == "RGB":
         return img
+    if img.mode in SIXTEEN_BIT_MODES + FLOAT_MODES:
+        return _high_bit_depth_to_l(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):  # composite on white: transparent pixels have arbitrary colors
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # composite on white: transparent pixels have arbitrary colors
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background
