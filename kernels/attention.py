@@ -64,15 +64,21 @@ def _head_base(ptr, bh, heads, stride_b, stride_h):
 
 
 @triton.jit
+def _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim, sqb, sqh, skb, skh, svb, svh):
+    """(bh, q, k, v head bases, offset of the head in the contiguous (B*heads, N, hd) tensors)."""
+    bh = tl.program_id(1)
+    return (bh, _head_base(q_ptr, bh, heads, sqb, sqh), _head_base(k_ptr, bh, heads, skb, skh),
+            _head_base(v_ptr, bh, heads, svb, svh), bh.to(tl.int64) * n_tokens * head_dim)
+
+
+@triton.jit
 def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale_log2,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, n_tokens, head_dim,
                      D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(1)
+    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
+                                                             sqb, sqh, skb, skh, svb, svh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_base = _head_base(q_ptr, bh, heads, sqb, sqh)
-    k_base = _head_base(k_ptr, bh, heads, skb, skh)
-    v_base = _head_base(v_ptr, bh, heads, svb, svh)
     q0 = _load_rows(q_base, rows, sqn, n_tokens, 0, head_dim, D0)
     acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
     if D1 > 0:
@@ -96,7 +102,7 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale_log2,
         if D1 > 0:
             acc1 = acc1 * alpha[:, None] + _dot(p, _load_rows(v_base, keys, svn, n_tokens, D0, head_dim, D1), UPCAST)
         m_i = m_new
-    o_base = o_ptr + bh.to(tl.int64) * n_tokens * head_dim  # o is contiguous (B, heads, N, hd)
+    o_base = o_ptr + head_offset  # o is contiguous (B, heads, N, hd)
     _store_rows(o_base, acc0 / l_i[:, None], rows, head_dim, n_tokens, 0, head_dim, D0)
     if D1 > 0:
         _store_rows(o_base, acc1 / l_i[:, None], rows, head_dim, n_tokens, D0, head_dim, D1)
@@ -126,12 +132,9 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, 
                           D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # one key block: dV = sum_q P^T dO, dK = scale * sum_q dS^T Q, built transposed (keys x queries)
-    bh = tl.program_id(1)
+    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
+                                                             sqb, sqh, skb, skh, svb, svh)  # do, dk, dv: contiguous
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_base = _head_base(q_ptr, bh, heads, sqb, sqh)
-    k_base = _head_base(k_ptr, bh, heads, skb, skh)
-    v_base = _head_base(v_ptr, bh, heads, svb, svh)
-    head_offset = bh.to(tl.int64) * n_tokens * head_dim  # do, dk, dv are contiguous
     row_offset = bh.to(tl.int64) * n_tokens
     k0 = _load_rows(k_base, keys, skn, n_tokens, 0, head_dim, D0)
     v0 = _load_rows(v_base, keys, svn, n_tokens, 0, head_dim, D0)
@@ -179,12 +182,9 @@ def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
                         D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # one query block: dQ = scale * sum_k dS K, dS = P * (dO V^T - delta)
-    bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_base = _head_base(q_ptr, bh, heads, sqb, sqh)
-    k_base = _head_base(k_ptr, bh, heads, skb, skh)
-    v_base = _head_base(v_ptr, bh, heads, svb, svh)
-    head_offset = bh.to(tl.int64) * n_tokens * head_dim
+    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
+                                                             sqb, sqh, skb, skh, svb, svh)
     in_seq = rows < n_tokens
     lse = tl.load(lse_ptr + bh.to(tl.int64) * n_tokens + rows, mask=in_seq, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * n_tokens + rows, mask=in_seq, other=0.0)
