@@ -140,7 +140,7 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     torch.save(state, tmp_path / "rng.pt")
     expected = draw_all()
     draw_all()
-    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=False))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # tensors + plain types
     assert draw_all() == expected
 
 

@@ -2,20 +2,30 @@
 
 Consolidation only reads tensors out of DeepSpeed's files; importing torch to do so costs ~3 s
 here (more than reading the data), so this reader unpickles `data.pkl` with tensors rebuilt as
-read-only numpy views of the mapped file: nothing is read from disk until it is used. Other
-pickled objects: numpy's and the standard library's load as usual; DeepSpeed's and any other
-torch object become inert placeholders (`DeepSpeedPlaceholder`, `int()` gives an enum's value).
-bfloat16 (which numpy lacks) is `BF16Array`, a uint16 array subclass; `to_float32` widens it.
+read-only numpy views of the mapped file: nothing is read from disk until it is used.
+
+A pickle can call any function it names, so the unpickler resolves only an explicit allow-list
+(`ALLOWED_GLOBALS`): torch's tensor/storage rebuild functions, the few DeepSpeed classes its
+checkpoints hold (as inert `DeepSpeedPlaceholder`s; `int()` gives an enum's value), and a short
+list of builtins/collections/numpy types. Any other global is refused (`UnsafePickleError`, naming
+it) before it is looked up: no code from a checkpoint runs. bfloat16 (which numpy lacks) is
+`BF16Array`, a uint16 array subclass; `to_float32` widens it.
 """
 import io
 import mmap
 import pickle
 import struct
 import zipfile
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+try:  # numpy 2 (numpy.core is a deprecated alias there)
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as np_multiarray
 
 LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: ..., name length, extra length
 STORAGE_DTYPES = {
@@ -29,12 +39,16 @@ class TorchZipError(ValueError):
     pass
 
 
+class UnsafePickleError(TorchZipError):
+    """The file names a global outside `ALLOWED_GLOBALS`: it was not written by torch/DeepSpeed alone."""
+
+
 class BF16Array(np.ndarray):
     """bfloat16 values held as their uint16 bit patterns; slicing and reshaping keep the type."""
 
 
 class DeepSpeedPlaceholder:
-    """Stands for one pickled object we do not need (DeepSpeed's, or torch's other than tensors)."""
+    """Stands for one allow-listed DeepSpeed object we do not need (an enum, a loss scaler, ...)."""
 
     def __init__(self, *args, **kwargs):
         self.args, self.kwargs = args, kwargs
@@ -67,35 +81,67 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_):
                                            strides=[s * itemsize for s in stride], subok=True, writeable=False)
 
 
-_TORCH_GLOBALS = {
+def _rebuild_from_type(func, new_type, args, state):
+    if func is not _rebuild_tensor:  # torch.Tensor/Parameter subclass wrappers of a plain tensor only
+        raise UnsafePickleError(f"_rebuild_from_type_v2 with {func!r}: not a tensor")
+    return func(*args)
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:  # protocol 2 pickles bytes as _codecs.encode(str, latin1)
+    if encoding != "latin1":
+        raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+# Exactly what torch.save of a DeepSpeed (0.x) checkpoint refers to; (module, name) -> what it becomes.
+_DEEPSPEED_OBJECTS = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
     ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
-    ("torch._tensor", "_rebuild_from_type_v2"): lambda func, new_type, args, state: func(*args),
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch", "Size"): tuple,
     ("torch", "Tensor"): None, ("torch.nn.parameter", "Parameter"): None,  # only as _rebuild_from_type_v2's type
+    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+    **{key: _placeholder_type(*key) for key in _DEEPSPEED_OBJECTS},
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    **{(module, name): getattr(np_multiarray, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name in ("_reconstruct", "scalar")},
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, storages):
-        super().__init__(io.BytesIO(data))
-        self._storages = storages
+def refuse_unlisted(module: str, name: str, path) -> None:
+    """The one-line refusal for a global outside `ALLOWED_GLOBALS`, naming it."""
+    raise UnsafePickleError(f"{path} refers to {module}.{name}, which a DeepSpeed checkpoint never holds; refusing "
+                            f"to unpickle it (it would run code of the file's choosing): use a checkpoint you wrote")
 
-    def find_class(self, module, name):
-        if (module, name) in _TORCH_GLOBALS:
-            return _TORCH_GLOBALS[(module, name)]
-        if module == "torch" and name in STORAGE_DTYPES:
-            return _StorageType(name)
-        if module.split(".")[0] in ("torch", "deepspeed"):
-            return _placeholder_type(module, name)
-        return super().find_class(module, name)
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storages, path):
+        super().__init__(io.BytesIO(data))
+        self._storages, self._path = storages, path
+
+    def find_class(self, module, name):  # the only way a pickle reaches a global (GLOBAL, STACK_GLOBAL, EXT, INST)
+        module = "builtins" if module == "__builtin__" else module  # protocol 2's name for it
+        if (module, name) not in ALLOWED_GLOBALS:
+            refuse_unlisted(module, name, self._path)
+        return ALLOWED_GLOBALS[(module, name)]
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
         storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"persistent id with storage type {storage_type!r}")
         return self._storages(storage_type, str(key), int(numel))
 
 
@@ -131,7 +177,24 @@ def load(path) -> object:
             array = np.frombuffer(mapped, dtype, numel, start)
             return array.view(BF16Array) if bf16 else array
 
-        return _Unpickler(archive.read(pkl), storage).load()
+        try:
+            return _Unpickler(archive.read(pkl), storage, path).load()
+        except TorchZipError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed pickle fails in many ways; one clear line
+            raise TorchZipError(f"{path} cannot be unpickled as a torch.save file ({type(exc).__name__}: {exc})") from None
+
+
+def check_files(root) -> int:
+    """Unpickle every `*.pt` file under `root` (a file or a dir, recursively) with the allow-list,
+    tensors as unread maps: `UnsafePickleError` names the first forbidden global. Run this on a
+    checkpoint dir before anything loads it with `torch.load(weights_only=False)` (DeepSpeed does).
+    Returns the number of files checked."""
+    root = Path(root)
+    files = sorted(root.rglob("*.pt")) if root.is_dir() else [root]
+    for path in files:
+        load(path)
+    return len(files)
 
 
 def is_float(array: np.ndarray) -> bool:

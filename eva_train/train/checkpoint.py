@@ -32,7 +32,9 @@ import torch
 import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
+from eva_train.export import torch_zip
 from eva_train.runtime.fsio import atomic_write_text, fsync_path
+from eva_train.runtime.rng import load_rng_file
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,20 @@ def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
     if resume not in ("auto", "none") and not os.path.exists(resume):
         raise CheckpointError(f"checkpoint.resume '{resume}' does not exist; pass auto, none, or the path of a "
                               f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir")
+    if resume not in ("auto", "none"):
+        check_safe_to_load(resolve_checkpoint_path(Path(resume)))
+
+
+def check_safe_to_load(tag_dir: Path) -> None:
+    """DeepSpeed 0.19.8's load_checkpoint (and ds_to_universal) unpickle every shard with
+    torch.load(weights_only=False) and take no weights_only or allow-list option, so a crafted file
+    in a resume dir would run its code. Every *.pt under the tag dir (universal/ and rng/ included)
+    is unpickled first with the consolidation's allow-list (tensors stay unread maps), and a file
+    naming any other global is refused here, before DeepSpeed sees the dir."""
+    try:
+        torch_zip.check_files(tag_dir)
+    except torch_zip.TorchZipError as exc:
+        raise CheckpointError(f"refusing to resume: {exc}") from None
 
 
 # --- every file that marks progress is written temp -> fsync -> rename (eva_train.runtime.fsio)
@@ -179,6 +195,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.last_saved_step: Optional[int] = None
+        self._checked: set = set()  # tag dirs whose pickles passed check_safe_to_load
 
     def due(self, step: int) -> bool:
         """A periodic save is due after optimizer step `step` (1-based count of steps done)."""
@@ -258,6 +275,7 @@ class CheckpointManager:
             return False
         tag_dir = Path(path)
         saved_world = int(self._complete_record(tag_dir)["world_size"])
+        self._check_safe(tag_dir)  # also an `auto` resume's dir, and before the universal conversion
         if saved_world == self.world_size:
             return False
         self._convert_on_rank0(tag_dir, saved_world)
@@ -276,6 +294,7 @@ class CheckpointManager:
         the world size changed: per-rank streams do not map onto a different number of ranks)."""
         tag_dir = Path(path)
         record = self._complete_record(tag_dir)
+        self._check_safe(tag_dir)  # callers that skip prepare_resume (eval) are checked here
         saved_world = int(record["world_size"])
         load_dir = str(tag_dir.parent)
         if saved_world != self.world_size:
@@ -301,6 +320,11 @@ class CheckpointManager:
         self.last_saved_step = int(record["step"])
         return client_state
 
+    def _check_safe(self, tag_dir: Path) -> None:
+        if tag_dir.resolve() not in self._checked:
+            check_safe_to_load(tag_dir)
+            self._checked.add(tag_dir.resolve())
+
     def _convert_on_rank0(self, tag_dir: Path, saved_world: int) -> None:
         """Rank 0 converts; its failure is raised on every rank (no rank left waiting in a barrier)."""
         error = [""]
@@ -320,8 +344,10 @@ class CheckpointManager:
         path = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
         if not path.exists():
             return None
-        # Our own file, written by `save`: it holds numpy/python state objects, not only tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain types (weights_only=True): never runs code from the file
+            return load_rng_file(path)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
 
     def _set_aside_newer(self, tag_dir: Path, step: int) -> None:
         """Resuming this output dir from an older step: checkpoints of the abandoned, later timeline
