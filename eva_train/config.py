@@ -90,6 +90,8 @@ class TrainConfig:
     max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
     dist_timeout_s: int = 1800          # process-group timeout: a collective waiting longer raises instead of hanging
     stall_timeout_s: float = 1800.0     # watchdog: no training progress for this long -> stacks in the log, exit non-zero
+    # finish the step, save, then requeue (time limit, preemption) or stop (a user's cancel) on these
+    save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
 
 
 @dataclass
@@ -287,6 +289,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     derived_grad_accum(cfg, world_size)
     _validate_teacher(cfg.teacher)
     _validate_paths(cfg)
+    _validate_save_signals(cfg.train.save_signals)
+
+
+def _validate_save_signals(names: List[str]) -> None:
+    allowed = ("TERM", "USR1", "USR2", "HUP", "INT", "QUIT")  # those a job can catch and save on
+    for name in names:
+        if name.upper().removeprefix("SIG") not in allowed:
+            raise ConfigError(f"train.save_signals: '{name}' is not a signal a run can save on; use any of "
+                              f"{', '.join('SIG' + a for a in allowed)} (comma-separated)")
 
 
 def _validate_teacher(t: TeacherConfig) -> None:

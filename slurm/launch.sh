@@ -4,20 +4,29 @@
 #
 # Modes:
 #   (under sbatch, no arguments)  map SLURM -> torch.distributed variables, srun one process
-#                                 per task, forward USR1/TERM to the step, requeue as fallback
+#                                 per task, forward USR1/TERM/HUP to the step as STEP_SIGNAL,
+#                                 requeue or explain after a step that died of a signal
 #   --dry-run [SBATCH_FLAGS...]   validate recipe, data index, DeepSpeed config and batch sizes
 #                                 for the world size NODES x TASKS_PER_NODE; print the sbatch
 #                                 command; queue nothing
 #   --submit  [SBATCH_FLAGS...]   the dry run, then sbatch (only if it passed); prints the job id
 
 # --- settings (env) -----------------------------------------------------------------------
+# The variables the user set (before defaults fill the rest): the printed sbatch line repeats them.
+SETTINGS=(PYTHON RECIPE DATA_INDEX TEACHER DS_CONFIG OUTPUT_ROOT OUTPUT_DIR RESUME EXTRA_ARGS STEP_SIGNAL MASTER_PORT)
+GIVEN_SETTINGS=()
+for _name in "${SETTINGS[@]}"; do [[ -n ${!_name:-} ]] && GIVEN_SETTINGS+=("$_name"); done
 : "${PYTHON:=python3}"
 : "${RECIPE:=}"                 # empty = the recipe default of pretrain.py
 : "${DATA_INDEX:=}"             # comma-separated Arrow index files (empty = the recipe's)
+: "${TEACHER:=}"                # teacher tower weights file (teacher.checkpoint; empty = the recipe's)
 : "${DS_CONFIG:=}"              # DeepSpeed JSON (empty = the recipe's train.deepspeed_config)
 : "${OUTPUT_ROOT:=outputs}"     # run folders go here, one per job id
 : "${RESUME:=auto}"             # auto | none | PATH
 : "${EXTRA_ARGS:=}"             # more --section.key=value overrides, space-separated
+# The signal the batch shell sends the step when it gets USR1/TERM/HUP. srun passes USR1/USR2 on to
+# every task but turns TERM/HUP into SIGKILL; it must be one of train.save_signals.
+: "${STEP_SIGNAL:=USR1}"
 
 die() { echo "$(basename "$EVA_SCRIPT"): $*" >&2; exit 2; }
 
@@ -33,6 +42,7 @@ pretrain_args() {
     [[ -n $RECIPE ]] && args+=(--recipe "$RECIPE")
     [[ -n $DS_CONFIG ]] && args+=(--deepspeed_config "$DS_CONFIG")
     [[ -n $DATA_INDEX ]] && args+=("--data.index=$DATA_INDEX")
+    [[ -n $TEACHER ]] && args+=("--teacher.checkpoint=$TEACHER")
     args+=(--output_dir "$1" --resume "$RESUME")
     local -a extra=()
     read -r -a extra <<<"$EXTRA_ARGS"
@@ -61,7 +71,13 @@ dry_run() {
         "$PYTHON" eva_train/pretrain.py --dry-run "${args[@]}") || die "dry run failed (above); nothing was queued"
 
     SBATCH_FLAGS=("--chdir=$EVA_REPO" "--nodes=$nodes" "--ntasks-per-node=$tasks" "--gpus-per-node=${gpus:-0}" "$@")
-    echo "submit with: sbatch ${SBATCH_FLAGS[*]} $EVA_SCRIPT"
+    echo "submit with: $(given_settings)sbatch ${SBATCH_FLAGS[*]} $EVA_SCRIPT"
+}
+
+# NAME=value pairs (shell-quoted) of the settings the user gave: sbatch exports them to the job.
+given_settings() {
+    local name
+    for name in "${GIVEN_SETTINGS[@]}"; do printf '%s=%q ' "$name" "${!name}"; done
 }
 
 submit() {
@@ -87,13 +103,15 @@ export_distributed_env() {
 }
 
 SRUN_PID=""
-PREEMPT_SIGNAL=""
+SIGNALS_SEEN=()
 forward_signal() {
-    # Batch shell got USR1 (--signal=B:USR1@grace) or TERM: pass it to the step; srun forwards
-    # it to every task, whose PreemptionHandler finishes the step, saves and requeues.
-    PREEMPT_SIGNAL=$1
-    echo "$(date -u +%FT%TZ) batch shell: SIG$1, forwarding to the training step" >&2
-    [[ -n $SRUN_PID ]] && kill -s "$1" "$SRUN_PID" 2>/dev/null
+    # The batch shell got USR1 (--signal=B:USR1@grace, scancel --batch), TERM or HUP. The step gets
+    # STEP_SIGNAL, never TERM/HUP: srun answers those with SIGKILL to every task ("forcing job
+    # termination"), which leaves no time to save. srun passes STEP_SIGNAL on to every task, whose
+    # handler finishes the step and saves; rank 0 then asks SLURM whether to requeue.
+    SIGNALS_SEEN+=("SIG$1")
+    echo "$(date -u +%FT%TZ) batch shell: SIG$1, sending SIG$STEP_SIGNAL to the training step" >&2
+    [[ -n $SRUN_PID ]] && kill -s "$STEP_SIGNAL" "$SRUN_PID" 2>/dev/null
     return 0
 }
 
@@ -109,6 +127,32 @@ wait_for_step() {
     return "$rc"
 }
 
+latest_checkpoint() {
+    local latest=$1/checkpoints/latest
+    if [[ -s $latest ]]; then echo "$1/checkpoints/$(<"$latest")"; else echo "none yet"; fi
+}
+
+# The step died after a signal (rc != 0): it could not save. Requeue when SLURM should bring the job
+# back and still runs it (a USR1 warning during start-up, before the ranks had their handlers);
+# otherwise say what happened and how to resume. Same rule as rank 0's (eva_train/train/preemption.py).
+after_signal() {
+    local output_dir=$1 rc=$2 state verdict
+    state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)
+    if verdict=$(cd "$EVA_REPO" && "$PYTHON" -m eva_train.train.preemption verdict "$SLURM_JOB_ID" "${SIGNALS_SEEN[@]}"); then
+        if [[ $state == RUNNING ]]; then
+            echo "$(date -u +%FT%TZ) batch shell: requeueing ($verdict)" >&2
+            scontrol requeue "$SLURM_JOB_ID" && return 0
+        fi
+    fi
+    echo "$(date -u +%FT%TZ) batch shell: the training step ended with $rc after ${SIGNALS_SEEN[*]} without" \
+         "saving (${verdict:-no verdict}); job state ${state:-gone}. A TERM/HUP that reaches srun itself (plain" \
+         "scancel, scancel --full, the time limit) makes it SIGKILL every task; to stop with a save use" \
+         "'scancel --signal=TERM $SLURM_JOB_ID' (tasks only) or 'scancel --batch --signal=USR1 $SLURM_JOB_ID'," \
+         "and keep '#SBATCH --signal=B:USR1@GRACE' for the time limit. Last complete checkpoint:" \
+         "$(latest_checkpoint "$output_dir"). Resume with: OUTPUT_DIR=$output_dir $(given_settings)sbatch $EVA_SCRIPT" >&2
+    return 0
+}
+
 run_job() {
     [[ -f $EVA_REPO/eva_train/pretrain.py ]] \
         || die "no eva_train/pretrain.py under '$EVA_REPO'; submit from the repository root or set EVA_REPO"
@@ -121,6 +165,7 @@ run_job() {
 
     trap 'forward_signal USR1' USR1
     trap 'forward_signal TERM' TERM
+    trap 'forward_signal HUP' HUP
     # One process per task; RANK/LOCAL_RANK/WORLD_SIZE come from srun's per-task variables.
     # --kill-on-bad-exit: a rank that dies (or a watchdog exit) ends the others at once.
     # shellcheck disable=SC2016  # expanded by each task's shell, not here
@@ -131,12 +176,8 @@ run_job() {
     local rc=0
     wait_for_step || rc=$?
     echo "$(date -u +%FT%TZ) training step exited with $rc" >&2
-    # Normally rank 0 has requeued after its save. If the step died before it could (the signal
-    # came during start-up), requeue here: the job resumes from the last complete checkpoint.
-    # (A job that rank 0 already requeued is no longer RUNNING: leave it alone.)
-    if [[ -n $PREEMPT_SIGNAL && $rc -ne 0 && $(squeue -h -j "$SLURM_JOB_ID" -o %T) == RUNNING ]]; then
-        scontrol requeue "$SLURM_JOB_ID" || echo "requeue failed; resubmit to resume from $output_dir" >&2
-    fi
+    # rc 0: the ranks saved; rank 0 has requeued the job if SLURM should bring it back.
+    if (( rc != 0 && ${#SIGNALS_SEEN[@]} > 0 )); then after_signal "$output_dir" "$rc"; fi
     return "$rc"
 }
 

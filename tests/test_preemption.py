@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_train.train.preemption import PreemptionHandler, slurm_job_summary
+from eva_train.train.preemption import PreemptionHandler, parse_signals, requeue_verdict, slurm_job_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def start_loop(tmp_path, save_s):
     return proc, saved
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP])
 def test_signal_finishes_step_saves_and_exits_zero(tmp_path, signum):
     proc, saved = start_loop(tmp_path, save_s=0.2)
     proc.send_signal(signum)
@@ -80,7 +80,7 @@ def test_signal_finishes_step_saves_and_exits_zero(tmp_path, signum):
     assert result["signals"] == [signal.Signals(signum).name]
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(rows) == 10 and {r["step"] for r in rows} == {result["stopped_after"]}
-    assert "not inside a SLURM job" in err  # requeue outside SLURM: a no-op that says so
+    assert "outside SLURM" in err  # requeue outside SLURM: a no-op that says so
 
 
 def test_second_signal_during_save_does_not_corrupt_it(tmp_path):
@@ -159,3 +159,51 @@ def test_slurm_job_summary():
     line = slurm_job_summary({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3", "SLURM_PROCID": "1",
                               "SLURM_NTASKS": "2", "SLURMD_NODENAME": "n1"})
     assert line == "SLURM job 42 restart 3 task 1/2 on n1"
+
+
+def test_configured_signal_set_only():
+    handler = PreemptionHandler(["SIGUSR1"]).install()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not watched: must stay as it was
+    try:
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_for(lambda: handler.requested, timeout_s=5)
+        assert handler.agree() and handler.agreed_signals == ["SIGUSR1"]
+    finally:
+        handler.uninstall()
+        signal.signal(signal.SIGHUP, previous)
+    assert parse_signals(["TERM", "sigusr1"]) == (signal.SIGTERM, signal.SIGUSR1)
+    with pytest.raises(ValueError, match="SIGKILL"):
+        parse_signals(["SIGKILL"])
+
+
+# What `scontrol show job -o` said on SLURM 22.05 in each case (tests/test_slurm.py runs them for real).
+NOW = 1_800_000_000.0
+FAR = "2099-12-01T00:00:00"
+
+
+def _end_in(seconds: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(NOW + seconds).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@pytest.mark.parametrize("fields, signals, requeue", [
+    ({"JobState": "COMPLETING", "Reason": "None", "PreemptTime": "None"}, ["SIGTERM"], False),  # plain scancel
+    ({"JobState": "CANCELLED", "Reason": "None", "PreemptTime": "None"}, ["SIGUSR1"], False),
+    ({"JobState": "COMPLETING", "Reason": "TimeLimit", "PreemptTime": "None"}, ["SIGTERM"], True),
+    ({"JobState": "TIMEOUT", "Reason": "TimeLimit"}, ["SIGTERM"], True),
+    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "2026-01-01T00:00:00"}, ["SIGTERM"], True),
+    ({"JobState": "PREEMPTED", "Reason": "None"}, ["SIGTERM"], True),
+    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGUSR1"], True),
+    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGTERM"], False),
+    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "Unknown"}, ["SIGHUP"], False),
+    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "near"}, ["SIGHUP"], True),
+    ({}, ["SIGUSR1"], False),  # SLURM did not answer
+])
+def test_requeue_verdict(fields, signals, requeue):
+    if fields.get("EndTime") == "near":
+        fields = dict(fields, EndTime=_end_in(90))
+    got, why = requeue_verdict(fields, signals, now=NOW)
+    assert got is requeue, why
+    assert why

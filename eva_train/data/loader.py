@@ -1,4 +1,5 @@
 """The one entry point the engine calls: index -> sampler -> workers (decode, crop, mask) -> batches."""
+import signal
 from typing import Optional, Sequence
 
 import torch
@@ -7,6 +8,36 @@ from eva_train.data.dataset import MaskedImageDataset, SampleSpec
 from eva_train.data.index import open_index
 from eva_train.data.masking import build_mask_generator
 from eva_train.data.sampler import ResumableSampler
+
+
+# The signals a job gets to stop (SLURM, launchers, a user's kill of the process group). The rank
+# saves on them and then shuts its workers down; a worker that died of one first would fail the
+# rank's next batch ("DataLoader worker ... killed by signal: Terminated") before it could save.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """worker_init_fn: the worker ignores the job's signals (it still ends with its rank: the
+    DataLoader shuts it down, or it notices its parent is gone)."""
+    for signum in JOB_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # The parent blocked them around the fork (SignalSafeLoader): one sent in between stayed
+    # pending and is discarded now instead of killing the worker.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
+class SignalSafeLoader(torch.utils.data.DataLoader):
+    """Blocks the job's signals in the forking thread while workers start, so no worker exists
+    with the default (fatal) disposition; the rank's own handlers run once it unblocks."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def build_loader(data_cfg, mask_cfg, *, index_paths: Sequence[str], img_size: int, patch_size: int,
@@ -24,8 +55,9 @@ def build_loader(data_cfg, mask_cfg, *, index_paths: Sequence[str], img_size: in
     sampler = ResumableSampler(reader.epoch_length, rank=rank, world_size=world_size, seed=seed, shuffle=train,
                                num_epochs=None if train else 1, state=sampler_state if train else None)
     workers = data_cfg.num_workers
-    loader = torch.utils.data.DataLoader(
+    loader = SignalSafeLoader(
         dataset, batch_size=micro_batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+        worker_init_fn=ignore_job_signals,
         pin_memory=torch.cuda.is_available(), persistent_workers=train and workers > 0,
         prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None)
     return loader, sampler

@@ -150,7 +150,8 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     from eva_train.train.loop import run_loop
     from eva_train.train.watchdog import StallWatchdog
 
-    preemption = PreemptionHandler().install()  # before the slow build: a signal then still ends cleanly
+    # before the slow build: a signal then still ends cleanly; never uninstalled, so a late signal is only recorded
+    preemption = PreemptionHandler(cfg.train.save_signals).install()
     watchdog = StallWatchdog(cfg.train.stall_timeout_s, world.rank).start()
     watchdog.beat("build", timeout_s=max(cfg.train.stall_timeout_s, SAVE_TIMEOUT_S))
     run = build_run(cfg, world, code_version)
@@ -169,6 +170,8 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     import deepspeed
 
     deepspeed.comm.barrier()
+    if outcome == "preempted" and world.rank == 0:
+        preemption.requeue()  # last: SLURM kills the job at once, so logs and wandb are closed by now
     return 0
 
 

@@ -66,10 +66,10 @@ def _save(run, step: int, watchdog, monitor) -> None:
 
 
 def _stop_reason(run, step: int, preempted: bool) -> str:
+    if step >= run.total_steps:  # first: a signal that lands on the last step must not requeue a finished run
+        return "finished"
     if preempted:
         return "preempted"
-    if step >= run.total_steps:
-        return "finished"
     limit = run.cfg.train.max_steps_this_run
     return "max_steps" if limit > 0 and step - run.start_step >= limit else ""
 
@@ -105,7 +105,5 @@ def run_loop(run, sink, preemption, watchdog) -> str:
             meter.reset()
         if run.ckpt.due(step) or reason:
             _save(run, step, watchdog, monitor)
-        if reason == "preempted" and run.world.rank == 0:
-            preemption.requeue()
     run.extras["last_step"] = step
     return reason

@@ -1,9 +1,15 @@
 """Per-step training metrics: timing (images/s, data-wait fraction), MFU from analytic FLOPs, and the
-sinks: metrics.jsonl (rank 0, appended), wandb (offline unless credentials; never fatal), tqdm."""
+sinks: metrics.jsonl (rank 0, appended), wandb (offline unless credentials; never fatal), tqdm.
+
+wandb: one run per output dir for its whole life. Its id is kept in OUT/wandb_id, so every launch
+(requeue, kill + resume, another world size) continues the same run; the x-axis is our training
+`step` (a logged metric), not wandb's own counter, so steps a resumed run logs again after a kill
+land where they belong instead of being dropped as "not monotonic"."""
 import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -120,19 +126,25 @@ class MetricsSink:
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", lr=f"{record.get('lr', 0):.2e}")
         if self.wandb_run is not None:
             try:
-                self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+                self.wandb_run.log({k: v for k, v in record.items() if v is not None})
             except Exception as error:  # a logging service must never stop training
                 log.warning("wandb log failed (%s); continuing without wandb", error)
                 self.wandb_run = None
 
     def close(self) -> None:
+        """Before the process may be killed (a requeue ends the job at once): flush and stop wandb's
+        service, which would otherwise die mid-stream and fill the job's log with tracebacks."""
         if self.bar is not None:
             self.bar.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()
+                import wandb
+
+                wandb.teardown()
             except Exception as error:
                 log.warning("wandb finish failed: %s", error)
+            self.wandb_run = None
 
 
 def wandb_mode(environ=os.environ) -> str:
@@ -143,13 +155,40 @@ def wandb_mode(environ=os.environ) -> str:
     return "online" if environ.get("WANDB_API_KEY") else "offline"
 
 
+WANDB_ID_FILE = "wandb_id"
+WANDB_INIT_TIMEOUT_S = 30  # online only: then the run goes on offline (same id, `wandb sync` later)
+
+
+def wandb_run_id(output_dir: str) -> str:
+    """The output dir's wandb run id: read from OUT/wandb_id, or made once and written atomically."""
+    path = Path(output_dir) / WANDB_ID_FILE
+    if path.exists():
+        run_id = path.read_text().strip()
+        if run_id:
+            return run_id
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 def _start_wandb(output_dir: str, logging_cfg, run_config: Dict[str, Any]):
     try:
         import wandb
-
-        return wandb.init(project=logging_cfg.wandb_project, name=logging_cfg.run_name or None, dir=output_dir,
-                          config=run_config, mode=wandb_mode(), resume="allow",
-                          settings=wandb.Settings(init_timeout=60, silent=True))
-    except Exception as error:
-        log.warning("wandb init failed (%s); logging to metrics.jsonl only", error)
+    except ImportError as error:
+        log.warning("wandb unavailable (%s); logging to metrics.jsonl only", error)
         return None
+    run_id = wandb_run_id(output_dir)
+    mode = wandb_mode()
+    for attempt_mode in ([mode, "offline"] if mode == "online" else [mode]):
+        try:
+            run = wandb.init(project=logging_cfg.wandb_project, name=logging_cfg.run_name or None, dir=output_dir,
+                             config=run_config, mode=attempt_mode, id=run_id, resume="allow",
+                             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True))
+        except Exception as error:
+            log.warning("wandb init (%s) failed (%s)", attempt_mode, error)
+            continue
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        return run
+    log.warning("wandb unavailable; logging to metrics.jsonl only")
+    return None

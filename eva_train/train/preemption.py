@@ -1,34 +1,64 @@
-"""Preemption: turn SIGUSR1 / SIGTERM into "finish this step, save, requeue, exit 0".
+"""Stop signals: turn SIGTERM / SIGUSR1 / SIGHUP into "finish this step, save, then requeue or stop, exit 0".
 
 SLURM warns a job before it ends it: `--signal=B:USR1@GRACE` (sent to the batch shell, which
-forwards it to the srun step), SIGTERM at the time limit or on preemption, then SIGKILL after
-KillWait. The handler only records the signal; the training loop polls `agree()` once per step
-so that every rank stops after the same step (a rank that stops alone hangs ZeRO-3's
-collectives), saves a checkpoint, and rank 0 calls `requeue()`.
+forwards it to the srun step as USR1), `--signal=TERM@GRACE` (to the tasks directly), SIGTERM at
+the time limit, on preemption or on `scancel`, then SIGKILL after KillWait. The handler only
+records the signal; the loop polls `agree()` once per step (one all-reduce) so that every rank
+stops after the same step (a rank that stops alone hangs ZeRO-3's collectives) and saves.
+
+Whether the job comes back is decided once, by rank 0, from SLURM's own view of the job
+(`requeue_verdict`): a user's `scancel` or a TERM that SLURM did not send for a time limit or a
+preemption stops the run for good; USR1 (the time-limit warning of our templates), a preemption
+or the time limit requeue it; a finished run is never requeued. Rank 0 requeues only after the
+run has closed its logs (`requeue`), since SLURM kills the job as soon as it is requeued.
 
 Because the handler never raises, a second signal that arrives while the checkpoint is being
 written is recorded and the save runs to completion (its atomic rename happens or not at all).
 """
+import argparse
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-from typing import Dict, List, Optional, Sequence
+import time
+from datetime import datetime
+from typing import Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+DEFAULT_SAVE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
+# The signal our sbatch templates ask SLURM to send before the time limit (`--signal=B:USR1@N`) and
+# the one the batch shell forwards: it always means "the allocation is ending, come back".
+WARNING_SIGNAL = "SIGUSR1"
+# A TERM/HUP this close to the job's EndTime is the time limit (SLURM signals up to 60 s early and
+# sites configure `--signal=TERM@N` grace of a few minutes), not a user's request.
+NEAR_END_S = 600
+SLURM_QUERY_TIMEOUT_S = 30
 REQUEUE_TIMEOUT_S = 60
 
 
-class PreemptionHandler:
-    """Records preemption signals on this rank; `agree` makes all ranks stop at the same step."""
+def parse_signals(names: Sequence[str]) -> Tuple[int, ...]:
+    """["SIGTERM", "USR1", ...] -> signal numbers; ValueError naming an unknown or unusable one."""
+    out = []
+    for name in names:
+        full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
+        if full not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGQUIT"):
+            raise ValueError(f"train.save_signals: '{name}' is not a signal a job can save on; use any of "
+                             f"SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT")
+        out.append(int(getattr(signal, full)))
+    return tuple(out)
 
-    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
-        self.signals = tuple(signals)
-        self.received: List[str] = []       # names of the signals that arrived, in order
+
+class PreemptionHandler:
+    """Records stop signals on this rank; `agree` makes all ranks stop at the same step."""
+
+    def __init__(self, signals: Sequence = DEFAULT_SAVE_SIGNALS):
+        self.signals = parse_signals([s if isinstance(s, str) else signal.Signals(s).name for s in signals])
+        self.received: List[str] = []       # names of the signals that arrived on this rank, in order
+        self.agreed_signals: List[str] = []  # names that arrived on any rank (after agree() said True)
         self._previous: Dict[int, object] = {}
         self._agreed = False
 
@@ -52,55 +82,114 @@ class PreemptionHandler:
 
     @property
     def requested(self) -> bool:
-        """A preemption signal arrived on this rank."""
+        """A stop signal arrived on this rank."""
         return bool(self.received)
 
     def agree(self, device=None) -> bool:
         """True on every rank once any rank has received a signal. Collective: call on all ranks, once per step.
 
-        `device` is where the one-element flag lives for the all-reduce (the engine's device; CPU
-        for gloo). Once agreed, stays agreed without further communication.
+        One all-reduce (MAX) of a flag per watched signal, so every rank also learns which signals
+        arrived anywhere. `device` is where the flags live (the engine's device; CPU for gloo).
+        Once agreed, stays agreed without further communication.
         """
         if self._agreed:
             return True
+        flags = [1 if signal.Signals(s).name in self.received else 0 for s in self.signals]
         # No process group can exist unless torch.distributed was imported; skip the torch import then.
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             import torch
 
-            flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self._agreed = bool(flag.item())
-        else:
-            self._agreed = self.requested
+            tensor = torch.tensor(flags, dtype=torch.int32, device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flags = tensor.tolist()
+        self.agreed_signals = [signal.Signals(s).name for s, f in zip(self.signals, flags) if f]
+        self._agreed = bool(self.agreed_signals)
         if self._agreed:
-            log.warning("preemption agreed (signals on this rank: %s); stopping after this step",
-                        ", ".join(self.received) or "none")
+            log.warning("stop agreed (signals on any rank: %s; on this rank: %s); saving after this step",
+                        ", ".join(self.agreed_signals), ", ".join(self.received) or "none")
         return self._agreed
 
-    def requeue(self) -> bool:
-        """Rank 0: put this SLURM job back in the queue. Outside SLURM a no-op with a log line.
+    def requeue(self, finished: bool = False) -> bool:
+        """Rank 0, after the save and after logs are closed: requeue the SLURM job if SLURM should bring it back.
 
-        Returns True when the job was requeued. SLURM then ends the running job (SIGTERM, which
-        this handler records) and restarts it under the same job id with SLURM_RESTART_COUNT+1.
+        Returns True when the job was requeued. SLURM then ends the running job (TERM to every
+        process) and restarts it under the same job id with SLURM_RESTART_COUNT+1.
         """
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id:
-            log.warning("preemption: not inside a SLURM job (no SLURM_JOB_ID); not requeueing, "
-                        "resume by running the same command with --resume=auto")
+            log.warning("stopped on %s outside SLURM; resume by running the same command (--resume=auto)",
+                        ", ".join(self.agreed_signals or self.received) or "a signal")
             return False
-        cmd = ["scontrol", "requeue", job_id]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            log.error("preemption: `%s` failed (%s); resubmit the job to resume", " ".join(cmd), err)
+        if finished:
+            log.info("run finished; a late %s does not requeue it", ", ".join(self.received) or "signal")
             return False
-        if done.returncode != 0:
-            log.error("preemption: `%s` exited %d: %s; resubmit the job to resume",
-                      " ".join(cmd), done.returncode, (done.stderr or done.stdout).strip())
+        requeue, why = requeue_verdict(query_job(job_id), self.agreed_signals or self.received)
+        if not requeue:
+            log.warning("not requeueing SLURM job %s: %s; resume later with --resume=auto in the same output dir",
+                        job_id, why)
             return False
-        log.warning("preemption: requeued SLURM job %s", job_id)
-        return True
+        log.warning("requeueing SLURM job %s: %s", job_id, why)
+        return scontrol_requeue(job_id)
+
+
+def query_job(job_id: str) -> Dict[str, str]:
+    """`scontrol show job -o ID` as a field dict; {} when SLURM does not answer."""
+    try:
+        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                              timeout=SLURM_QUERY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("`scontrol show job %s` failed (%s)", job_id, err)
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", done.stdout)) if done.returncode == 0 else {}
+
+
+def _seconds_left(fields: Dict[str, str], now: float) -> Optional[float]:
+    try:
+        return datetime.strptime(fields.get("EndTime", ""), "%Y-%m-%dT%H:%M:%S").timestamp() - now
+    except ValueError:  # "Unknown" (no time limit) or missing
+        return None
+
+
+def requeue_verdict(fields: Dict[str, str], signals: Sequence[str], now: Optional[float] = None) -> Tuple[bool, str]:
+    """(requeue?, why) from SLURM's fields of the job and the stop signals that arrived.
+
+    Observed on SLURM 22.05: a user's `scancel` leaves JobState COMPLETING/CANCELLED with Reason
+    None; the time limit COMPLETING/TIMEOUT with Reason TimeLimit; `scancel --signal=X` leaves the
+    job RUNNING; preemption sets PreemptTime (and JobState PREEMPTED once it ends).
+    """
+    now = time.time() if now is None else now
+    state, reason = fields.get("JobState", ""), fields.get("Reason", "")
+    if not fields:
+        return False, "SLURM did not answer `scontrol show job`; not requeueing blind"
+    if state == "PREEMPTED" or fields.get("PreemptTime", "None") not in ("None", "", "Unknown"):
+        return True, "the job is being preempted"
+    if state == "TIMEOUT" or reason == "TimeLimit":
+        return True, "the job reached its time limit"
+    if state in ("CANCELLED", "COMPLETING", "COMPLETED", "FAILED"):
+        return False, f"the job was cancelled (JobState {state}, no time-limit or preemption reason)"
+    left = _seconds_left(fields, now)
+    if left is not None and left <= NEAR_END_S:
+        return True, f"the time limit is {max(left, 0):.0f} s away"
+    if WARNING_SIGNAL in signals:
+        return True, f"{WARNING_SIGNAL} is the time-limit warning (--signal=B:USR1@N)"
+    return False, (f"{', '.join(signals) or 'the signal'} with the job still RUNNING and neither preempted nor "
+                   f"near its time limit is a request to stop (e.g. scancel --signal=TERM)")
+
+
+def scontrol_requeue(job_id: str) -> bool:
+    cmd = ["scontrol", "requeue", job_id]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("`%s` failed (%s); resubmit the job to resume", " ".join(cmd), err)
+        return False
+    if done.returncode != 0:
+        log.error("`%s` exited %d: %s; resubmit the job to resume", " ".join(cmd), done.returncode,
+                  (done.stderr or done.stdout).strip())
+        return False
+    log.warning("requeued SLURM job %s", job_id)
+    return True
 
 
 def slurm_job_summary(environ: Optional[Dict[str, str]] = None) -> str:
@@ -111,3 +200,21 @@ def slurm_job_summary(environ: Optional[Dict[str, str]] = None) -> str:
     return (f"SLURM job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')} "
             f"task {env.get('SLURM_PROCID', '?')}/{env.get('SLURM_NTASKS', '?')} "
             f"on {env.get('SLURMD_NODENAME', '?')}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m eva_train.train.preemption verdict JOB_ID SIGNAL`: the batch shell's question "requeue?",
+    answered by the same rule as rank 0's. Prints the reason; exit 0 = requeue, 1 = do not."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["verdict"])
+    parser.add_argument("job_id")
+    parser.add_argument("signals", nargs="*")
+    args = parser.parse_args(argv)
+    names = [s.upper() if s.upper().startswith("SIG") else "SIG" + s.upper() for s in args.signals]
+    requeue, why = requeue_verdict(query_job(args.job_id), names)
+    print(why)
+    return 0 if requeue else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
