@@ -4,6 +4,8 @@ agree across real gloo ranks with one collective. On CPU the real kernels run in
 interpreter; wrong/slow/fast kernels are injected through `set_test_hook`. -m gpu: on the card."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -205,3 +207,20 @@ def test_lazy_check_on_first_use_without_autotune():
     eva_kernels.layer_norm(x, w, b)
     assert list(eva_kernels.decisions()["kernels"]) == ["layer_norm/bfloat16/hidden<=2048/cuda"]
     assert selfcheck._STATE.checks_run == 1
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "eva_kernels", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_cli_reports_decisions_and_refuses_bad_requests(tmp_path):
+    """python -m eva_kernels (gpu_check.sh's selfcheck step): plumbing on CPU, user errors in one line."""
+    out = tmp_path / "decisions.json"
+    result = _cli("--device", "cpu", "--preset", "tiny", "--backend", "torch", "--dtype", "float32", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "self-check (torch): 0 of 4 shape classes on Triton, 0 failed"
+    record = json.loads(out.read_text())
+    assert record["backend"] == "torch" and "attention/float32/hd88-tokens<=32/cpu" in record["kernels"]
+    no_cuda = _cli("--preset", "eva_g")
+    assert no_cuda.returncode == 2 and no_cuda.stderr.count("\n") == 1 and "no CUDA device here" in no_cuda.stderr
