@@ -8,6 +8,10 @@ Positions are global: in an epoch that this run enters at position p0, rank r ta
 p0 + r, p0 + r + W, ... for floor((L - p0) / W) samples; the tail (< W samples) is dropped, so
 every rank sees exactly as many samples as every other. The state is (epoch, position), so a
 run can continue on any world size or worker count.
+
+`skip` drops a range of the stream (the batches of a loss spike the run rolled back over): the
+next iterator starts past it, and every later state counts it (`skipped_samples`, cumulative), so
+a resume from a later checkpoint continues exactly where the skipping run would have.
 """
 from typing import Iterator, Optional, Tuple
 
@@ -79,13 +83,29 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError(f"sampler state is for an epoch of {state['epoch_length']} samples but the index now "
                              f"gives {self.epoch_length}; resume with the same --data.index")
         self.start_epoch, self.start_position = int(state["epoch"]), int(state["position"])
+        self.skipped_before = int(state.get("skipped_samples", 0))  # by the runs this one resumes
+        self.skipped = 0                                              # by this run, all ranks
+        self.iter_start: Optional[Tuple[int, int]] = None             # set by skip: where iterators begin
 
     def state_dict(self, epoch: int, position: int) -> dict:
-        return {"epoch": epoch, "position": position, "epoch_length": self.epoch_length, "seed": self.seed}
+        return {"epoch": epoch, "position": position, "epoch_length": self.epoch_length, "seed": self.seed,
+                "skipped_samples": self.skipped_before + self.skipped}
+
+    def skip(self, count: int, global_samples_consumed: int) -> dict:
+        """Drop the `count` samples (all ranks) that follow this run's first `global_samples_consumed`;
+        iterators made afterwards start past them. Returns the state there."""
+        if count < 0:
+            raise ValueError(f"cannot skip {count} samples")
+        self.skipped += int(count)
+        state = self.state_after(global_samples_consumed)
+        self.iter_start = (state["epoch"], state["position"])
+        return state
 
     def state_after(self, global_samples_consumed: int) -> dict:
-        """State after this run consumed that many samples over all ranks (from where it started)."""
-        epoch, position, left = self.start_epoch, self.start_position, int(global_samples_consumed)
+        """State after this run consumed that many samples over all ranks (from where it started),
+        past any it skipped."""
+        epoch, position = self.start_epoch, self.start_position
+        left = int(global_samples_consumed) + self.skipped
         while True:
             usable = (max(0, self.epoch_length - position) // self.world_size) * self.world_size
             if left < usable:
@@ -107,7 +127,7 @@ class ResumableSampler(torch.utils.data.Sampler):
                 yield epoch, sample_id
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        epoch, start = self.start_epoch, self.start_position
+        epoch, start = self.iter_start or (self.start_epoch, self.start_position)
         while self.num_epochs is None or epoch < self.start_epoch + self.num_epochs:
             yield from self._epoch_keys(epoch, start)
             epoch, start = epoch + 1, 0

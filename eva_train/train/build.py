@@ -128,7 +128,8 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
                val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
                bad_samples=tuple(client.get("bad_samples", (0, 0))),
                grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version,
-               extras={"ds_config": ds_config, "warmup_steps": warmup, "kernels": eva_kernels.describe()})
+               extras={"ds_config": ds_config, "warmup_steps": warmup, "kernels": eva_kernels.describe(),
+                       "health": client.get("health")})
 
 
 def write_run_config(run: Run) -> None:
@@ -144,7 +145,8 @@ def write_run_config(run: Run) -> None:
 
 
 def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
-    """Build, resume, loop; 0 when finished or cleanly stopped (preemption, max_steps_this_run)."""
+    """Build, resume, loop; 0 when finished or cleanly stopped (preemption, max_steps_this_run), 1 when
+    the divergence guard stopped the run."""
     from eva_train.train.metrics import MetricsSink
     from eva_train.train.preemption import PreemptionHandler
     from eva_train.train.loop import run_loop
@@ -172,7 +174,7 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     deepspeed.comm.barrier()
     if outcome == "preempted" and world.rank == 0:
         preemption.requeue()  # last: SLURM kills the job at once, so logs and wandb are closed by now
-    return 0
+    return 1 if outcome == "diverged" else 0  # diverged: the loop logged the one-line reason on rank 0
 
 
 def _final_report(run: Run) -> None:

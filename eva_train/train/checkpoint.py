@@ -7,6 +7,14 @@ Layout under `OUT/checkpoints/`:
                               after a barrier that follows every rank's write
     latest                    the tag of the newest complete checkpoint (write-temp, fsync, rename)
 
+Health (eva_train.train.health): a save happens only while no bad or spike streak is open, and its
+COMPLETE says `"healthy": true, "confirmed": false`. The loop settles it: the first step applied from
+its weights with a finite loss and gradient norm -> `"confirmed": true`; a divergence stop before any
+such step -> `"healthy": false` (the update before the save blew the weights up, e.g. to a finite
+6e29). Retention never deletes the newest confirmed healthy checkpoint, and keeps `keep_last` among
+those not marked unhealthy; `auto` resume never picks an unhealthy one.
+A COMPLETE without these keys (older runs) counts as confirmed healthy.
+
 Crash safety: a tag dir without COMPLETE is never loaded (and is deleted by the next save), so a
 kill at any point of a save leaves the previous checkpoint as the resume point. Retention removes
 COMPLETE before the rest of an old tag, so a half-deleted dir is never mistaken for a checkpoint.
@@ -137,6 +145,16 @@ def read_complete(tag_dir: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+def is_healthy(record: Optional[Dict[str, Any]]) -> bool:
+    """Complete and not marked unhealthy (possibly still unconfirmed)."""
+    return record is not None and record.get("healthy", True) is True
+
+
+def is_confirmed(record: Optional[Dict[str, Any]]) -> bool:
+    """Healthy, and a step run from its weights had a finite loss and gradient norm."""
+    return is_healthy(record) and record.get("confirmed", True) is True
+
+
 def list_tags(ckpt_root: Path) -> List[Tuple[int, Path]]:
     """(step, dir) of every tag dir, complete or not, in step order."""
     if not ckpt_root.is_dir():
@@ -195,6 +213,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.last_saved_step: Optional[int] = None
+        self.unconfirmed: Optional[Path] = None  # a checkpoint of this run no step has run from yet
         self._checked: set = set()  # tag dirs whose pickles passed check_safe_to_load
 
     def due(self, step: int) -> bool:
@@ -227,25 +246,49 @@ class CheckpointManager:
             self._commit(tag_dir, step, engine)
             log.info("saved checkpoint %s in %.1f s", tag_dir, time.time() - started)
         self.last_saved_step = step
+        self.unconfirmed = tag_dir
         return str(tag_dir)
 
     def _commit(self, tag_dir: Path, step: int, engine) -> None:
         """Rank 0, after the barrier: make the files durable, mark complete, move `latest`, prune."""
         _fsync_tree(tag_dir, skip=_is_rank_shard)  # shared files (ZeRO-1/2 model states), dir entries
         record = {"step": step, "world_size": self.world_size, "zero_stage": _zero_stage(engine),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "healthy": True, "confirmed": False}
         atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
         atomic_write_text(self.root / LATEST_FILE, tag_dir.name + "\n")
         self._prune(keep=tag_dir)
 
     def _prune(self, keep: Path) -> None:
-        """Retention, only after `latest` names the new tag; incomplete leftovers go too."""
+        """Retention, only after `latest` names the new tag; incomplete leftovers and checkpoints marked
+        unhealthy go too, but never the newest confirmed healthy one."""
         tags = list_tags(self.root)
-        complete = [s for s, p in tags if read_complete(p) is not None]
-        survivors = set(retained_steps(complete, self.cfg.keep_last, self.cfg.keep_every))
+        records = {step: read_complete(path) for step, path in tags}
+        healthy = [s for s, _ in tags if is_healthy(records[s])]
+        survivors = set(retained_steps(healthy, self.cfg.keep_last, self.cfg.keep_every))
+        confirmed = [s for s, _ in tags if is_confirmed(records[s])]
+        if confirmed:
+            survivors.add(confirmed[-1])
         for step, path in tags:
             if path != keep and step not in survivors:
                 _remove_tag_dir(path)
+
+    def settle(self, healthy: bool, reason: str = "") -> None:
+        """Confirm the newest checkpoint (and prune), or mark it unhealthy. Not collective: rank 0
+        rewrites its COMPLETE, the others only forget it."""
+        tag_dir, self.unconfirmed = self.unconfirmed, None
+        if tag_dir is None or self.rank != 0:
+            return
+        record = read_complete(tag_dir)
+        if record is None:
+            return
+        if healthy:
+            record["confirmed"] = True
+        else:
+            record.update(healthy=False, unhealthy_reason=reason)
+            log.warning("checkpoint %s marked unhealthy: %s", tag_dir, reason)
+        atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
+        if healthy:
+            self._prune(keep=tag_dir)
 
     # --- resume
 
@@ -318,6 +361,8 @@ class CheckpointManager:
             self._set_aside_newer(tag_dir, int(record["step"]))
         _barrier(self.world_size)
         self.last_saved_step = int(record["step"])
+        own = tag_dir.parent.resolve() == self.root.resolve()  # never rewrite another run's checkpoint
+        self.unconfirmed = tag_dir if own and not is_confirmed(record) else None
         return client_state
 
     def _check_safe(self, tag_dir: Path) -> None:
@@ -373,10 +418,16 @@ def newest_complete(ckpt_root: Path) -> Optional[Path]:
     latest = ckpt_root / LATEST_FILE
     if latest.is_file():
         named = ckpt_root / latest.read_text().strip()
-        if step_of_tag(named.name) is not None and read_complete(named) is not None:
+        if step_of_tag(named.name) is not None and is_healthy(read_complete(named)):
             return named
-    complete = [p for _, p in list_tags(ckpt_root) if read_complete(p) is not None]
-    return complete[-1] if complete else None
+    return newest_healthy(ckpt_root)
+
+
+def newest_healthy(ckpt_root: Path, before_step: Optional[int] = None) -> Optional[Path]:
+    """The highest complete checkpoint not marked unhealthy (with step < before_step when given)."""
+    found = [p for s, p in list_tags(ckpt_root)
+             if is_healthy(read_complete(p)) and (before_step is None or s < before_step)]
+    return found[-1] if found else None
 
 
 def resolve_checkpoint_path(path: Path) -> Path:

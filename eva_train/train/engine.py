@@ -2,6 +2,7 @@
 under ZeRO, AdamW param groups, the frozen teacher outside the engine, and one optimizer step."""
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -9,15 +10,15 @@ from typing import Any, Callable, Dict, List, Sequence
 import torch
 
 from eva_train.config import Config, ConfigError, derived_grad_accum
+from eva_train.data.transforms import normalize_images
+from eva_train.optim.weight_decay import skips_weight_decay
+from eva_train.train.faults import FaultPlan
 from eva_train.train.objective import masked_cosine_loss
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "mask_token")   # also decoder_pos_embed, decoder mask token
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -48,8 +49,13 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
             raise ConfigError(f"{path} has an '{owned}' block; the optimizer and lr schedule come from the "
                               f"recipe's [optim] section: delete the block")
     stage = raw.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
+    if stage not in (1, 2, 3):
+        # stage 0 (fp32/bf16) steps the optimizer without checking the gradients: a NaN would be applied
+        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (their optimizers skip a "
+                          f"step with non-finite gradients, which the divergence guard relies on)")
+    if raw.get("bf16", {}).get("check_grad_overflow", True) is not True:
+        raise ConfigError(f"{path}: bf16.check_grad_overflow must stay true (without it ZeRO-1/2 apply a step with "
+                          f"NaN gradients); delete the key")
     wanted = {"train_batch_size": cfg.train.global_batch_size,
               "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
               "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
@@ -80,7 +86,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
         if not param.requires_grad:
             continue
         shape = getattr(param, "ds_shape", param.shape)
-        exempt = len(shape) <= 1 or name.endswith(NO_DECAY_SUFFIXES)
+        exempt = skips_weight_decay(name, shape)
         (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -108,18 +114,14 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **fused)
 
 
-def normalize_images(images_uint8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> ImageNet-normalized `dtype`, computed in fp32."""
-    mean = torch.tensor(IMAGENET_MEAN_255, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD_255, device=images_uint8.device).view(1, 3, 1, 1)
-    return ((images_uint8.float() - mean) / std).to(dtype)
-
-
 @dataclass
 class StepResult:
     loss: float          # mean over the step's micro batches and all ranks
     grad_norm: float     # global, before clipping (nan when DeepSpeed does not report it)
     lr: float
+    loss_finite: bool = True     # on every rank (agreed)
+    grads_finite: bool = True    # the global norm was finite, so DeepSpeed applied the step (agreed)
+    loss_scale: float = 1.0      # fp16's dynamic scale; 1 for fp32/bf16
 
 
 class Trainer:
@@ -129,6 +131,7 @@ class Trainer:
                  lr_at_step: Callable[[int], float]):
         self.engine, self.teacher, self.optimizer = engine, teacher, optimizer
         self.device, self.dtype, self.lr_at_step = device, DTYPES[precision], lr_at_step
+        self.faults = FaultPlan(_rank())  # test-only (EVA_FAULT_INJECT); inert otherwise
 
     def micro_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         images = batch["images"].to(self.device, non_blocking=True)           # (B,3,H,W) uint8
@@ -144,14 +147,24 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            loss = self.micro_loss(batch)
-            self.engine.backward(loss)
+            loss = self.faults.apply(step + 1, self.micro_loss(batch))
+            self.engine.backward(loss * _nan_unless_finite(loss))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
-        mean_loss = _mean_over_ranks(total / len(micro_batches))
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr)
+        self.faults.step_done(step + 1)
+        reported = self.engine.get_global_grad_norm()  # None: ZeRO-1/2 with the norm switched off
+        grad_norm = float("nan") if reported is None else float(reported)
+        applied = self.engine.was_step_applied()
+        # one all-reduce: the loss mean and the health flags (counts of ranks that saw a problem)
+        packed = torch.stack([total / len(micro_batches), (~torch.isfinite(total)).float(),
+                              torch.tensor(0.0 if applied else 1.0, device=self.device)])
+        _all_reduce_sum(packed)
+        loss_finite, grads_finite = bool(packed[1] == 0), bool(packed[2] == 0)
+        if applied and not (loss_finite and grads_finite and (reported is None or math.isfinite(grad_norm))):
+            raise RuntimeError(f"step {step + 1}: DeepSpeed applied an optimizer step with a non-finite loss or "
+                               f"gradient norm ({grad_norm}); the divergence guard cannot undo it")
+        return StepResult(loss=float(packed[0] / _world_size()), grad_norm=grad_norm, lr=lr, loss_finite=loss_finite,
+                          grads_finite=grads_finite, loss_scale=float(getattr(self.engine.optimizer, "loss_scale", 1.0)))
 
     @torch.no_grad()
     def val_loss(self, loader) -> float:
@@ -175,13 +188,24 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
+def _world_size() -> int:
     import torch.distributed as dist
 
-    value = value.detach().clone().reshape(1)
-    _all_reduce_sum(value)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return float(value / world)
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
+    """1, or NaN when `loss` is not finite: multiplied in before backward, it makes every gradient NaN
+    (NaN x 0 stays NaN), so DeepSpeed's global-norm check skips the step on every rank even where a
+    non-finite loss would have left some gradients finite. x 1.0 leaves finite losses bit-identical."""
+    finite = torch.isfinite(loss.detach())
+    return torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
 
 
 def build_engine(cfg: Config, ds_config: Dict[str, Any], teacher_dim: int, device: torch.device,

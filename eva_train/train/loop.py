@@ -1,11 +1,13 @@
 """The step loop: data -> step -> (val, kNN) -> log -> checkpoint -> preemption, deterministic across resume."""
 import logging
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from eva_train.train.metrics import ThroughputMeter, memory_gib
+from eva_train.train.checkpoint import newest_healthy
+from eva_train.train.health import DivergenceGuard, Verdict
+from eva_train.train.metrics import ThroughputMeter, memory_gib, trim_after
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +30,15 @@ def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def client_state(run, step: int, monitor) -> Dict[str, Any]:
+def client_state(run, step: int, monitor, guard: Optional[DivergenceGuard] = None) -> Dict[str, Any]:
     from eva_train.runtime.rng import capture_rng_state
 
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
     return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
             "bad_samples": [monitor.bad_samples, monitor.seen_samples],  # whole run, all ranks
             "sampler_state": run.sampler.state_after(consumed_this_run), "rng": capture_rng_state(),
-            "config": run.cfg.to_dict(), "code_version": run.code_version}
+            "config": run.cfg.to_dict(), "code_version": run.code_version,
+            "health": guard.state_dict() if guard is not None else {}}
 
 
 def _evaluations(run, step: int) -> Dict[str, float]:
@@ -49,20 +52,92 @@ def _evaluations(run, step: int) -> Dict[str, float]:
     return out
 
 
-def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int) -> Dict[str, Any]:
+def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int, guard) -> Dict[str, Any]:
     samples_seen = step * run.cfg.train.global_batch_size
     record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm}
     record.update(meter.read(run.flops_per_image, run.peak_flops, run.world.world_size))
     record.update({"epoch": samples_seen / run.sampler.epoch_length, "bad_samples": bad_samples,
-                   "samples_seen": samples_seen, "memory_gib": round(memory_gib(run.device), 3)})
+                   "samples_seen": samples_seen, "memory_gib": round(memory_gib(run.device), 3),
+                   "skipped_steps": guard.skipped_steps, "spike_reloads": guard.spike_reloads,
+                   "skipped_samples": run.sampler.skipped_before + run.sampler.skipped})
     return record
 
 
-def _save(run, step: int, watchdog, monitor) -> None:
+def _save(run, step: int, watchdog, monitor, guard) -> None:
     from eva_train.train.build import SAVE_TIMEOUT_S
 
+    if not guard.may_save():  # never from non-finite or spiking state: the last checkpoint stays the resume point
+        if run.world.rank == 0:
+            log.warning("not saving at step %d: steps since %d were non-finite or spiking", step, guard.streak_start)
+        return
     watchdog.beat(f"save step {step}", timeout_s=SAVE_TIMEOUT_S)
-    run.ckpt.save(run.engine, step, client_state(run, step, monitor))
+    run.ckpt.save(run.engine, step, client_state(run, step, monitor, guard))
+
+
+def _settle_checkpoint(run, step: int, verdict: Verdict, guard: DivergenceGuard) -> None:
+    """The first applied finite step after the newest checkpoint confirms it (skipped steps leave its
+    weights as they were, so that step ran from them); a divergence stop before any marks it unhealthy."""
+    if run.ckpt.unconfirmed is None:
+        return
+    if not verdict.bad and not verdict.skipped:
+        run.ckpt.settle(True)
+    elif verdict.action == "stop":
+        run.ckpt.settle(False, f"every step run from its weights ({guard.streak_start}-{step}) was non-finite")
+
+
+def _divergence_message(run, step: int, guard: DivergenceGuard, result) -> str:
+    first = guard.streak_start
+    healthy = newest_healthy(run.ckpt.root)
+    advice = (f"newest healthy checkpoint: {healthy}; resume from it (--resume {healthy}) with a lower --optim.lr "
+              f"or after checking the data" if healthy else
+              "no healthy checkpoint was written; start again with a lower --optim.lr")
+    return (f"training diverged: {guard.bad_streak} consecutive non-finite steps ({first}-{step}, last loss "
+            f"{result.loss}, grad norm {result.grad_norm}; train.max_bad_steps={guard.max_bad_steps}); "
+            f"stopped without saving; {advice}")
+
+
+def _reload_target(run, spike_start: int) -> Optional[str]:
+    """Rank 0 picks, every rank gets the same answer: the newest healthy checkpoint older than the
+    weights the first spike step ran from (those may be the cause)."""
+    import torch.distributed as dist
+
+    found = [None]
+    if run.world.rank == 0:
+        path = newest_healthy(run.ckpt.root, before_step=spike_start - 1)
+        found[0] = str(path) if path else None
+    if run.world.world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def _reload_after_spike(run, step: int, guard: DivergenceGuard, sink, watchdog, batches):
+    """Collective. (step to continue from, batch iterator) after loading the last good checkpoint and
+    skipping the samples consumed since it; unchanged when there is none."""
+    from eva_train.runtime.rng import restore_rng_state
+    from eva_train.train.build import SAVE_TIMEOUT_S
+
+    spike_start = guard.streak_start
+    guard.spike_handled()
+    target = _reload_target(run, spike_start)
+    if target is None:
+        if run.world.rank == 0:
+            log.warning("loss spike at steps %d-%d but no healthy checkpoint before it; continuing", spike_start, step)
+        return step, batches
+    watchdog.beat(f"spike reload at step {step}", timeout_s=SAVE_TIMEOUT_S)
+    client = run.ckpt.load(run.engine, target)
+    back_to, client_rng = int(client["step"]), client.get("rng")
+    batch = run.cfg.train.global_batch_size
+    state = run.sampler.skip((step - back_to) * batch, (back_to - run.start_step) * batch)
+    batches = iter(run.loader)  # before the RNG restore, as at start-up
+    if client_rng is not None:
+        restore_rng_state(client_rng)
+    if sink.enabled:
+        trim_after(sink.path, back_to)  # the abandoned steps' lines go to metrics.abandoned.jsonl
+    if run.world.rank == 0:
+        log.warning("loss spike at steps %d-%d (train.spike_factor=%g): reloaded %s and skipped the %d samples "
+                    "used since it (sampler now at epoch %d position %d)", spike_start, step,
+                    run.cfg.train.spike_factor, target, (step - back_to) * batch, state["epoch"], state["position"])
+    return back_to, batches
 
 
 def _stop_reason(run, step: int, preempted: bool) -> str:
@@ -75,7 +150,7 @@ def _stop_reason(run, step: int, preempted: bool) -> str:
 
 
 def run_loop(run, sink, preemption, watchdog) -> str:
-    """Steps start_step..total_steps-1; returns finished / preempted / max_steps."""
+    """Steps start_step..total_steps-1; returns finished / preempted / max_steps / diverged (nothing saved)."""
     from eva_train.data import BadSampleMonitor
     from eva_train.runtime.rng import restore_rng_state
 
@@ -83,6 +158,7 @@ def run_loop(run, sink, preemption, watchdog) -> str:
     if run.client_rng is not None:
         restore_rng_state(run.client_rng)
     monitor = BadSampleMonitor(run.cfg.data.bad_sample_threshold, run.cfg.data.bad_sample_min_count, *run.bad_samples)
+    guard = DivergenceGuard(run.cfg.train, run.extras.get("health"))
     meter = ThroughputMeter()
     run.engine.train()
     reason, step = _stop_reason(run, run.start_step, False), run.start_step
@@ -94,16 +170,32 @@ def run_loop(run, sink, preemption, watchdog) -> str:
         watchdog.beat(f"train step {step}")
         result = run.trainer.train_step(step, micro_batches)
         step += 1
+        verdict = guard.observe(step, result.loss, result.loss_finite, result.grads_finite, result.loss_scale)
+        _settle_checkpoint(run, step, verdict, guard)
         counts = _global_sum(_bad_sample_counts(micro_batches, run.device)).cpu()
         monitor.update(int(counts[0]), int(counts[1]))  # global counts: every rank aborts together
         meter.add(run.cfg.train.global_batch_size, data_wait_s)
         sink.advance()
-        evaluations = _evaluations(run, step)
+        if verdict.skipped and run.world.rank == 0:
+            log.warning("step %d skipped (loss %s, grad norm %s): %d skipped so far", step, result.loss,
+                        result.grad_norm, guard.skipped_steps)
+        if verdict.action:  # same verdict on every rank: it comes from all-reduced numbers
+            sink.write(_record(run, step, result, meter, monitor.bad_samples, guard))
+            meter.reset()
+        if verdict.action == "stop":
+            if run.world.rank == 0:
+                log.error(_divergence_message(run, step, guard, result))
+            reason = "diverged"
+            break
+        if verdict.action == "reload":  # its line (written above) moves to metrics.abandoned.jsonl
+            step, batches = _reload_after_spike(run, step, guard, sink, watchdog, batches)
+        evaluations = _evaluations(run, step) if not verdict.action else {}
         reason = _stop_reason(run, step, preemption.agree(run.device))
-        if step % run.cfg.logging.log_every_steps == 0 or evaluations or reason:
-            sink.write({**_record(run, step, result, meter, monitor.bad_samples), **evaluations})
+        if not verdict.action and (step % run.cfg.logging.log_every_steps == 0 or evaluations or reason
+                                   or verdict.skipped or verdict.spike):
+            sink.write({**_record(run, step, result, meter, monitor.bad_samples, guard), **evaluations})
             meter.reset()
         if run.ckpt.due(step) or reason:
-            _save(run, step, watchdog, monitor)
+            _save(run, step, watchdog, monitor, guard)
     run.extras["last_step"] = step
     return reason
