@@ -1,3 +1,4 @@
+# COORDINATION NOTE FROM THE LEAD (delete this line when you see it is handled): two engineers were given the same kernels brief by mistake. If your brief says "LAYOUT MOVE IN PROGRESS", you own item 1 (self-verifying kernels in kernels/, the tolerance rule, decisions()) and item 3 (kernels/testing.py -> tests/). If your brief says "LAYOUT: the flat modules ... were just moved", you own ONLY item 2: tools/gpu_check.sh, tools/bench_kernels.py, tools/fetch_gpu_wheels.sh and their CPU test; do not edit kernels/ or tests/test_kernels_{attention,rope,layer_norm,model,compile}.py.
 #!/usr/bin/env python
 """Microbenchmarks of the eva_kernels ops against their peers, at EVA-g and EVA-02-L shapes.
 
@@ -8,8 +9,10 @@
 Per op, shape, batch, mode and provider: the median time (`triton.testing.do_bench`, warm-up,
 inputs rotated over more than twice the L2 so no run hits a warm cache), GB/s (LayerNorm, RoPE:
 fewest bytes moved) or TFLOP/s (attention), the percentage of this card's measured copy
-bandwidth / bf16 matmul rate, and ours' speed-up over the best peer. Every provider's output is
-checked against the fp32 reference before it is timed; a wrong one is reported, not timed.
+bandwidth / bf16 matmul rate, and ours' speed-up over the best peer. Every provider's outputs and
+gradients are checked before it is timed, by the kernels' accuracy rule (`eva_kernels.accuracy`:
+float64 reference, eager PyTorch at the same precision as the yardstick); a wrong one or one that
+does not run here is reported, not timed.
 Writes bench_kernels.csv and bench_kernels.png to --out-dir; prints a short table last.
 """
 import argparse
@@ -32,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import eva_kernels  # noqa: E402
 from eva_kernels import reference  # noqa: E402
+from eva_kernels.accuracy import as_tuple, atol_for, leaf_copies, outputs_and_grads, tolerance_problem  # noqa: E402
 from eva_kernels.attention import attention as triton_attention  # noqa: E402
 from eva_kernels.layer_norm import layer_norm as triton_layer_norm  # noqa: E402
 from eva_kernels.rope import rope_2d as triton_rope_2d  # noqa: E402
@@ -139,37 +143,40 @@ def work_of(op: str, shape: Shape, batch: int, mode: str, element_bytes: int):
     return count * elements * element_bytes, "GB/s"
 
 
-def _outputs(result) -> tuple:
-    return result if isinstance(result, tuple) else (result,)
+def _yardsticks(op: str):
+    """(float64 reference, eager PyTorch at the input precision): the accuracy rule's two yardsticks."""
+    if op in ("layer_norm", "add_layer_norm"):
+        return (lambda x, w, b, r=None: reference.layer_norm(x, w, b, 1e-6, r),
+                lambda x, w, b, r=None: reference.layer_norm_same_precision(x, w, b, 1e-6, r))
+    if op == "rope_2d":
+        return (lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1),
+                lambda q, k, s, c: reference.rope_2d_same_precision(q, k, s, c, 1))
+    return reference.attention, reference.attention_same_precision
 
 
-def check_provider(fn: Callable, inputs: tuple) -> Optional[str]:
-    """None if fn's outputs and gradients match the fp32 reference, else why not."""
+def check_provider(op: str, fn: Callable, inputs: tuple) -> Optional[str]:
+    """None if fn's outputs and gradients pass the kernels' accuracy rule (`eva_kernels.accuracy`,
+    the one the kernel tests and the run-time self-check use) on these inputs, else why not."""
+    grad_inputs = [t for t in inputs if t.requires_grad]
+    constants = [t.detach() for t in inputs if not t.requires_grad]
+    ref64, same_precision = _yardsticks(op)
+    with torch.no_grad():
+        upstream = [torch.randn_like(o) for o in as_tuple(same_precision(*inputs))]
     try:
-        outs = _outputs(fn(*inputs))
-        grads = torch.autograd.grad(outs, [t for t in inputs if t.requires_grad], [torch.ones_like(o) for o in outs])
+        got = outputs_and_grads(fn, leaf_copies(grad_inputs), constants, upstream)
     except Exception as error:  # a backend that does not run here (e.g. cuDNN on CPU)
         return f"unavailable: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
-    ref_inputs = tuple(t.detach().float().requires_grad_(t.requires_grad) for t in inputs)
-    return _compare(outs, grads, ref_inputs)
-
-
-def _reference_for(inputs: tuple) -> Callable:
-    if len(inputs) == 3 and inputs[0].dim() == 4:
-        return reference.attention
-    if len(inputs) == 4 and inputs[0].dim() == 4:
-        return lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1)
-    return lambda x, w, b, r=None: reference.layer_norm(x, w, b, 1e-6, r)
-
-
-def _compare(outs, grads, ref_inputs) -> Optional[str]:
-    ref_outs = _outputs(_reference_for(ref_inputs)(*ref_inputs))
-    ref_grads = torch.autograd.grad(ref_outs, [t for t in ref_inputs if t.requires_grad],
-                                    [torch.ones_like(o) for o in ref_outs])
-    for got, want in zip(list(outs) + list(grads), list(ref_outs) + list(ref_grads)):
-        error = ((got.float() - want).norm() / want.norm().clamp_min(1e-12)).item()
-        if not error < 2e-2:  # bf16 operands land between 1e-3 and 1e-2; NaN fails too
-            return f"WRONG: relative error {error:.2e}"
+    want = outputs_and_grads(ref64, leaf_copies(grad_inputs, torch.float64), [c.double() for c in constants], upstream)
+    eager = outputs_and_grads(same_precision, leaf_copies(grad_inputs), constants, upstream)
+    n_outputs = len(upstream)
+    rows = inputs[0].numel() // inputs[0].shape[-1]
+    for i, (ours, torch_same, ref) in enumerate(zip(got, eager, want)):
+        # gradients of 1-D inputs (LayerNorm's weight and bias) sum over every row
+        summed = i >= n_outputs and grad_inputs[i - n_outputs].dim() == 1
+        problem = tolerance_problem(f"output {i}" if i < n_outputs else f"grad {i - n_outputs}", ours,
+                                    torch_same, ref, atol_for(inputs[0].dtype, rows if summed else 1))
+        if problem:
+            return f"WRONG: {problem}"
     return None
 
 
@@ -201,18 +208,18 @@ def timed_call(fn: Callable, input_sets: List[tuple], mode: str) -> Callable:
     sets = itertools.cycle(range(len(input_sets)))
     grad_inputs = [[t for t in s if t.requires_grad] for s in input_sets]
     if mode == "bwd":  # graphs built once; each call runs one backward
-        outs = [_outputs(fn(*s)) for s in input_sets]
+        outs = [as_tuple(fn(*s)) for s in input_sets]
         upstream = [[torch.randn_like(o) for o in os_] for os_ in outs]
 
         def backward():
             i = next(sets)
             torch.autograd.grad(outs[i], grad_inputs[i], upstream[i], retain_graph=True)
         return backward
-    upstream = [[torch.randn_like(o) for o in _outputs(fn(*s))] for s in input_sets]
+    upstream = [[torch.randn_like(o) for o in as_tuple(fn(*s))] for s in input_sets]
 
     def forward(with_backward=(mode == "fwd+bwd")):
         i = next(sets)
-        result = _outputs(fn(*input_sets[i]))
+        result = as_tuple(fn(*input_sets[i]))
         if with_backward:
             torch.autograd.grad(result, grad_inputs[i], upstream[i])
     return forward
@@ -250,7 +257,7 @@ class Row:
 def bench_case(op, shape, batch, dtype, device, providers, modes, peaks, rep_ms) -> List[Row]:
     first = make_inputs(op, shape, batch, dtype, device)
     input_sets = [first] + [make_inputs(op, shape, batch, dtype, device) for _ in range(rotation_count(first, device) - 1)]
-    notes = {name: check_provider(fn, first) for name, fn in providers.items()}
+    notes = {name: check_provider(op, fn, first) for name, fn in providers.items()}
     rows = []
     for mode in modes:
         amount, unit = work_of(op, shape, batch, mode, first[0].element_size())
@@ -319,20 +326,40 @@ def print_table(rows: List[Row], peaks: Dict[str, float], device_name: str) -> N
 
 
 def print_summary(csv_path: str, mode: str = "fwd+bwd") -> None:
-    """A compact table from a CSV: per case, ours against the best peer (for gpu_check's last table)."""
+    """A compact table from a CSV: per case, ours against the best peer; its last line is a
+    one-line verdict (gpu_check.sh puts it in its closing table)."""
     with open(csv_path) as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] == mode]
     print(f"{'op':15} {'shape':12} {'batch':>5} {'ours ms':>9} {'best peer':>15} {'peer ms':>9} {'speedup':>7} "
           f"{'ours %peak':>10}  ({mode})")
+    speedups, failed = [], []
     for key in sorted({(r["op"], r["shape"], int(r["batch"])) for r in rows}):
-        case = [r for r in rows if (r["op"], r["shape"], int(r["batch"])) == key and r["ms"]]
+        case = [r for r in rows if (r["op"], r["shape"], int(r["batch"])) == key]
         ours = next((r for r in case if r["provider"] == "ours"), None)
-        peers = sorted((float(r["ms"]), r["provider"]) for r in case if r["provider"] != "ours")
+        peers = sorted((float(r["ms"]), r["provider"]) for r in case if r["provider"] != "ours" and r["ms"])
+        if ours and not ours["ms"]:
+            failed.append(f"{key[0]} {key[1]} b{key[2]}: {ours['note'][:50]}")
+            ours = None
         ours_ms = f"{float(ours['ms']):9.4f}" if ours else f"{'-':>9}"
         peer_ms, peer = (f"{peers[0][0]:9.4f}", peers[0][1]) if peers else (f"{'-':>9}", "-")
-        speedup = f"{peers[0][0] / float(ours['ms']):6.2f}x" if ours and peers else f"{'-':>7}"
+        speedup = peers[0][0] / float(ours["ms"]) if ours and peers else None
+        if speedup:
+            speedups.append((speedup, f"{key[0]} {key[1]} b{key[2]} vs {peer}"))
+        speedup_text = f"{speedup:6.2f}x" if speedup else f"{'-':>7}"
         pct = f"{float(ours['pct_of_peak']):9.1f}%" if ours and ours["pct_of_peak"] else f"{'-':>10}"
-        print(f"{key[0]:15} {key[1]:12} {key[2]:5d} {ours_ms} {peer:>15} {peer_ms} {speedup} {pct}")
+        print(f"{key[0]:15} {key[1]:12} {key[2]:5d} {ours_ms} {peer:>15} {peer_ms} {speedup_text} {pct}")
+    print(kernel_verdict(speedups, failed))
+
+
+def kernel_verdict(speedups: List[tuple], failed: List[str]) -> str:
+    """One line: wrong kernels first (numerics before speed), then how often ours beats the best peer."""
+    if failed:
+        return f"ours FAILED the accuracy check in {len(failed)} case(s), e.g. {failed[0]}"
+    if not speedups:
+        return "no case with both ours and a peer timed"
+    wins = sum(s >= 1.0 for s, _ in speedups)
+    worst = min(speedups)
+    return f"ours >= best peer in {wins}/{len(speedups)} cases; worst {worst[0]:.2f}x ({worst[1]})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
