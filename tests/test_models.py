@@ -72,18 +72,19 @@ def test_every_variant_gives_token_and_pooled_shapes(variant):
         x = torch.empty(2, 3, cfg.default_img_size, cfg.default_img_size)
         tokens = model.forward_features(x)
         pooled = model(x)
-    n = (cfg.default_img_size // cfg.patch_size) ** 2
-    assert model.num_patches == n and model.grid_size ** 2 == n and len(model.blocks) == cfg.depth
+    side = cfg.default_img_size // cfg.patch_size
+    n = side * side
+    assert model.num_patches == n and model.grid_size == (side, side) and len(model.blocks) == cfg.depth
     assert tokens.shape == (2, 1 + n, cfg.embed_dim)
     assert pooled.shape == (2, cfg.embed_dim)
 
 
-def _timm_eva(cfg, img_size):
+def _timm_eva(cfg, img_size, **kw):
     return Eva(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim if not cfg.swiglu else 4 * 2 / 3,
                qkv_fused=cfg.qkv_fused, swiglu_mlp=cfg.swiglu, scale_mlp=cfg.sub_ln,
                use_rot_pos_emb=cfg.rope, ref_feat_shape=(cfg.rope_ref_grid,) * 2 if cfg.rope else None,
-               num_classes=0, global_pool="token")
+               scale_attn_inner=cfg.scale_attn_inner, num_classes=0, global_pool="token", **kw)
 
 
 @pytest.mark.parametrize("variant,overrides,img_size", [
@@ -91,6 +92,8 @@ def _timm_eva(cfg, img_size):
     ("eva02_debug_p4", {}, 16),                                      # EVA-02 B/L layout: q/k/v_proj, SwiGLU + sub-LN
     ("eva02_debug_p4", {"sub_ln": False, "qkv_fused": True}, 16),    # EVA-02 Ti/S layout: packed SwiGLU
     ("eva02_debug_p4", {}, 24),                                      # RoPE rescaled to the reference grid
+    ("eva02_debug_p4", {"scale_attn_inner": True}, 16),              # EVA02-CLIP towers: attn.norm before proj
+    ("eva_debug_p4", {"scale_attn_inner": True}, 16),
 ])
 def test_timm_eva_loads_our_state_dict_strict_and_agrees(variant, overrides, img_size):
     torch.manual_seed(0)
@@ -102,6 +105,18 @@ def test_timm_eva_loads_our_state_dict_strict_and_agrees(variant, overrides, img
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_swiglu_layout_matches_timm_on_a_non_square_size():
+    # the EVA-02 Ti/S layout (fused qkv, packed SwiGLU) with RoPE, built at 16x16, run at 24x12
+    torch.manual_seed(0)
+    ours = build_backbone("eva02_debug_p4", 16, sub_ln=False, qkv_fused=True).eval()
+    perturb_(ours)
+    ref = _timm_eva(ours.cfg, 16, dynamic_img_size=True).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 24, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_full_qkv_bias_backbone_is_a_timm_vision_transformer():
@@ -253,8 +268,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown"):
         build_backbone("eva_huge")
     model = build_backbone("eva_debug_p4", 16)
-    with pytest.raises(ValueError, match="model.img_size"):
-        model(torch.randn(1, 3, 20, 20))
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+        model(torch.randn(1, 3, 18, 20))
     with pytest.raises(ValueError, match="mask has shape"):
         model.forward_features(torch.randn(1, 3, 16, 16), torch.zeros(1, 15, dtype=torch.bool), torch.zeros(1, 1, 32))
     with pytest.raises(ValueError, match="fraction"):
@@ -275,7 +290,8 @@ def test_variant_table_is_consistent():
         assert dataclasses.is_dataclass(cfg)
     assert VARIANTS["eva_g_p14"].head_dim == 88
     demo = VARIANTS["eva_demo_p8"]
-    assert (demo.default_img_size, demo.embed_dim, demo.depth, demo.num_heads, demo.mlp_hidden_dim) == (64, 128, 4, 4, 512)
+    dims = (demo.default_img_size, demo.embed_dim, demo.depth, demo.num_heads, demo.mlp_hidden_dim)
+    assert dims == (64, 128, 4, 4, 512)
 
 
 ZERO3_SCRIPT = r'''

@@ -76,7 +76,7 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
                          f"(e.g. --variant eva_b_p16)")
     spec["img_size"] = img_size or spec.get("img_size")
     backbone = build_backbone(spec["variant"], spec["img_size"], drop_path_rate=drop_path_rate)
-    spec["img_size"] = backbone.grid_size * backbone.patch_size
+    spec["img_size"] = backbone.img_size[0]  # square: built from one int
     state = read_state_dict(path)
     if any(k.startswith("backbone.") for k in state):   # one of our classifier files
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}

@@ -14,7 +14,7 @@ def open_backbone(model_cfg: ProtoModelConfig, drop_path_rate: float = 0.0) -> T
         from eva_train.models import build_backbone
 
         backbone = build_backbone(model_cfg.variant, model_cfg.img_size or None, drop_path_rate=drop_path_rate)
-        return backbone, {"variant": model_cfg.variant, "img_size": backbone.grid_size * backbone.patch_size}
+        return backbone, {"variant": model_cfg.variant, "img_size": backbone.img_size[0]}  # square: one int
     return load_backbone(model_cfg.checkpoint, model_cfg.variant, model_cfg.img_size or None, drop_path_rate)
 
 

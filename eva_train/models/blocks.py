@@ -74,7 +74,7 @@ class Attention(nn.Module):
     """Multi-head self-attention, EVA-style biases, optional 2D RoPE on patch tokens."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, k_bias: bool, qkv_fused: bool,
-                 proj_std_divisor: float):
+                 proj_std_divisor: float, inner_norm_eps: Optional[float] = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -87,6 +87,8 @@ class Attention(nn.Module):
             self.q_proj = InitLinear(dim, dim, bias=qkv_bias)
             self.k_proj = InitLinear(dim, dim, bias=False)
             self.v_proj = InitLinear(dim, dim, bias=qkv_bias)
+        # timm `scale_attn_inner`: a LayerNorm on the heads' concatenated output, before proj
+        self.norm = LayerNorm(dim, inner_norm_eps) if inner_norm_eps is not None else None
         self.proj = InitLinear(dim, dim, std_divisor=proj_std_divisor)
 
     def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,8 +110,8 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         if rope is not None:
             q, k = eva_kernels.rope_2d(q, k, rope[0], rope[1], num_prefix_tokens=T - rope[0].shape[0])
-        out = eva_kernels.attention(q, k, v)                          # (B, heads, T, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C))
+        out = eva_kernels.attention(q, k, v).transpose(1, 2).reshape(B, T, C)   # (B, T, C)
+        return self.proj(out if self.norm is None else self.norm(out))
 
 
 class Mlp(nn.Module):
@@ -160,7 +162,8 @@ class Block(nn.Module):
         dim, num_heads, hidden = cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim
         divisor = math.sqrt(2.0 * (layer_index + 1))  # EVA/BEiT depth rescale of residual outputs
         self.norm1 = LayerNorm(dim, cfg.norm_eps)
-        self.attn = Attention(dim, num_heads, cfg.qkv_bias, cfg.k_bias, cfg.qkv_fused, divisor)
+        self.attn = Attention(dim, num_heads, cfg.qkv_bias, cfg.k_bias, cfg.qkv_fused, divisor,
+                              cfg.norm_eps if cfg.scale_attn_inner else None)
         self.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim, cfg.norm_eps)
         if cfg.swiglu and cfg.sub_ln:

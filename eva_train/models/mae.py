@@ -23,10 +23,12 @@ def decoder_config(encoder: EvaConfig, width: int, depth: int, num_heads: int) -
         raise ValueError(f"model.decoder_width={width} is not divisible by model.decoder_heads={num_heads}")
     return dataclasses.replace(encoder, embed_dim=width, depth=depth, num_heads=num_heads,
                                mlp_hidden_dim=4 * width, qkv_bias=False, k_bias=True, qkv_fused=True,
-                               swiglu=False, sub_ln=False, rope=False)
+                               swiglu=False, sub_ln=False, rope=False, scale_attn_inner=False)
 
 
 class EvaForMAE(EVA):
+    position_tables = ("pos_embed", "decoder_pos_embed")
+
     def __init__(self, cfg: EvaConfig, img_size: Optional[int], teacher_dim: int, drop_path_rate: float = 0.0,
                  decoder_depth: int = 8, decoder_width: int = 512, decoder_heads: int = 16):
         if cfg.rope:
@@ -54,6 +56,9 @@ class EvaForMAE(EVA):
         if mask is None:
             return super().forward(x)
         B = x.shape[0]
+        if self.patch_embed.grid_for(*x.shape[-2:]) != self.grid_size:
+            raise ValueError(f"MAE pretraining takes images of the model's size {self.img_size[0]}x{self.img_size[1]}, "
+                             f"got {tuple(x.shape[-2:])}; crop to that size or call set_input_size first")
         if mask.shape != (B, self.num_patches):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({B}, {self.num_patches})")
         masked_per_sample = mask.sum(dim=1)

@@ -22,6 +22,7 @@ class EvaConfig:
     swiglu: bool = False         # SwiGLU MLP (EVA-02) instead of GELU
     sub_ln: bool = False         # LayerNorm inside the SwiGLU before fc2 (EVA-02 B/L)
     rope: bool = False           # 2D RoPE on patch tokens (EVA-02)
+    scale_attn_inner: bool = False  # LayerNorm `attn.norm` before attn.proj (EVA02-CLIP towers; timm's name)
     rope_temperature: float = 10000.0
     norm_eps: float = 1e-6
 
