@@ -1,85 +1,24 @@
 """Kill real 2-rank DeepSpeed runs (SIGKILL, also in the middle of a save), resume, and compare
 the loss at every step with the run that never stopped; resume a 2-rank checkpoint on 1 rank.
 
-The ranks are plain processes with RANK/WORLD_SIZE/MASTER_* set (tests/test_resume_worker.py).
+The ranks are plain processes with RANK/WORLD_SIZE/MASTER_* set (tests/helpers/resume_worker.py).
 """
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from eva_train.train.checkpoint import read_complete, step_of_tag
+from tests.helpers.procs import kill_all, launch_ranks, metric_lines, wait_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("test_resume_worker.py")
-RUN_TIMEOUT_S = 240
+WORKER = REPO / "tests" / "helpers" / "resume_worker.py"
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, world_size: int, *args: str):
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    procs = []
-    for rank in range(world_size):
-        log = open(out / f"log_rank{rank}.txt", "a")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), *args],
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
-
-
-def wait_ok(procs, out: Path) -> None:
-    deadline = time.time() + RUN_TIMEOUT_S
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            kill_all(procs)
-    codes = [proc.returncode for proc in procs]
-    if codes != [0] * len(procs):
-        logs = "\n".join(p.read_text()[-3000:] for p in sorted(out.glob("log_rank*.txt")))
-        pytest.fail(f"ranks exited with {codes}:\n{logs}")
-
-
-def kill_all(procs) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-    for proc in procs:
-        proc.wait()
-
-
-def wait_until(condition, procs, what: str) -> None:
-    deadline = time.time() + RUN_TIMEOUT_S
-    while not condition():
-        if any(proc.poll() is not None for proc in procs):
-            pytest.fail(f"the run ended before {what}")
-        if time.time() > deadline:
-            kill_all(procs)
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def metric_lines(out: Path, name: str = "metrics.jsonl"):
-    path = out / name
-    if not path.exists():
-        return []
-    # A SIGKILL can cut the last line short: only whole lines count.
-    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    return launch_ranks(out, world_size, [sys.executable, WORKER, "--out", out, *args])
 
 
 def assert_same_as_reference(lines, reference, total_steps: int) -> None:

@@ -2,26 +2,19 @@
 random step, resume it (`--resume auto`), and compare metrics.jsonl with the run that never stopped;
 resume a 2-rank checkpoint on 1 rank. The kill in the middle of a save is in tests/test_resume.py
 (a tiny engine whose saves can be made slow enough to hit)."""
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from eva_train.train.plots import load_series, resume_steps
-
-from test_resume import free_port, kill_all, metric_lines, wait_ok, wait_until
+from tests.helpers.procs import kill_all, launch_pretrain, metric_lines, wait_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "eva_train" / "pretrain.py"
 TOTAL_STEPS = 8
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not PRETRAIN.exists(), reason="eva_train/pretrain.py (engine part) is not in the tree yet")]
+pytestmark = pytest.mark.slow
 
 
 def overrides(demo_root: Path, *extra: str):
@@ -30,20 +23,6 @@ def overrides(demo_root: Path, *extra: str):
             f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false", "--eval.final_report=false",
             "--logging.progress_bar=false", "--checkpoint.every_steps=2", "--checkpoint.keep_last=4",
             "--model.drop_path_rate=0", *extra]
-
-
-def launch_pretrain(out: Path, world_size: int, args):
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WORLD_SIZE=str(world_size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    procs = []
-    for rank in range(world_size):
-        log = open(out / f"log_rank{rank}.txt", "a")
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), "--output_dir", str(out), *args],
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), cwd=REPO,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
 
 
 def by_step(lines):

@@ -1,7 +1,6 @@
 """A tiny real DeepSpeed training run that saves/resumes through CheckpointManager.
 
-Not a test module (no tests in it): named test_* only because tests/test_resume*.py are this
-part's files. Launched by tests/test_resume.py as N plain processes with RANK/WORLD_SIZE/MASTER_*
+Launched by tests/test_resume.py as N plain processes with RANK/WORLD_SIZE/MASTER_*
 set (the srun path of the real entry point). Every step reads the global samples [samples_seen, samples_seen + B)
 of a synthetic dataset, so the data position is explicit; dropout makes the torch RNG matter.
 Rank 0 appends {"step", "loss", "first_sample"} to OUT/metrics.jsonl after every step.
@@ -18,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from eva_train.train.checkpoint import CheckpointManager
 from eva_train.config import CheckpointConfig
 from eva_train.runtime.rng import capture_rng_state, restore_rng_state
+from eva_train.train.checkpoint import CheckpointManager
 
 GLOBAL_BATCH = 8
 IN_DIM, HIDDEN_DIM, OUT_DIM = 12, 24, 5  # odd sizes: ZeRO partitions get padding
