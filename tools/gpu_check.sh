@@ -156,9 +156,11 @@ result_of() {  # NAME: one line for the closing table, read from the step's log 
     case $1 in
         gpu_tests) grep -E "passed|failed|error|no tests ran" "$log" | tail -1 | tr -d '=' | xargs ;;
         bench_kernels) [[ -f $OUT_DIR/bench_kernels.summary ]] && tail -1 "$OUT_DIR/bench_kernels.summary" ;;
-        bench_step_*) awk '$1 == "eva_train" || ($1 == "timm" && $2 == "Eva") {
+        bench_step_*) local rows  # its table's rows, else (a format this script does not know) its last line
+            rows=$(awk '$1 == "eva_train" || ($1 == "timm" && $2 == "Eva") {
                   name = ($1 == "timm") ? "timm" : "ours"; off = ($1 == "timm") ? 1 : 0
-                  printf "%s %s img/s MFU %s peak %s GiB; ", name, $(3 + off), $(4 + off), $(5 + off) }' "$log" ;;
+                  printf "%s %s img/s MFU %s peak %s GiB; ", name, $(3 + off), $(4 + off), $(5 + off) }' "$log")
+            echo "${rows:-$(grep -v '^[[:space:]]*$' "$log" | tail -1)}" ;;
         *) grep -v '^[[:space:]]*$' "$log" | tail -1 ;;
     esac
 }
@@ -174,6 +176,11 @@ printf '%-18s %3s %5s  %s\n' check rc secs result
 failed=0
 for i in "${!NAMES[@]}"; do
     [[ ${RCS[$i]} == 0 ]] || failed=1
-    printf '%-18s %3s %5s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "$(result_of "${NAMES[$i]}" 2>/dev/null | cut -c1-110)"
+    case ${RCS[$i]} in
+        -) result="skipped: no time left" ;;
+        124|137) result="TIMED OUT; $(result_of "${NAMES[$i]}" 2>/dev/null)" ;;
+        *) result=$(result_of "${NAMES[$i]}" 2>/dev/null) ;;
+    esac
+    printf '%-18s %3s %5s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${result:0:110}"
 done
 exit $failed
