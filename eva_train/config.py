@@ -10,13 +10,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+
+from eva_train.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the fix in the message."""
+Precision = Literal["bf16", "fp16", "fp32"]
 
 
 @dataclass
@@ -24,12 +23,12 @@ class ModelConfig:
     variant: str = "eva_g_p14"          # a name from eva_train.models.variants
     img_size: int = 224                 # pixels, square
     drop_path_rate: float = 0.1
-    mode: str = "mim"                   # "mim": mask tokens in the encoder (EVA); "mae": visible-only encoder + decoder
+    mode: Literal["mim", "mae"] = "mim"  # "mim": mask tokens in the encoder (EVA); "mae": visible-only encoder + decoder
     decoder_depth: int = 4              # mae mode only
     decoder_width: int = 512            # mae mode only
     decoder_heads: int = 16             # mae mode only
     checkpoint_fraction: float = 1.0    # fraction of blocks under activation checkpointing (0 = none)
-    kernels: str = ""                   # "", auto, triton, torch, apex ("" = $EVA_KERNELS or auto)
+    kernels: Literal["", "auto", "triton", "torch", "apex"] = ""  # "" = $EVA_KERNELS or auto
     init_from: str = ""                 # optional local weights to start from (EVA/timm/mmpretrain/ours)
 
 
@@ -38,14 +37,14 @@ class TeacherConfig:
     name: str = "ViT-L-14"              # open_clip model name, or "tiny" for the demo's small tower
     checkpoint: str = ""                # local file with the tower's weights (required unless random_init)
     random_init: bool = False           # demo only: a randomly initialised teacher, said loudly in the log
-    precision: str = "bf16"             # teacher compute dtype on GPU (fp32 on CPU)
-    input_transform: str = "none"       # "none", or "gray_standardized" (demo only: a random teacher's
-                                        # targets would otherwise be dominated by the images' random colours)
+    precision: Precision = "bf16"       # teacher compute dtype on GPU (fp32 on CPU)
+    input_transform: Literal["none", "gray_standardized"] = "none"  # gray_standardized: demo only (a random
+                                        # teacher's targets would otherwise be dominated by the images' random colours)
 
 
 @dataclass
 class MaskConfig:
-    strategy: str = "block"             # "block" (BEiT block-wise, EVA) or "random" (exact count, MAE-style)
+    strategy: Literal["block", "random"] = "block"  # "block" (BEiT block-wise, EVA) or "random" (exact count, MAE-style)
     num_masking_patches: int = 105      # of 256 at 224/14 (about 40%); scaled with the grid at other sizes
     min_block_patches: int = 16
     min_aspect: float = 0.3             # max aspect is 1 / min_aspect
@@ -82,7 +81,7 @@ class TrainConfig:
     micro_batch_size: int = 32          # images per rank per forward
     epochs: float = 150.0               # used when total_steps == 0
     total_steps: int = 0
-    precision: str = "bf16"             # bf16, fp16 or fp32
+    precision: Precision = "bf16"       # bf16, fp16 or fp32
     seed: int = 0
     output_dir: str = "outputs/run"
     deepspeed_config: str = "ds_configs/zero3.json"
@@ -90,12 +89,12 @@ class TrainConfig:
     max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
     dist_timeout_s: int = 1800          # process-group timeout: a collective waiting longer raises instead of hanging
     stall_timeout_s: float = 1800.0     # watchdog: no training progress for this long -> stacks in the log, exit non-zero
+    # finish the step, save, then requeue (time limit, preemption) or stop (a user's cancel) on these
+    save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     max_bad_steps: int = 3              # this many non-finite steps in a row (each skipped) stop the run, exit 1
     spike_factor: float = 0.0           # loss spike: cosine distance (loss + 1) > factor x its running median (0 = off)
     spike_window: int = 50              # ... median of the last this many healthy steps
     spike_patience: int = 3             # ... for this many steps in a row -> reload the last good checkpoint, skip the data
-    # finish the step, save, then requeue (time limit, preemption) or stop (a user's cancel) on these
-    save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
 
 
 @dataclass
@@ -156,6 +155,8 @@ def available_recipes() -> List[str]:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Turn a TOML value or a CLI string into the field's declared type."""
     origin = get_origin(hint)
+    if origin is Literal:
+        return _choice(value, get_args(hint), where)
     if origin in (list, List, tuple, Tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if not value.startswith("[") else json.loads(value)
@@ -183,6 +184,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return hint(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+
+
+def _choice(value: Any, choices: Tuple[Any, ...], where: str) -> Any:
+    """A value of a `Literal[...]` field: one of its choices (CLI strings compared as text)."""
+    for choice in choices:
+        if value == choice or (isinstance(value, str) and value == str(choice)):
+            return choice
+    shown = ", ".join(repr(c) if c == "" else str(c) for c in choices)
+    raise ConfigError(f"{where} {value!r} is unknown; use one of {shown}")
 
 
 def apply_value(root: Any, section: str, key: str, value: Any, source: str) -> None:
@@ -255,15 +265,75 @@ def derived_grad_accum(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
+# Allowed values of numeric fields ("> 0", ">= 0", or an interval "[0, 1)"); tuples are checked item by item.
+RANGES = {
+    "model.img_size": "> 0", "model.drop_path_rate": "[0, 1)", "model.checkpoint_fraction": "[0, 1]",
+    "model.decoder_depth": "> 0", "model.decoder_width": "> 0", "model.decoder_heads": "> 0",
+    "mask.min_block_patches": "> 0", "mask.min_aspect": "(0, 1]",
+    "data.num_workers": ">= 0", "data.min_crop_scale": "(0, 1]", "data.bad_sample_threshold": "[0, 1]",
+    "data.bad_sample_min_count": ">= 0", "data.max_image_pixels": "> 0", "data.prefetch_factor": "> 0",
+    "optim.lr": "> 0", "optim.min_lr": ">= 0", "optim.betas": "[0, 1)", "optim.eps": "> 0",
+    "optim.weight_decay": ">= 0", "optim.warmup_steps": ">= 0", "optim.warmup_epochs": ">= 0",
+    "optim.grad_clip": ">= 0",
+    "train.global_batch_size": "> 0", "train.micro_batch_size": "> 0", "train.epochs": ">= 0",
+    "train.total_steps": ">= 0", "train.seed": ">= 0", "train.val_every_steps": ">= 0",
+    "train.max_steps_this_run": ">= 0", "train.dist_timeout_s": "> 0", "train.stall_timeout_s": "> 0",
+    "train.max_bad_steps": "> 0", "train.spike_factor": ">= 0", "train.spike_window": "> 0",
+    "train.spike_patience": "> 0",
+    "logging.log_every_steps": "> 0",
+    "eval.knn_every_steps": ">= 0", "eval.knn_k": "> 0", "eval.knn_temperature": "> 0",
+    "eval.knn_max_images": "> 0", "eval.knn_batch_size": "> 0",
+}
+
+
+def in_range(value: float, rule: str) -> bool:
+    """`value` satisfies a RANGES rule; NaN satisfies none."""
+    if rule.startswith((">", "<")):
+        op, bound = rule.split()
+        return {">": value > float(bound), ">=": value >= float(bound)}.get(op, False)
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_ranges(cfg: Config) -> None:
+    for name, rule in RANGES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not all(in_range(v, rule) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+            raise ConfigError(f"{name}={value} is out of range: it must be {rule}; change it (--{name}=...)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}; the schedule decays "
+                          f"from lr to min_lr, so lower min_lr")
+
+
+def check_choices(root: Any) -> None:
+    """Every `Literal[...]` field of every section holds one of its choices (values set in code
+    bypass the coercion that checks recipes and command lines)."""
+    for section in dataclasses.fields(root):
+        target = getattr(root, section.name)
+        if dataclasses.is_dataclass(target):
+            check_section_choices(target, section.name)
+
+
+def check_section_choices(target: Any, section: str) -> None:
+    for key, hint in get_type_hints(type(target)).items():
+        if get_origin(hint) is Literal:
+            _choice(getattr(target, key), get_args(hint), f"{section}.{key}")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cheap checks that must pass before anything expensive starts."""
     from eva_train.models.variants import VARIANTS  # light import: a dict of configs
 
+    check_choices(cfg)
+    check_ranges(cfg)
     m = cfg.model
     if m.variant not in VARIANTS:
         raise ConfigError(f"model.variant '{m.variant}' is unknown; choose one of {', '.join(sorted(VARIANTS))}")
     patch = VARIANTS[m.variant].patch_size
-    if m.img_size <= 0 or m.img_size % patch:
+    if m.img_size % patch:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch} of "
                           f"{m.variant}; use a multiple of {patch} (e.g. {patch * (max(m.img_size, patch) // patch)})")
     from eva_train.models import check_model_config  # torch-free checks of the model section
@@ -275,15 +345,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.mode == "mae" and cfg.mask.strategy != "random":
         raise ConfigError("model.mode=mae needs the same number of masked patches in every image; "
                           "set mask.strategy=random")
-    if not 0.0 <= m.checkpoint_fraction <= 1.0:
-        raise ConfigError(f"model.checkpoint_fraction={m.checkpoint_fraction} must lie in [0, 1]")
     if m.init_from and not Path(m.init_from).is_file():
         raise ConfigError(f"model.init_from '{m.init_from}' does not exist; give a local weights file (official "
                           f"EVA-01/EVA-02 .pt, timm/open_clip/mmpretrain, or tools/consolidate.py output)")
-    if m.kernels not in ("", "auto", "triton", "torch", "apex"):
-        raise ConfigError(f"model.kernels '{m.kernels}' is unknown; use auto, triton, torch or apex")
-    if cfg.train.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"train.precision '{cfg.train.precision}' is unknown; use bf16, fp16 or fp32")
     if cfg.train.total_steps <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("train.total_steps and train.epochs are both 0; set one of them")
     # mask counts are given for the 16x16 reference grid (224/14) and scaled by area to the real grid
@@ -305,8 +369,7 @@ def _validate_save_signals(names: List[str]) -> None:
 
 
 def _validate_teacher(t: TeacherConfig) -> None:
-    if t.input_transform not in ("none", "gray_standardized"):
-        raise ConfigError(f"teacher.input_transform '{t.input_transform}' is unknown; use none or gray_standardized")
+    check_section_choices(t, "teacher")
     if t.random_init:
         return
     if not t.checkpoint:

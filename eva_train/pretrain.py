@@ -19,11 +19,13 @@ if __name__ == "__main__":  # run as a script: eva_train/ must not shadow top-le
 import argparse
 import json
 import logging
+import os
 import subprocess
 import warnings
 from typing import List, Optional, Tuple
 
 from eva_train.config import Config, ConfigError, build_config, derived_grad_accum, validate
+from eva_train.errors import DISK_FULL_ERRNOS, RunError, disk_full_error
 from eva_train.runtime.distributed import world_from_env
 
 log = logging.getLogger("eva_train.pretrain")
@@ -56,29 +58,19 @@ def resolve_config(args: argparse.Namespace, overrides: List[str]) -> Config:
 
 
 def check_config(cfg: Config, world_size: int) -> None:
-    """Everything that can fail cheaply, before a process group, a model or data workers exist."""
+    """Everything that can fail without a process group, before a model or data workers exist: the
+    config's values, the DeepSpeed JSON, and the files the run is given (resume target, init_from,
+    teacher: keys and shapes, read from the headers). The dry run and the real start both call it."""
+    validate(cfg, world_size)
+    # Imported only now (measured: torch + open_clip + deepspeed take 7-25 s to import on 2 busy cores),
+    # so a bad value on the command line fails in a fraction of a second.
     from eva_train.train.checkpoint import check_checkpoint_config
     from eva_train.train.engine import build_ds_config
-    from eva_train.models import check_model_config
+    from eva_train.train.preflight import check_run_inputs
 
-    validate(cfg, world_size)
-    try:
-        check_model_config(cfg.model)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
     check_checkpoint_config(cfg.checkpoint)
     build_ds_config(cfg, world_size)
-    _check_teacher_name(cfg.teacher.name)
-
-
-def _check_teacher_name(name: str) -> None:
-    if name == "tiny" or name.startswith("local-dir:"):
-        return
-    import open_clip
-
-    if name.startswith("hf-hub:") or open_clip.get_model_config(name) is None:
-        raise ConfigError(f"teacher.name '{name}' is not a local open_clip model config; use 'tiny', "
-                          f"'local-dir:DIR' or one of open_clip.list_models(), e.g. ViT-L-14-quickgelu")
+    check_run_inputs(cfg)
 
 
 def dataset_size(cfg: Config) -> Tuple[int, str]:
@@ -124,7 +116,29 @@ def setup_logging(rank: int) -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def exit_code(error: BaseException) -> Optional[int]:
+    """2 for bad input, 1 for a run-time failure the user can act on, None for a bug (traceback)."""
+    if isinstance(error, ConfigError):  # also DataError, CheckpointError, LayoutError, TeacherLoadError
+        return 2
+    if isinstance(error, RunError) or (isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS):
+        return 1
+    return None
+
+
+def report_error(error: BaseException, rank: int) -> None:
+    """One line on stderr. Input errors (ConfigError and its kinds) are raised alike on every rank:
+    rank 0 alone says them. A run-time failure may be one rank's own (its local disk), so that rank
+    says it, with its number."""
+    if isinstance(error, OSError):  # a write outside the checkpoint save (metrics, config.json) hit a full disk
+        error = disk_full_error(error, error.filename or "the output dir") or error
+    message = " ".join(str(error).split())  # one line, whatever the message held
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    elif not isinstance(error, ConfigError):
+        print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
+def start(argv: Optional[List[str]]) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg = resolve_config(args, overrides)
@@ -134,16 +148,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(cfg.to_json())
             return 0
         run_plan = plan(cfg, world.world_size)
-    except (ConfigError, ValueError) as error:  # CheckpointError and DataError are ValueErrors too
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # before anything runs, every ValueError is about the input
+        raise error if isinstance(error, ConfigError) else ConfigError(str(error)) from None
     if args.dry_run:
         print("plan: " + json.dumps(run_plan, indent=2))
         return 0
     setup_logging(world.rank)
-    from eva_train.train.build import train
+    from eva_train.train.build import train  # deepspeed and the model code: only for a real run
 
     return train(cfg, world, code_version())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The one place errors become exit codes: the config checks and the whole run go through it."""
+    try:
+        return start(argv)
+    except Exception as error:  # noqa: BLE001 - sorted by exit_code; anything else is re-raised
+        code = exit_code(error)
+        if code is None:
+            raise
+        report_error(error, int(os.environ.get("RANK", "0") or 0))
+        return code
 
 
 if __name__ == "__main__":

@@ -66,7 +66,18 @@ def test_demo_validates(tmp_path):
     ("--model.variant=eva_zz", 1, "model.variant 'eva_zz' is unknown"),
     ("--model.img_size=60", 1, "not divisible by the patch size 8"),
     ("--train.micro_batch_size=24", 2, "not a multiple of"),
-    ("--train.precision=fp8", 1, "train.precision 'fp8'"),
+    ("--train.precision=fp8", 1, "train.precision 'fp8' is unknown; use one of bf16, fp16, fp32"),
+    ("--mask.strategy=typo", 1, "mask.strategy 'typo' is unknown; use one of block, random"),
+    ("--optim.lr=-1", 1, r"optim.lr=-1.0 is out of range: it must be > 0"),
+    ("--optim.lr=0", 1, r"optim.lr=0.0 is out of range"),
+    ("--optim.lr=nan", 1, r"optim.lr=nan is out of range"),
+    ("--optim.warmup_steps=-1", 1, r"optim.warmup_steps=-1 is out of range: it must be >= 0"),
+    ("--optim.betas=0.9,1.0", 1, r"optim.betas=\(0.9, 1.0\) is out of range: it must be \[0, 1\)"),
+    ("--train.micro_batch_size=0", 1, r"train.micro_batch_size=0 is out of range: it must be > 0"),
+    ("--train.global_batch_size=-64", 1, r"train.global_batch_size=-64 is out of range"),
+    ("--train.epochs=-1", 1, r"train.epochs=-1.0 is out of range"),
+    ("--mask.num_masking_patches=256", 1, r"mask.num_masking_patches=256 must lie in \(0, 256\)"),
+    ("--optim.min_lr=1", 1, "optim.min_lr=1.0 is above optim.lr"),
     ("--teacher.random_init=false", 1, "teacher.checkpoint is empty"),
     ("--data.demo_root=", 1, "data.index is empty"),
     ("--data.index=/nonexistent/train.arrow", 1, "does not exist; build it"),
@@ -75,6 +86,34 @@ def test_validate_errors_are_one_line_with_a_fix(tmp_path, override, world_size,
     with pytest.raises(ConfigError, match=message) as info:
         validate(demo(override, tmp_path=tmp_path), world_size)
     assert "\n" not in str(info.value)
+
+
+def literal_fields():
+    """(section.key, choices) of every Literal[...] field of the pretraining config."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    cfg = demo()
+    return [(f"{section}.{key}", get_args(hint)) for section in cfg.to_dict() if section != "recipe"
+            for key, hint in get_type_hints(type(getattr(cfg, section))).items() if get_origin(hint) is Literal]
+
+
+def test_enumerated_fields_are_declared_literal():
+    names = {name for name, _ in literal_fields()}
+    assert {"mask.strategy", "model.mode", "model.kernels", "train.precision", "teacher.precision",
+            "teacher.input_transform"} <= names
+
+
+@pytest.mark.parametrize("name,choices", literal_fields())
+def test_every_literal_field_refuses_an_unknown_value_from_the_command_line_and_from_code(name, choices):
+    with pytest.raises(ConfigError, match=f"{name} 'typo' is unknown; use one of") as info:
+        demo(f"--{name}=typo")
+    assert all(str(c) in str(info.value) for c in choices)
+    assert demo(f"--{name}={choices[-1]}") is not None  # every declared choice is accepted
+    cfg = demo()
+    section, key = name.split(".")
+    setattr(getattr(cfg, section), key, "typo")  # set in code: validate checks it too
+    with pytest.raises(ConfigError, match=f"{name} 'typo' is unknown"):
+        validate(cfg)
 
 
 def test_missing_teacher_file_and_unwritable_output(tmp_path):

@@ -26,6 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from eva_train.errors import ConfigError
+
 if TYPE_CHECKING:  # torch is imported where tensors are converted; plans (streaming export) need none
     import torch
 
@@ -34,7 +36,7 @@ MIM_ONLY_PREFIXES = ("mask_token", "lm_head.", "decoder")
 Shape = Tuple[int, ...]
 
 
-class LayoutError(ValueError):
+class LayoutError(ConfigError):
     pass
 
 
@@ -108,7 +110,8 @@ class LayoutPlan:
                 mismatched.append(src)
                 used.update(r.dest for r in dests)
                 continue
-            flat = torch.zeros(math.prod(src_shapes[src]), dtype=foreign[dests[0].dest].dtype)
+            first = foreign[dests[0].dest]  # its device too: the start-up check converts meta tensors
+            flat = torch.zeros(math.prod(src_shapes[src]), dtype=first.dtype, device=first.device)
             for route in dests:
                 piece = foreign[route.dest].reshape(-1)[route.dest_start:route.dest_start + route.length]
                 flat[route.src_start:route.src_start + route.length] = piece

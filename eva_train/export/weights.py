@@ -165,16 +165,22 @@ def load_weights(model: nn.Module, source: Union[str, Mapping[str, torch.Tensor]
     return report
 
 
-def init_from(model: nn.Module, path: str) -> ImportReport:
-    """Start training from a weights file (model.init_from): every rank converts it to our names;
-    a ZeRO-3 partitioned param is gathered, rank 0 copies the value in and DeepSpeed partitions it
-    again. Anything but the MIM/MAE heads missing, or any shape mismatch, is an error naming them."""
-    state_dict = read_state_dict(path)
+def check_init_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> tuple:
+    """(converted, report) when `state_dict` may start `model`; else LayoutError naming what does not
+    fit. Shapes only: the start-up check passes meta tensors of the file and a model built on meta."""
     converted, report = to_our_names(state_dict, model)
     missing = [k for k in report.missing if not k.startswith(MIM_ONLY_PREFIXES)]
     if report.mismatched or missing or not converted:
         raise LayoutError(f"model.init_from {path} does not fit model {type(model).__name__}: {report.summary()}; "
                           f"check model.variant / model.img_size against the file")
+    return converted, report
+
+
+def init_from(model: nn.Module, path: str) -> ImportReport:
+    """Start training from a weights file (model.init_from): every rank converts it to our names;
+    a ZeRO-3 partitioned param is gathered, rank 0 copies the value in and DeepSpeed partitions it
+    again. Anything but the MIM/MAE heads missing, or any shape mismatch, is an error naming them."""
+    converted, report = check_init_from(model, read_state_dict(path), path)
     params = dict(model.named_parameters())
     partitioned = [name for name in converted if hasattr(params.get(name), "ds_id")]
     if partitioned:

@@ -18,6 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 
+from eva_train.errors import ConfigError
 from eva_train.models import flops
 from eva_train.models.pos_embed import resize_pos_embed
 
@@ -31,7 +32,7 @@ WRAPPER_KEYS = ("state_dict", "model", "module", "visual")
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(ConfigError):
     """The teacher's weights file is missing, unreadable or does not fit the named tower."""
 
 
@@ -164,6 +165,21 @@ def _check_keys(visual: nn.Module, state: Dict[str, torch.Tensor], path: str) ->
         detail = "; ".join(f"{len(keys)} {label}: {', '.join(keys[:5])}" for label, keys in problems)
         raise TeacherLoadError(f"teacher.checkpoint '{path}' does not fit the {type(visual).__name__} tower "
                                f"of teacher.name: {detail}; check teacher.name matches the weights")
+
+
+def teacher_out_dim(name: str) -> int:
+    """Width of the teacher's targets (the tower's projection), from its open_clip config alone."""
+    return int(_model_config(name)["embed_dim"])
+
+
+def check_teacher_weights(teacher_cfg, state: Dict[str, torch.Tensor]) -> int:
+    """Start-up check of a teacher file's tensors (meta tensors are enough) against the tower of
+    teacher_cfg.name, built on the meta device; returns the output width. TeacherLoadError if unfit."""
+    tower_cfg = _model_config(teacher_cfg.name)
+    with torch.device("meta"):
+        visual, out_dim = _build_tower(teacher_cfg.name, tower_cfg, state)
+    _check_keys(visual, visual_state_dict(state), teacher_cfg.checkpoint)
+    return out_dim
 
 
 def _adapt_to_grid(visual: nn.Module, grid: int) -> None:

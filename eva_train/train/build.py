@@ -156,8 +156,12 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     preemption = PreemptionHandler(cfg.train.save_signals).install()
     watchdog = StallWatchdog(cfg.train.stall_timeout_s, world.rank).start()
     watchdog.beat("build", timeout_s=max(cfg.train.stall_timeout_s, SAVE_TIMEOUT_S))
-    run = build_run(cfg, world, code_version)
-    write_run_config(run)
+    try:
+        run = build_run(cfg, world, code_version)
+        write_run_config(run)
+    except BaseException:  # e.g. a teacher file that broke after the start-up check: pretrain.main says it
+        watchdog.stop()    # in one line; the watchdog must not dump stacks meanwhile
+        raise
     sink = MetricsSink(cfg.train.output_dir, cfg.logging, cfg.to_dict(), world.rank, run.total_steps, run.start_step)
     try:
         outcome = run_loop(run, sink, preemption, watchdog)

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
+from eva_train.errors import ConfigError, disk_full_error
 from eva_train.export import torch_zip
 from eva_train.runtime.fsio import atomic_write_text, fsync_path
 from eva_train.runtime.rng import load_rng_file
@@ -53,7 +54,7 @@ UNIVERSAL_DIR = "universal"
 CLIENT_KEY = "eva_client_state"  # our dict inside DeepSpeed's model-states file, apart from its own keys
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used, with the fix in the message."""
 
 
@@ -235,12 +236,18 @@ class CheckpointManager:
                 _remove_tag_dir(tag_dir)
         _barrier(self.world_size)
         started = time.time()
-        engine.save_checkpoint(str(self.root), tag=tag_dir.name, client_state={CLIENT_KEY: common},
-                               save_latest=False)
-        if "rng" in client_state:
-            (tag_dir / "rng").mkdir(exist_ok=True)
-            _atomic_torch_save(client_state["rng"], tag_dir / "rng" / f"rank_{self.rank:05d}.pt")
-        _fsync_own_shards(tag_dir, self.rank)
+        try:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+            engine.save_checkpoint(str(self.root), tag=tag_dir.name, client_state={CLIENT_KEY: common},
+                                   save_latest=False)
+            if "rng" in client_state:
+                (tag_dir / "rng").mkdir(exist_ok=True)
+                _atomic_torch_save(client_state["rng"], tag_dir / "rng" / f"rank_{self.rank:05d}.pt")
+            _fsync_own_shards(tag_dir, self.rank)
+        except (OSError, RuntimeError) as exc:
+            full = disk_full_error(exc, tag_dir)
+            if full is None:
+                raise
+            raise full from None
         _barrier(self.world_size)  # every rank's files are on disk (closed) past this point
         if self.rank == 0:
             self._commit(tag_dir, step, engine)
