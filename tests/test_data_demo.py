@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
+from tests.helpers.data import write_tar_shards
 
 from eva_train.config import DataConfig, MaskConfig
 from eva_train.data.build import build_index
-from eva_train.data.demo import ensure_demo_data, write_tar_shards
+from eva_train.data.demo import ensure_demo_data
 from eva_train.data.errors import DataError
 from eva_train.data.index import check_index, open_index
 from eva_train.data.loader import build_loader

@@ -1,32 +1,15 @@
 """Labeled image sources, padded sharding and ordered feature gathering."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tests.helpers.data import write_class_folder
 
-from eva_train.eval.data import eval_loader, eval_transform, image_folder, open_labeled, train_loader
+from eva_train.data.transforms import EvalTransform
+from eva_train.eval.data import eval_loader, image_folder, open_labeled, train_loader
 from eva_train.eval.features import extract_features, gather_in_order
-
-CLASS_COLORS = [(220, 40, 40), (40, 200, 60), (50, 60, 230), (230, 210, 40)]
-
-
-def write_class_folder(root, per_class, size=16, num_classes=3, seed=0):
-    """ROOT/class_k/i.png: class k is a noisy patch of color k with stripes whose direction is k % 2."""
-    rng = np.random.default_rng(seed)
-    for k in range(num_classes):
-        (root / f"class_{k}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = np.array(CLASS_COLORS[k], np.float32) * rng.uniform(0.6, 1.0)
-            img = np.broadcast_to(img, (size, size, 3)).copy()
-            stripes = (np.arange(size) // 2 % 2 * 40.0)[:, None] if k % 2 else (np.arange(size) // 2 % 2 * 40.0)[None, :]
-            img += stripes[..., None] + rng.normal(0, 12, (size, size, 3))
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / f"class_{k}" / f"{i}.png")
-    return root
-
 
 def test_image_folder_labels_and_transform(tmp_path):
     write_class_folder(tmp_path, per_class=4, size=20)
-    ds = image_folder(str(tmp_path)).with_transform(eval_transform(16))
+    ds = image_folder(str(tmp_path)).with_transform(EvalTransform(16))
     assert ds.class_names == ["class_0", "class_1", "class_2"]
     assert list(ds.labels) == [0] * 4 + [1] * 4 + [2] * 4
     item = ds[5]
@@ -47,7 +30,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_padded_shards_cover_every_sample_once(tmp_path, world_size):
     write_class_folder(tmp_path, per_class=4, size=16)           # 12 samples
-    ds = image_folder(str(tmp_path)).with_transform(eval_transform(16))
+    ds = image_folder(str(tmp_path)).with_transform(EvalTransform(16))
     loaders = [eval_loader(ds, 2, r, world_size) for r in range(world_size)]
     per_rank = [list(ld) for ld in loaders]
     assert len({len(b) for b in per_rank}) == 1                   # same number of batches on every rank
@@ -61,7 +44,7 @@ def test_padded_shards_cover_every_sample_once(tmp_path, world_size):
 
 def test_extract_features_single_rank_keeps_order(tmp_path):
     write_class_folder(tmp_path, per_class=3, size=16)
-    ds = image_folder(str(tmp_path)).with_transform(eval_transform(16))
+    ds = image_folder(str(tmp_path)).with_transform(EvalTransform(16))
     mean_color = lambda x: x.mean(dim=(2, 3))                      # (B,3,H,W) -> (B,3)
     feats, labels = extract_features(mean_color, eval_loader(ds, 4, 0, 1), torch.device("cpu"), 1)
     assert feats.shape == (9, 3) and labels.tolist() == list(ds.labels)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.data import write_class_folder
 
-sys.path.insert(0, str(Path(__file__).parent))   # shared image-folder writer
-from test_eval_data import write_class_folder  # noqa: E402
 
-from eva_train.config import EvalConfig, ModelConfig  # noqa: E402
-from eva_train.eval.knn_monitor import KnnMonitor  # noqa: E402
+from eva_train.config import EvalConfig, ModelConfig
+from eva_train.eval.knn_monitor import KnnMonitor
 
 IMG, PATCH = 16, 4
 REPO = Path(__file__).parents[1]

@@ -1,6 +1,7 @@
 """Linear probe, fine-tune and predict end to end on CPU (real DeepSpeed processes, tiny data),
 plus the protocol config, schedule and parameter groups."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.data import write_class_folder
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_eval_data import write_class_folder  # noqa: E402
 
-from eva_train.config import ConfigError  # noqa: E402
-from eva_train.eval.optim import layer_id, lr_at, param_groups  # noqa: E402
-from eva_train.eval.protocol_config import build_protocol_config, validate_protocol  # noqa: E402
+from eva_train.config import ConfigError
+from eva_train.eval.optim import layer_id, param_groups, protocol_lr
+from eva_train.eval.protocol_config import build_protocol_config, validate_protocol
 
 REPO = Path(__file__).parents[1]
 TINY = ["--model.variant=eva_debug_p4", "--model.img_size=16", "--train.global_batch_size=8",
@@ -135,13 +135,23 @@ def test_config_errors_name_the_fix(tiny):
         bench = build_protocol_config(recipe)
         assert bench.train.epochs == 100 and bench.model.variant == "eva_mae_b16"
     assert build_protocol_config("linear_vit_b16").peak_lr() == pytest.approx(6.4)   # 0.1 x 16384 / 256
+    lars_zero = build_protocol_config("linear_vit_b16", [f"--data.train={tiny}", f"--data.val={tiny}",
+                                                         f"--model.checkpoint={tiny / 'backbone.safetensors'}"])
+    validate_protocol(lars_zero, world_size=64)                  # the benchmark recipe: LARS without ZeRO
+    for stage in (1, 2, 3):
+        lars_zero.train.zero_stage = stage
+        with pytest.raises(ConfigError, match="optim.name=lars with train.zero_stage"):
+            validate_protocol(lars_zero, world_size=64)
 
 
 def test_schedule_and_layer_decay_groups():
-    assert lr_at(0.0, 1.0, 0.0, 2, 10) == 0.0
-    assert lr_at(1.0, 1.0, 0.0, 2, 10) == pytest.approx(0.5)
-    assert lr_at(2.0, 1.0, 0.1, 2, 10) == pytest.approx(1.0)
-    assert lr_at(10.0, 1.0, 0.1, 2, 10) == pytest.approx(0.1)
+    cfg = build_protocol_config("linear_demo", ["--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_epochs=2",
+                                                "--train.epochs=10"])
+    lrs = [protocol_lr(cfg, epoch, batch, 4) for epoch in range(10) for batch in range(4)]   # 40 steps, 8 warmup
+    assert lrs[:8] == pytest.approx([k / 8 for k in range(1, 9)])      # linear, peak at the last warmup step
+    assert lrs[8] == pytest.approx(1.0)                                 # cosine starts at the peak
+    assert lrs[8 + 16] == pytest.approx(0.1 + 0.9 * 0.5)                # half way through the 32 decay steps
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 31 / 32)))
     assert [layer_id(n, 12) for n in ("backbone.cls_token", "backbone.blocks.0.attn.qkv.weight",
                                       "backbone.blocks.11.mlp.fc2.bias", "head.linear.weight")] == [0, 1, 12, 13]
     from eva_train.eval.heads import Classifier, LinearHead

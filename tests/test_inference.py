@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from eva_train.data.transforms import EvalTransform
 from eva_train.export.inference import IMAGENET_MEAN, IMAGENET_STD, extract_feat, get_model, list_image_files
 from eva_train.export.layouts import to_layout
 from eva_train.models.eva import EvaForMIM
@@ -57,8 +58,9 @@ def test_extract_feat_from_image_files_and_pil(mim_model, tmp_path):
     assert from_files["patch"].shape == (2, 16, 32)
     from_pil = extract_feat(model, [Image.open(f) for f in files])
     torch.testing.assert_close(from_files["pooled"], from_pil["pooled"])
-    # a 16x16 file is used as it is: same as passing its pixels
-    exact = torch.from_numpy(__import__("numpy").array(Image.open(files[1]))).permute(2, 0, 1)[None]
+    # files go through the one evaluation preprocessing (EvalTransform): same as passing its output
+    pixels = torch.from_numpy(__import__("numpy").array(Image.open(files[1]))).permute(2, 0, 1)
+    exact = EvalTransform(16)(pixels)[None]
     torch.testing.assert_close(from_files["pooled"][1:], extract_feat(model, exact)["pooled"])
 
 

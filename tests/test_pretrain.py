@@ -138,7 +138,7 @@ def test_bad_sample_count_continues_across_resume(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_read_tar_shards_through_the_index(tmp_path):
     from eva_train.data.build import build_index
-    from data_helpers import write_tar_shards
+    from tests.helpers.data import write_tar_shards
 
     write_tar_shards(tmp_path / "shards", num_samples=48, num_shards=3, img_size=64)
     index = build_index([str(tmp_path / "shards")], str(tmp_path / "train.arrow"), num_workers=1)

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eva_train.data.decode import DEFAULT_JPEG_DECODER, BadImageError, decode_crop, read_header
+from eva_train.data.decode import (DEFAULT_JPEG_DECODER, DEFAULT_MAX_PIXELS, BadImageError, decode_crop, decode_full,
+                                   read_header)
 from eva_train.data.errors import DataError
 from eva_train.data.index import IndexReader
 from eva_train.data.reading import HandleCache, read_image_bytes
-from eva_train.data.transforms import center_crop_box, random_resized_crop_box
+from eva_train.data.transforms import EvalTransform, random_resized_crop_box
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 16
@@ -26,7 +27,7 @@ VAL_STREAM = 0xE7A1  # RNG domain for validation samples (mask seeded by index o
 class SampleSpec:
     img_size: int
     min_crop_scale: float = 0.2
-    max_image_pixels: int = 64 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
     train: bool = True
     seed: int = 0
     jpeg_decoder: str = DEFAULT_JPEG_DECODER  # "simplejpeg" or "pillow" (EVA_JPEG_DECODER sets the default)
@@ -66,15 +67,15 @@ class MaskedImageDataset(torch.utils.data.Dataset):
 
     def load_image(self, row: int, rng: np.random.Generator) -> torch.Tensor:
         """Read, header, crop box, decode + crop + resize, flip: one (3, S, S) uint8 image; raises
-        BadImageError / OSError for a bad one (the caller replaces it)."""
+        BadImageError / OSError for a bad one (the caller replaces it). Validation samples take the
+        evaluation preprocessing every eval tool uses (EvalTransform on the full decode)."""
         data = read_image_bytes(self.reader.image_location(row), self.handles)
         image = read_header(data, self.spec.max_image_pixels, self.spec.jpeg_decoder)
+        if not self.spec.train:
+            return EvalTransform(self.spec.img_size)(decode_full(image))
         width, height = image.upright_size
-        if self.spec.train:
-            box = random_resized_crop_box(width, height, (self.spec.min_crop_scale, 1.0), rng)
-            flip = bool(rng.random() < 0.5)
-        else:
-            box, flip = center_crop_box(width, height), False
+        box = random_resized_crop_box(width, height, (self.spec.min_crop_scale, 1.0), rng)
+        flip = bool(rng.random() < 0.5)
         return decode_crop(image, box, self.spec.img_size, flip)
 
     def _log_bad(self, row: int, exc: Exception) -> None:

@@ -15,6 +15,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -37,7 +38,8 @@ DEFAULT_JPEG_DECODER = os.environ.get("EVA_JPEG_DECODER") or ("simplejpeg" if si
 if DEFAULT_JPEG_DECODER not in ("pillow", "simplejpeg") or (DEFAULT_JPEG_DECODER == "simplejpeg" and not simplejpeg):
     raise ImportError(f"EVA_JPEG_DECODER={DEFAULT_JPEG_DECODER!r}: use 'pillow', or 'simplejpeg' with simplejpeg "
                       f"installed (pip install simplejpeg), or unset it to pick automatically")
-SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")  # what it converts to RGB (not CMYK/YCCK)
+SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs (data.max_image_pixels in training)  # what it converts to RGB (not CMYK/YCCK)
 _DECODE_BUFFER = threading.local()
 
 # EXIF orientation -> the same transform as PIL.ImageOps.exif_transpose, on an (H, W, C) array view
@@ -163,6 +165,35 @@ def decode_crop(image: EncodedImage, box, out_size: int, flip: bool) -> torch.Te
     left, top, right, bottom = [int(round(v * scale)) for v in box]
     crop = pixels[top:max(bottom, top + 1), left:max(right, left + 1)]  # RGBX stays RGBX
     return resize_pixels(channels_last(crop), out_size, flip)
+
+
+def decode_full(image: EncodedImage) -> torch.Tensor:
+    """The whole image, upright RGB, full resolution: uint8 (3, H, W), a tensor of its own (the
+    decoders' buffers are reused). The evaluation path: no DCT downscaling, so every tool that
+    evaluates gets the same pixels for the same file."""
+    pixels = _decode_simplejpeg(image, 1) if image.pillow is None else None
+    if pixels is None:
+        pixels = _decode_pillow(image, 1)
+    upright = _ORIENT[image.orientation](pixels)[..., :3]          # (H, W, 3) view
+    return torch.from_numpy(np.array(upright, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def load_rgb(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file path, encoded bytes, a PIL image or a uint8 (3, H, W) tensor -> upright RGB uint8
+    (3, H, W) through the same decoders as the data pipeline. Unreadable input -> ValueError naming it."""
+    if isinstance(item, torch.Tensor):
+        if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] != 3:
+            raise ValueError(f"image tensors must be uint8 (3, H, W); got {item.dtype} {tuple(item.shape)}")
+        return item
+    if isinstance(item, Image.Image):
+        pixels = np.asarray(_to_rgb(item))
+        return torch.from_numpy(_ORIENT[exif_orientation(item)](pixels).copy()).permute(2, 0, 1).contiguous()
+    try:
+        data = item if isinstance(item, bytes) else Path(item).read_bytes()
+        return decode_full(read_header(data, max_pixels))
+    except (OSError, BadImageError) as err:
+        name = "image bytes" if isinstance(item, bytes) else f"image '{item}'"
+        raise ValueError(f"cannot read {name}: {err}") from None
 
 
 def _decode_simplejpeg(image: EncodedImage, factor: int):

@@ -1,4 +1,4 @@
-"""Demo data made on first use, and tiny tar shards for tests.
+"""Demo data made on first use.
 
 `ensure_demo_data` writes procedural JPEGs in class folders (ROOT/train/<class>/, ROOT/val/<class>/)
 and indexes them with the same builder as tools/build_index.py. Concurrency: callers take an
@@ -11,9 +11,7 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
-from typing import List
 
 import numpy as np
 from PIL import Image
@@ -74,27 +72,3 @@ def ensure_demo_data(root, img_size: int = 64, num_train: int = 2000, num_val: i
         else:
             _generate(root, params)
     return str(root / "train.arrow"), str(root / "val.arrow")
-
-
-def write_tar_shards(out_dir, num_samples: int = 64, num_shards: int = 2, img_size: int = 64,
-                     seed: int = 0) -> List[str]:
-    """Tiny webdataset shards for tests: per sample KEY.jpg, KEY.cls, KEY.txt, KEY.json. Returns paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for shard in range(num_shards):
-        path = out / f"shard-{shard:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(shard, num_samples, num_shards):
-                label = i % NUM_CLASSES
-                key = f"{i:08d}"
-                members = {"jpg": _jpeg_bytes(make_image(label, img_size, rng)), "cls": str(label).encode(),
-                           "txt": f"a {CLASS_NAMES[label]} picture".encode(),
-                           "json": json.dumps({"key": key, "label": label}).encode()}
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(str(path))
-    return paths

@@ -50,7 +50,7 @@ def _table(paths, offsets, sizes, labels, captions=None, jsons=None, widths=None
 
 
 def is_image_name(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
 
 
 def probe_size(fileobj) -> (int, int):

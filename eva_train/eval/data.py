@@ -1,10 +1,12 @@
 """Labeled images for evaluation: sources, transforms and rank-consistent loaders.
 
 A source is an image folder (one sub-folder per class, like torchvision's ImageFolder) or an
-Arrow index from `tools/build_index.py` (rows with labels). Evaluation loaders give every rank
-the same number of equally sized batches: the sample list is padded to a multiple of the world
-size with repeats flagged `valid=False`, so under ZeRO-3 every rank runs the same forwards and
-nothing is dropped or counted twice.
+Arrow index from `tools/build_index.py` (rows with labels). Images are decoded by the data
+pipeline's decoders (`load_rgb`: EXIF orientation, 16-bit scaling, transparency on white) and
+evaluated through its one `EvalTransform`. Evaluation loaders give every rank the same number of
+equally sized batches: the sample list is padded to a multiple of the world size with repeats
+flagged `valid=False`, so under ZeRO-3 every rank runs the same forwards and nothing is dropped or
+counted twice.
 """
 import math
 import os
@@ -14,17 +16,19 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-EVAL_CROP_FRACTION = 0.875     # resize the short side to img_size / 0.875, center crop img_size
+from eva_train.data.decode import DEFAULT_MAX_PIXELS, decode_full, load_rgb, read_header
+from eva_train.data.index import open_index
+from eva_train.data.reading import HandleCache, read_image_bytes
+from eva_train.data.sources import is_image_name
 
 
 class LabeledImages(Dataset):
-    """Images with integer labels; `__getitem__` -> {"images": uint8 (3,H,W), "label": int64}."""
+    """Images with integer labels; `__getitem__` -> {"images": uint8 (3,H,W), "label": int64}.
+    `load_image(i)` gives image i as upright RGB uint8 (3, H, W)."""
 
-    def __init__(self, load_image: Callable[[int], Image.Image], labels: np.ndarray,
+    def __init__(self, load_image: Callable[[int], torch.Tensor], labels: np.ndarray,
                  class_names: List[str], transform: Optional[Callable] = None, origin: str = ""):
         self.load_image = load_image
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -36,7 +40,7 @@ class LabeledImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        image = T.functional.pil_to_tensor(self.load_image(i).convert("RGB"))   # uint8 (3,H,W)
+        image = self.load_image(i)
         if self.transform is not None:
             image = self.transform(image)
         return {"images": image, "label": torch.tensor(self.labels[i])}
@@ -45,18 +49,60 @@ class LabeledImages(Dataset):
         return LabeledImages(self.load_image, self.labels, self.class_names, transform, self.origin)
 
 
+class _FileImages:
+    """i -> image file i, decoded; paths in one numpy buffer, not a list of Python strings that
+    forked workers would copy page by page."""
+
+    def __init__(self, paths: np.ndarray):
+        self.paths = paths
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return load_rgb(str(self.paths[i]))
+
+
+class _IndexImages:
+    """row -> decoded image; one descriptor cache per process (HandleCache resets itself after fork)."""
+
+    def __init__(self, reader):
+        self.reader, self.handles = reader, HandleCache()
+
+    def __call__(self, row: int) -> torch.Tensor:
+        data = read_image_bytes(self.reader.image_location(row), self.handles)
+        return decode_full(read_header(data, DEFAULT_MAX_PIXELS))
+
+
 def image_folder(root: str) -> LabeledImages:
     """One sub-folder per class; classes are the sorted sub-folder names."""
     classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (Path(root) / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in (Path(root) / name).rglob("*") if is_image_name(p.name) and p.is_file())
         files += [str(p) for p in found]
         labels += [label] * len(found)
     if not files:
         raise ValueError(f"no images found in class sub-folders of '{root}'; expected ROOT/CLASS/IMAGE.jpg")
-    paths = np.array(files)   # one numpy buffer, not a list of Python strings shared by forked workers
-    return LabeledImages(lambda i: Image.open(paths[i]), np.array(labels), classes, origin=root)
+    return LabeledImages(_FileImages(np.array(files)), np.array(labels), classes, origin=root)
+
+
+def index_images(paths: Sequence[str]) -> LabeledImages:
+    """All rows of the index files, with their labels and the source's class names.
+
+    Evaluation needs every image to be readable: a bad one is an error (with its location), not a
+    silent replacement as in pretraining."""
+    reader = open_index(list(paths))
+    labels = reader.labels()
+    if len(labels) == 0:
+        raise ValueError(f"index {list(paths)} has no rows; build it from a labeled image folder")
+    if labels.min() < 0:
+        row = int(np.argmax(labels < 0))
+        raise ValueError(f"index {list(paths)} has unlabeled rows (first: {reader.record(row).location}); "
+                         f"evaluation needs labels: index class folders or shards with .cls files")
+    class_lists = {tuple(s.classes) for s in reader.sources}
+    if len(class_lists) > 1:
+        raise ValueError(f"index files {list(paths)} come from sources with different classes; "
+                         f"evaluate one labeled set at a time")
+    classes = list(next(iter(class_lists))) or [f"class_{i}" for i in range(int(labels.max()) + 1)]
+    return LabeledImages(_IndexImages(reader), labels, classes, origin=",".join(map(str, paths)))
 
 
 def open_labeled(sources: Sequence[str]) -> LabeledImages:
@@ -69,16 +115,12 @@ def open_labeled(sources: Sequence[str]) -> LabeledImages:
             raise ValueError(f"labeled data '{src}' does not exist; pass an image folder or an index .arrow file")
     if len(sources) == 1 and os.path.isdir(sources[0]):
         return image_folder(sources[0])
-    from eva_train.eval.index_source import index_images   # needs the data package's index reader
     return index_images(sources)
 
 
-def eval_transform(img_size: int) -> Callable:
-    return T.Compose([T.Resize(int(math.floor(img_size / EVAL_CROP_FRACTION)), antialias=True),
-                      T.CenterCrop(img_size)])
-
-
 def train_transform(img_size: int, min_crop_scale: float) -> Callable:
+    """Fine-tune / probe training augmentation on uint8 tensors (torchvision's, drawing from torch's
+    RNG, seeded per rank by the runner)."""
     return T.Compose([T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), antialias=True,
                                           interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip()])

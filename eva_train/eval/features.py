@@ -3,15 +3,8 @@ from typing import Callable, Tuple
 
 import torch
 import torch.distributed as dist
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-
-def normalize_images(images_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> ImageNet-normalised floats (the student's normalisation) on `device`."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1) * 255
-    x = images_uint8.to(device, non_blocking=True).float()
-    return ((x - mean) / std).to(dtype)
+from eva_train.data.transforms import normalize_images
 
 
 @torch.no_grad()
@@ -20,7 +13,7 @@ def extract_local(forward: Callable[[torch.Tensor], torch.Tensor], loader, devic
     """This rank's (features (n,D) fp32, labels (n,), valid (n,)) in its loader order."""
     feats, labels, valid = [], [], []
     for batch in loader:
-        images = normalize_images(batch["images"], device, dtype)
+        images = normalize_images(batch["images"], dtype, device)
         feats.append(forward(images).float())                       # (B, D)
         labels.append(batch["label"].to(device))
         valid.append(batch["valid"].to(device))

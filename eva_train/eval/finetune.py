@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from eva_train.eval.accuracy import topk_correct, topk_percent
-from eva_train.eval.data import eval_loader, eval_transform, train_loader, train_transform
-from eva_train.eval.features import extract_features, normalize_images
+from eva_train.data.transforms import EvalTransform, normalize_images
+from eva_train.eval.data import eval_loader, train_loader, train_transform
+from eva_train.eval.features import extract_features
 from eva_train.eval.heads import HEAD_INIT_STD_FINETUNE, Classifier, LinearHead
 from eva_train.eval.protocol_config import ConfigError, ProtocolConfig
 from eva_train.eval.protocol_inputs import labeled_pair, open_backbone
@@ -38,7 +39,7 @@ class FinetuneTask:
         img_size, workers = self.spec["img_size"], cfg.data.num_workers
         self._train_loader = train_loader(train.with_transform(train_transform(img_size, cfg.data.min_crop_scale)),
                                           cfg.train.micro_batch_size, rank, world_size, cfg.train.seed, workers)
-        self._val_loader = eval_loader(val.with_transform(eval_transform(img_size)), cfg.train.micro_batch_size,
+        self._val_loader = eval_loader(val.with_transform(EvalTransform(img_size)), cfg.train.micro_batch_size,
                                        rank, world_size, workers)
         self.mixup = _mixup(cfg, len(self.class_names))
         self.ema = None
@@ -47,7 +48,7 @@ class FinetuneTask:
         return self._train_loader
 
     def train_inputs(self, batch, device, dtype):
-        images = normalize_images(batch["images"], device, dtype)
+        images = normalize_images(batch["images"], dtype, device)
         labels = batch["label"].to(device)
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)      # labels become (B, C) soft targets

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from eva_train.eval.data import LabeledImages, eval_loader, eval_transform, open_labeled
+from eva_train.data.transforms import EvalTransform
+from eva_train.eval.data import LabeledImages, eval_loader, open_labeled
 from eva_train.eval.features import extract_features
 from eva_train.eval.knn import knn_accuracy
 
@@ -48,7 +49,7 @@ class KnnMonitor:
     def datasets(self):
         """(train, val) labeled sets, opened on first use (at most knn_max_images each)."""
         if self._sets is None:
-            transform = eval_transform(self.img_size)
+            transform = EvalTransform(self.img_size)
             train = open_labeled(self.cfg.knn_train_index).with_transform(transform)
             val = open_labeled(self.cfg.knn_val_index).with_transform(transform)
             self.num_classes = max(len(train.class_names), int(train.labels.max()) + 1,

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from eva_train.eval.accuracy import topk_correct, topk_percent
-from eva_train.eval.data import eval_loader, eval_transform, train_loader, train_transform
-from eva_train.eval.features import extract_features, normalize_images
+from eva_train.data.transforms import EvalTransform, normalize_images
+from eva_train.eval.data import eval_loader, train_loader, train_transform
+from eva_train.eval.features import extract_features
 from eva_train.eval.heads import HEAD_INIT_STD_PROBE, Classifier, LinearHead
+from eva_train.eval.optim import build_optimizer, param_groups, protocol_lr, set_lr
 from eva_train.eval.protocol_config import ProtocolConfig
 from eva_train.eval.protocol_inputs import FeatureSet, labeled_pair, open_backbone
 from eva_train.eval.runner import run_protocol
@@ -39,9 +41,9 @@ class LinearProbeTask:
         train, val, self.class_names = labeled_pair(cfg.data)
         img_size, workers = self.spec["img_size"], cfg.data.num_workers
         # frozen backbone + deterministic center crops: the val features never change, extract once
-        self.val_feats, self.val_labels = self._features(val.with_transform(eval_transform(img_size)))
+        self.val_feats, self.val_labels = self._features(val.with_transform(EvalTransform(img_size)))
         if cfg.data.cache_features:
-            feats, labels = self._features(train.with_transform(eval_transform(img_size)))
+            feats, labels = self._features(train.with_transform(EvalTransform(img_size)))
             train_set = FeatureSet(feats, labels)
         else:
             train_set = train.with_transform(train_transform(img_size, cfg.data.min_crop_scale))
@@ -63,7 +65,7 @@ class LinearProbeTask:
         if "feats" in batch:
             return batch["feats"].to(device, dtype), labels
         with torch.no_grad():
-            return self.backbone(normalize_images(batch["images"], device, dtype)), labels
+            return self.backbone(normalize_images(batch["images"], dtype, device)), labels
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.aug.label_smoothing)
@@ -84,8 +86,6 @@ def fit_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_
                      cfg: ProtocolConfig) -> LinearHead:
     """The same protocol on features already in memory, without DeepSpeed (single process, e.g. the
     demo's closing report): BN + linear head, the recipe's optimizer, schedule, batch and epochs."""
-    from eva_train.eval.optim import build_optimizer, lr_at, param_groups, set_lr
-
     generator = torch.Generator().manual_seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     head = LinearHead(train_feats.shape[1], num_classes, batch_norm=True, init_std=HEAD_INIT_STD_PROBE)
@@ -97,8 +97,7 @@ def fit_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_
     for epoch in range(cfg.train.epochs):
         order = torch.randperm(len(labels), generator=generator)
         for i in range(steps_per_epoch):
-            set_lr(opt, lr_at(epoch + i / steps_per_epoch, cfg.peak_lr(), cfg.optim.min_lr,
-                              cfg.optim.warmup_epochs, cfg.train.epochs))
+            set_lr(opt, protocol_lr(cfg, epoch, i, steps_per_epoch))
             idx = order[i * batch:(i + 1) * batch]
             loss = F.cross_entropy(head(feats[idx]), labels[idx], label_smoothing=cfg.aug.label_smoothing)
             opt.zero_grad(set_to_none=True)

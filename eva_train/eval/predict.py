@@ -10,34 +10,20 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
+from eva_train.data.decode import load_rgb
+from eva_train.data.transforms import EvalTransform, normalize_images
 from eva_train.eval.checkpoints import load_classifier
-from eva_train.eval.data import eval_transform
-from eva_train.eval.features import normalize_images
 
 ImageLike = Union[str, Image.Image, torch.Tensor]
 
 
 def images_to_uint8(images: Sequence[ImageLike], img_size: int) -> torch.Tensor:
-    """Files / PIL images / uint8 (3,H,W) tensors -> uint8 (B,3,img,img), resized + center-cropped
+    """Files / PIL images / uint8 (3,H,W) tensors -> uint8 (B,3,img,img) through `EvalTransform`,
     exactly like the evaluation loaders."""
-    import torchvision.transforms.v2 as T
-
-    transform = eval_transform(img_size)
-    out = []
-    for item in images:
-        if isinstance(item, str):
-            try:
-                item = Image.open(item)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read image '{item}': {err}") from None
-        if isinstance(item, Image.Image):
-            item = T.functional.pil_to_tensor(item.convert("RGB"))
-        if item.dtype != torch.uint8 or item.ndim != 3 or item.shape[0] != 3:
-            raise ValueError(f"image tensors must be uint8 (3, H, W); got {item.dtype} {tuple(item.shape)}")
-        out.append(transform(item))
-    if not out:
+    if not images:
         raise ValueError("no images given")
-    return torch.stack(out)
+    transform = EvalTransform(img_size)
+    return torch.stack([transform(load_rgb(item)) for item in images])
 
 
 class Predictor:
@@ -49,7 +35,7 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, images: Sequence[ImageLike], top_k: int = 5) -> List[List[Tuple[str, float]]]:
         pixels = images_to_uint8(images, self.spec["img_size"])
-        probs = self.model(normalize_images(pixels, self.device, torch.float32)).softmax(dim=-1)  # (B, C)
+        probs = self.model(normalize_images(pixels, torch.float32, self.device)).softmax(dim=-1)  # (B, C)
         scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(self.class_names[c], float(s)) for c, s in zip(row_c.tolist(), row_s.tolist())]
                 for row_c, row_s in zip(classes, scores)]

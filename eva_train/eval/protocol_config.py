@@ -114,6 +114,10 @@ def validate_protocol(cfg: ProtocolConfig, world_size: int) -> int:
         raise ConfigError(f"train.precision '{t.precision}' is unknown; use bf16 or fp32")
     if not 0 <= t.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    if o.name == "lars" and t.zero_stage > 0:
+        raise ConfigError(f"optim.name=lars with train.zero_stage={t.zero_stage}: ZeRO hands the optimizer flat "
+                          f"partitions, so LARS's per-layer trust ratio would be wrong; use train.zero_stage=0 "
+                          f"(the probe trains only a head) or optim.name=sgd/adamw")
     if cfg.aug.ema_decay and t.zero_stage == 3:
         raise ConfigError("aug.ema_decay needs full weights on every rank; use train.zero_stage <= 2 or ema_decay=0")
     if not m.random_init and not os.path.isfile(m.checkpoint):

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -20,27 +19,23 @@ import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
 from eva_train.eval.checkpoints import save_classifier
-from eva_train.eval.optim import build_optimizer, lr_at, param_groups, set_lr
+from eva_train.eval.optim import build_optimizer, param_groups, protocol_lr, set_lr
 from eva_train.eval.protocol_config import ProtocolConfig, validate_protocol
+from eva_train.runtime.distributed import init_process_group, world_from_env
 
 log = logging.getLogger(__name__)
 
 
-def setup_distributed():
-    """(rank, world_size, device). A plain `python tools/x.py` becomes a 1-rank group."""
-    import deepspeed
+DIST_TIMEOUT_S = 1800   # a feature-extraction pass over a large val set may hold ranks apart for minutes
 
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+
+def setup_distributed():
+    """(rank, world_size, device) through the training side's set-up (launcher or SLURM variables;
+    a plain `python tools/x.py` becomes a 1-rank group)."""
+    world = world_from_env()
+    device = init_process_group(world, DIST_TIMEOUT_S) if not dist.is_initialized() else None
+    if device is None:
+        device = torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -84,8 +79,7 @@ def _train_one_epoch(engine, task, cfg: ProtocolConfig, epoch: int, device, dtyp
     loader.sampler.set_epoch(epoch)
     num_batches, loss_sum, lr = len(loader), torch.zeros((), device=device), 0.0
     for i, batch in enumerate(loader):
-        lr = lr_at(epoch + i / num_batches, cfg.peak_lr(), cfg.optim.min_lr, cfg.optim.warmup_epochs,
-                   cfg.train.epochs)
+        lr = protocol_lr(cfg, epoch, i, num_batches)
         set_lr(engine.optimizer, lr)
         inputs, targets = task.train_inputs(batch, device, dtype)
         loss = task.loss(engine(inputs), targets)

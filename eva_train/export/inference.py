@@ -11,8 +11,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from eva_train.data.decode import load_rgb
+from eva_train.data.sources import is_image_name
+from eva_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images  # noqa: F401 (MEAN/STD: public here too)
+
 ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noqa: F821
 
 
@@ -48,16 +50,14 @@ def _file_model_config(path: str) -> dict:
 def extract_feat(model: nn.Module, images: ImageInput, batch_size: int = 64) -> Dict[str, torch.Tensor]:
     """Patch (B, N, D) and pooled (B, D) features, on the model's device, in fp32.
     `images`: uint8 (B, 3, H, W) at the model's size, float (B, 3, H, W) in [0, 1], or a list
-    of image files / PIL images (resized and center-cropped to the model's size)."""
+    of image files / PIL images (through `EvalTransform`, the preprocessing of every eval tool)."""
     param = next(model.parameters())
     img_size = model.patch_embed.img_size
-    pixels = _to_pixels(images, img_size)                                     # (B, 3, H, W) float in [0, 1]
-    mean = torch.tensor(IMAGENET_MEAN, device=param.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=param.device).view(1, 3, 1, 1)
+    pixels = _to_pixels(images, img_size)                                     # (B, 3, H, W) in [0, 255]
     patches, pooled = [], []
     for start in range(0, pixels.shape[0], batch_size):
-        batch = (pixels[start:start + batch_size].to(param.device) - mean) / std
-        tokens = model.forward_features(batch.to(param.dtype)).float()        # (b, 1 + N, D)
+        batch = normalize_images(pixels[start:start + batch_size], param.dtype, param.device)
+        tokens = model.forward_features(batch).float()                        # (b, 1 + N, D)
         pooled.append(tokens[:, 0])
         patches.append(tokens[:, model.num_prefix_tokens:])
     return {"patch": torch.cat(patches), "pooled": torch.cat(pooled)}
@@ -70,25 +70,13 @@ def _to_pixels(images: ImageInput, img_size: int) -> torch.Tensor:
         if tuple(images.shape[-2:]) != (img_size, img_size):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {img_size}x{img_size}; "
                              f"pass files/PIL images to resize them, or resize first")
-        return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return torch.stack([_load_image(item, img_size) for item in images])
-
-
-def _load_image(item, img_size: int) -> torch.Tensor:
-    """Resize the shorter side to img_size (bicubic), center crop, -> (3, H, W) in [0, 1]."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    image = Image.open(item) if isinstance(item, str) else item
-    image = image.convert("RGB")
-    image = TF.resize(image, img_size, interpolation=TF.InterpolationMode.BICUBIC)
-    image = TF.center_crop(image, [img_size, img_size])
-    return TF.pil_to_tensor(image).float() / 255.0
+        return images if images.dtype == torch.uint8 else images.float() * 255.0
+    transform = EvalTransform(img_size)
+    return torch.stack([transform(load_rgb(item)) for item in images])
 
 
 def list_image_files(folder: str) -> List[str]:
     """Image files in a folder (sorted), for `extract_feat(model, list_image_files(dir))`."""
     import os
 
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image_name(f))

@@ -1,1 +1,2 @@
-"""Optimization pieces shared by pretraining and evaluation: the learning-rate schedule."""
+"""Optimization pieces shared by pretraining and evaluation: the learning-rate schedule and the
+weight-decay rule."""
