@@ -61,11 +61,12 @@ def test_knn_matches_a_plain_loop():
 
 
 def test_knn_bad_inputs_say_what_is_wrong():
-    feats, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(4, 3, generator=g), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="num_classes=3"):
         knn_scores(feats, labels, feats, num_classes=3)
     with pytest.raises(ValueError, match="same model"):
-        knn_scores(feats, labels, torch.randn(2, 5), num_classes=4)
+        knn_scores(feats, labels, torch.randn(2, 5, generator=g), num_classes=4)
 
 
 def test_topk_correct_counts():
