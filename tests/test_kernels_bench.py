@@ -1,10 +1,11 @@
 """tools/bench_kernels.py: the benchmark's plumbing on CPU (checks, timing, CSV, PNG, tables), and its
 accuracy gate, which must keep a wrong or broken provider out of the timings."""
 import csv
-import importlib.util
 import os
+import runpy
 import subprocess
 import sys
+import types
 
 import torch
 
@@ -14,11 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "bench_kernels.py")
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_kernels", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load_tool() -> types.SimpleNamespace:
+    return types.SimpleNamespace(**runpy.run_path(TOOL, run_name="bench_kernels"))  # its functions, main not run
 
 
 def test_bench_kernels_cpu_smoke_writes_csv_png_and_table(tmp_path):

@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import eva_kernels  # noqa: E402
 from eva_kernels import reference  # noqa: E402
@@ -83,8 +85,6 @@ def make_inputs(op: str, shape: Shape, batch: int, dtype, device) -> tuple:
 
 
 def _sdpa_with(backend):
-    from torch.nn.attention import sdpa_kernel
-
     def run(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v)
@@ -118,7 +118,6 @@ def providers_for(op: str, wanted: List[str], device) -> Dict[str, Callable]:
         eager = lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1)  # noqa: E731
         found = {"ours": ours, "torch": eager}
     else:
-        from torch.nn.attention import SDPBackend
         found = {"ours": triton_attention, "torch": reference.attention,
                  "sdpa_flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
                  "sdpa_cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
@@ -192,7 +191,6 @@ def rotation_count(inputs: tuple, device) -> int:
 
 def median_ms(fn: Callable, device, rep_ms: int) -> float:
     if device.type == "cuda":
-        import triton.testing
         return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
     fn()  # warm-up, then two host-timed runs (interpreter: plumbing, not speed)
     times = []
@@ -290,7 +288,7 @@ def write_csv(rows: List[Row], path: str) -> None:
 
 def plot_png(rows: List[Row], path: str, mode: str = "fwd+bwd") -> None:
     """One panel per (op, shape): ms against batch size per provider, for `mode`."""
-    import matplotlib
+    import matplotlib  # a dev extra, needed only for the PNG: imported where it is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
