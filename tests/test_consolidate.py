@@ -211,6 +211,6 @@ def test_bench_consolidate_run_prints_the_table(eva_ckpt, capsys):
     out = capsys.readouterr().out
     assert "tensors identical: True" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[1:2] == ["cold"]}
-    assert set(rows) == {"zero_to_fp32", "eva_train.export.consolidate"}
+    assert set(rows) == {"zero_to_fp32", "eva_train.export.consolidate", "same+torch.load(mmap)"}
     assert rows["zero_to_fp32"][5:] == ["1.00", "1.00", "1.00"]
-    assert all(float(v) > 0 for v in rows["eva_train.export.consolidate"][2:])
+    assert all(float(v) > 0 for v in rows["eva_train.export.consolidate"][2:] + rows["same+torch.load(mmap)"][2:])

@@ -4,8 +4,9 @@ maker of the real ZeRO checkpoints it (and tests/test_consolidate.py) reads.
   # 1) a real ZeRO-3 checkpoint of EVA-L (2 CPU ranks, one AdamW step, bf16, optimizer state included)
   DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tools/bench_consolidate.py \
       make --model eva_l_p14 --stages 3 --precision bf16 --img-size 112 --out /tmp/bench_eva_l
-  # 2) time both tools, each in a fresh process (wall time, peak RSS), with the checkpoint out of
-  #    the page cache (as after a training run) and in it, and compare the tensors
+  # 2) time the tools, each in a fresh process (wall time, peak RSS), with the checkpoint out of
+  #    the page cache (as after a training run) and in it, and compare the tensors: zero_to_fp32,
+  #    ours, and ours with torch.load(mmap=True, weights_only=True) as the reader (why torch_zip stays)
   python tools/bench_consolidate.py run /tmp/bench_eva_l/checkpoints --repeats 2 [--cache cold|warm|both]
 
 `make` runs under torch.distributed (RANK/WORLD_SIZE set); it writes OUT/checkpoints/<tag>/ with
@@ -152,6 +153,34 @@ from eva_train.export.consolidate import consolidate
 consolidate(sys.argv[1], sys.argv[2], progress=False)
 """
 
+# The same consolidation with torch's own reader in place of eva_train.export.torch_zip: torch.load
+# with mmap=True, weights_only=True and DeepSpeed's classes allow-listed as the same inert placeholders
+# (no DeepSpeed import), tensors handed on as numpy views of the map (bf16 as BF16Array bit patterns).
+_TORCH_LOAD = """
+import sys
+import numpy as np
+import torch
+from eva_train.export import torch_zip
+from eva_train.export.consolidate import consolidate
+SAFE = [(torch_zip.ALLOWED_GLOBALS[key], ".".join(key)) for key in torch_zip._DEEPSPEED_OBJECTS]
+def as_numpy(obj):
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach()
+        if obj.dtype == torch.bfloat16:
+            return obj.view(torch.int16).numpy().view(np.uint16).view(torch_zip.BF16Array)
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return type(obj)((k, as_numpy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_numpy(v) for v in obj)
+    return obj
+def load(path):
+    with torch.serialization.safe_globals(SAFE):
+        return as_numpy(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+torch_zip.load = load
+consolidate(sys.argv[1], sys.argv[2], progress=False)
+"""
+
 _THEIRS = """
 import sys
 from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
@@ -226,17 +255,19 @@ def run_benchmark(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         ours_file, theirs_dir = os.path.join(scratch, "ours.safetensors"), os.path.join(scratch, "theirs")
+        torch_file = os.path.join(scratch, "torch_load.safetensors")
         for _ in range(args.repeats):
             for cache in caches:
                 # zero_to_fp32 takes the tag dir's parent plus the tag
                 for name, code, ckpt, out in (("zero_to_fp32", theirs_code, str(tag_dir.parent), theirs_dir),
-                                              ("eva_train.export.consolidate", _OURS, str(tag_dir), ours_file)):
+                                              ("eva_train.export.consolidate", _OURS, str(tag_dir), ours_file),
+                                              ("same+torch.load(mmap)", _TORCH_LOAD, str(tag_dir), torch_file)):
                     _remove(out)  # freeing a previous output's blocks is not part of either tool's time
                     os.sync()
                     if cache == "cold":
                         _evict(shard_files)
                     rows.append((name, cache, *_timed_child(code, ckpt, out)))
-        same = _identical(ours_file, theirs_dir)
+        same = _identical(ours_file, theirs_dir) and _identical(torch_file, theirs_dir)
         out_bytes = os.path.getsize(ours_file)
     _print_table(rows, out_bytes, same)
 
