@@ -84,3 +84,52 @@ def test_fetch_gpu_wheels_help_and_bad_argument():
     assert help_result.returncode == 0 and "--dest DIR" in help_result.stdout
     bad = _run(FETCH_WHEELS, "--frobnicate")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown option '--frobnicate'" in bad.stderr
+
+
+FAKE_CARD = r"""#!/usr/bin/env bash
+# Stands in for the interpreter on a CUDA machine: canned outputs of each program gpu_check.sh runs.
+case "$*" in
+    *get_device_name*) echo "cuda Fake H100" ;;
+    "-c import torch, triton"*) echo "torch 0.0 (fake card)" ;;
+    "-m eva_kernels "*) echo "self-check (auto): 5 of 7 shape classes on Triton, 0 failed" ;;
+    "-m pytest "*) echo "========= 12 passed, 3 deselected in 9.10s =========" ;;
+    "tools/bench_kernels.py --summary-from "*) exec "$REAL_PYTHON" "$@" ;;
+    "tools/bench_kernels.py "*) args="$*"; out=${args##*--out-dir }; cp "$KERNELS_CSV" "${out%% *}/bench_kernels.csv" ;;
+    "tools/bench_step.py "*"--kernels triton"*)
+        printf 'impl  step ms img/s MFU peak GiB speedup\neva_train 250.0 128.0 41.2%% 30.50 1.20x\n'
+        printf 'timm Eva 300.0 106.7 34.3%% 35.00 1.00x\n' ;;
+    "tools/bench_step.py "*) echo "torch.OutOfMemoryError: CUDA out of memory"; exit 1 ;;
+    *) echo "fake card: unexpected command: $*" >&2; exit 99 ;;
+esac
+"""
+KERNELS_CSV = """op,shape,batch,mode,provider,ms,rate,unit,pct_of_peak,speedup_vs_best_peer,note
+attention,eva_g_p14,32,fwd+bwd,ours,1.0,300,TFLOP/s,30,1.2,
+attention,eva_g_p14,32,fwd+bwd,sdpa_flash,1.2,250,TFLOP/s,25,,
+attention,eva_g_p14,32,fwd+bwd,sdpa_cudnn,,,TFLOP/s,,,WRONG: output 0: max error 0.5 > 2 x torch's 0.01 + 0.01
+rope_2d,eva_g_p14,32,fwd+bwd,ours,0.5,2000,GB/s,60,0.8,
+rope_2d,eva_g_p14,32,fwd+bwd,torch,0.4,2500,GB/s,75,,
+"""
+
+
+def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
+    """The run and summary half of the script (what the no-CUDA test cannot reach), with every program
+    replaced by canned output: each step's result, a failing step's rc, the table printed last."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_CARD)
+    fake.chmod(0o755)
+    (tmp_path / "kernels.csv").write_text(KERNELS_CSV)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable,
+           "KERNELS_CSV": str(tmp_path / "kernels.csv")}
+    result = subprocess.run(["bash", GPU_CHECK, "--out", str(out)], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=REPO)
+    assert "unexpected command" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stdout[-3000:]  # bench_step_torch failed
+    table = result.stdout[result.stdout.index("=== gpu_check on Fake H100"):].splitlines()[2:]
+    rows = {line.split()[0]: line.split(None, 3)[1:] for line in table}
+    assert rows["gpu_tests"][0] == "0" and rows["gpu_tests"][2] == "12 passed, 3 deselected in 9.10s"
+    assert rows["selfcheck"][2].startswith("self-check (auto): 5 of 7")
+    assert rows["bench_kernels"][2] == "ours >= best peer in 1/2 cases; worst 0.80x (rope_2d eva_g_p14 b32 vs torch)"
+    assert rows["bench_step_triton"][2].startswith("ours 128.0 img/s MFU 41.2% peak 30.50 GiB; timm 106.7 img/s")
+    assert rows["bench_step_torch"][0] == "1" and "CUDA out of memory" in rows["bench_step_torch"][2]
+    assert (out / "bench_kernels.csv").exists() and (out / "gpu_tests.log").exists()

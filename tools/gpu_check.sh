@@ -155,7 +155,8 @@ result_of() {  # NAME: one line for the closing table, read from the step's log 
     local log=$OUT_DIR/$1.log
     case $1 in
         gpu_tests) grep -E "passed|failed|error|no tests ran" "$log" | tail -1 | tr -d '=' | xargs ;;
-        bench_kernels) [[ -f $OUT_DIR/bench_kernels.summary ]] && tail -1 "$OUT_DIR/bench_kernels.summary" ;;
+        bench_kernels) if [[ -f $OUT_DIR/bench_kernels.summary ]]; then tail -1 "$OUT_DIR/bench_kernels.summary"
+                       else grep -v '^[[:space:]]*$' "$log" | tail -1; fi ;;
         bench_step_*) local rows  # its table's rows, else (a format this script does not know) its last line
             rows=$(awk '$1 == "eva_train" || ($1 == "timm" && $2 == "Eva") {
                   name = ($1 == "timm") ? "timm" : "ours"; off = ($1 == "timm") ? 1 : 0
