@@ -102,6 +102,7 @@ def test_accuracy_gate_scales_the_atol_of_summed_layer_norm_gradients():
 def test_kernel_verdict_puts_wrong_numerics_before_speed():
     bench = _load_tool()
     speedups = [(1.3, "attention eva_g_p14 b32 vs sdpa_flash"), (0.8, "rope_2d eva_g_p14 b8 vs torch")]
-    assert bench.kernel_verdict(speedups, []) == "ours >= best peer in 1/2 cases; worst 0.80x (rope_2d eva_g_p14 b8 vs torch)"
+    assert bench.kernel_verdict(speedups, []) == \
+        "ours >= best peer in 1/2 cases; worst 0.80x (rope_2d eva_g_p14 b8 vs torch)"
     assert bench.kernel_verdict(speedups, ["attention eva_g_p14 b8: WRONG: grad 0"]).startswith(
         "ours FAILED the accuracy check in 1 case(s)")

@@ -1,4 +1,3 @@
-# COORDINATION NOTE FROM THE LEAD (delete this line when you see it is handled): two engineers were given the same kernels brief by mistake. If your brief says "LAYOUT MOVE IN PROGRESS", you own item 1 (self-verifying kernels in kernels/, the tolerance rule, decisions()) and item 3 (kernels/testing.py -> tests/). If your brief says "LAYOUT: the flat modules ... were just moved", you own ONLY item 2: tools/gpu_check.sh, tools/bench_kernels.py, tools/fetch_gpu_wheels.sh and their CPU test; do not edit kernels/ or tests/test_kernels_{attention,rope,layer_norm,model,compile}.py.
 #!/usr/bin/env python
 """Microbenchmarks of the eva_kernels ops against their peers, at EVA-g and EVA-02-L shapes.
 
@@ -28,7 +27,7 @@ import itertools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, Dict, List, Optional  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -91,7 +90,7 @@ def _sdpa_with(backend):
     return run
 
 
-def _apex_layer_norm() -> Optional[Callable]:
+def _apex_layer_norm() -> Callable | None:
     try:  # NVIDIA apex only: PyPI's `apex` is an unrelated package without `apex.normalization`
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine
     except ImportError:
@@ -99,7 +98,7 @@ def _apex_layer_norm() -> Optional[Callable]:
     return lambda x, w, b, r=None: fused_layer_norm_affine(x if r is None else x + r, w, b, x.shape[-1:], 1e-6)
 
 
-def _liger_layer_norm() -> Optional[Callable]:
+def _liger_layer_norm() -> Callable | None:
     try:
         from liger_kernel.ops.layer_norm import LigerLayerNormFunction
     except ImportError:
@@ -107,7 +106,7 @@ def _liger_layer_norm() -> Optional[Callable]:
     return lambda x, w, b, r=None: LigerLayerNormFunction.apply(x if r is None else x + r, w, b, 1e-6)
 
 
-def providers_for(op: str, wanted: List[str], device) -> Dict[str, Callable]:
+def providers_for(op: str, wanted: list[str], device) -> dict[str, Callable]:
     """name -> function of the op's inputs; peers not installed here are left out."""
     if op in ("layer_norm", "add_layer_norm"):
         ours = lambda x, w, b, r=None: triton_layer_norm(x, w, b, 1e-6, r)  # noqa: E731
@@ -153,7 +152,7 @@ def _yardsticks(op: str):
     return reference.attention, reference.attention_same_precision
 
 
-def check_provider(op: str, fn: Callable, inputs: tuple) -> Optional[str]:
+def check_provider(op: str, fn: Callable, inputs: tuple) -> str | None:
     """None if fn's outputs and gradients pass the kernels' accuracy rule (`eva_kernels.accuracy`,
     the one the kernel tests and the run-time self-check use) on these inputs, else why not."""
     grad_inputs = [t for t in inputs if t.requires_grad]
@@ -201,7 +200,7 @@ def median_ms(fn: Callable, device, rep_ms: int) -> float:
     return statistics.median(times)
 
 
-def timed_call(fn: Callable, input_sets: List[tuple], mode: str) -> Callable:
+def timed_call(fn: Callable, input_sets: list[tuple], mode: str) -> Callable:
     """A no-argument callable running `mode` on the next input set each call."""
     sets = itertools.cycle(range(len(input_sets)))
     grad_inputs = [[t for t in s if t.requires_grad] for s in input_sets]
@@ -223,7 +222,7 @@ def timed_call(fn: Callable, input_sets: List[tuple], mode: str) -> Callable:
     return forward
 
 
-def measure_peaks(device, dtype) -> Dict[str, float]:
+def measure_peaks(device, dtype) -> dict[str, float]:
     """This card's copy bandwidth (bytes read + written) and matmul rate, measured, not datasheet."""
     smoke = device.type != "cuda"
     numel = (1 << 20) if smoke else (1 << 30)  # 2 GiB of bf16 on a GPU: far beyond the L2
@@ -244,17 +243,18 @@ class Row:
     batch: int
     mode: str
     provider: str
-    ms: Optional[float]
-    rate: Optional[float]
+    ms: float | None
+    rate: float | None
     unit: str
-    pct_of_peak: Optional[float]
-    speedup_vs_best_peer: Optional[float]
+    pct_of_peak: float | None
+    speedup_vs_best_peer: float | None
     note: str
 
 
-def bench_case(op, shape, batch, dtype, device, providers, modes, peaks, rep_ms) -> List[Row]:
+def bench_case(op, shape, batch, dtype, device, providers, modes, peaks, rep_ms) -> list[Row]:
     first = make_inputs(op, shape, batch, dtype, device)
-    input_sets = [first] + [make_inputs(op, shape, batch, dtype, device) for _ in range(rotation_count(first, device) - 1)]
+    extra_sets = rotation_count(first, device) - 1
+    input_sets = [first] + [make_inputs(op, shape, batch, dtype, device) for _ in range(extra_sets)]
     notes = {name: check_provider(op, fn, first) for name, fn in providers.items()}
     rows = []
     for mode in modes:
@@ -270,14 +270,14 @@ def bench_case(op, shape, batch, dtype, device, providers, modes, peaks, rep_ms)
     return rows
 
 
-def _fill_speedup(rows: List[Row]) -> None:
+def _fill_speedup(rows: list[Row]) -> None:
     ours = next((r for r in rows if r.provider == "ours" and r.ms), None)
     peers = [r.ms for r in rows if r.provider != "ours" and r.ms]
     if ours and peers:
         ours.speedup_vs_best_peer = min(peers) / ours.ms
 
 
-def write_csv(rows: List[Row], path: str) -> None:
+def write_csv(rows: list[Row], path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
@@ -286,7 +286,7 @@ def write_csv(rows: List[Row], path: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_png(rows: List[Row], path: str, mode: str = "fwd+bwd") -> None:
+def plot_png(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
     """One panel per (op, shape): ms against batch size per provider, for `mode`."""
     import matplotlib  # a dev extra, needed only for the PNG: imported where it is drawn
     matplotlib.use("Agg")
@@ -310,7 +310,7 @@ def plot_png(rows: List[Row], path: str, mode: str = "fwd+bwd") -> None:
     plt.close(fig)
 
 
-def print_table(rows: List[Row], peaks: Dict[str, float], device_name: str) -> None:
+def print_table(rows: list[Row], peaks: dict[str, float], device_name: str) -> None:
     print(f"\ndevice: {device_name}; measured copy {peaks['copy_GB/s']:.0f} GB/s, "
           f"matmul {peaks['matmul_TFLOP/s']:.1f} TFLOP/s")
     print(f"{'op':15} {'shape':12} {'batch':>5} {'mode':8} {'provider':15} {'ms':>9} {'rate':>14} {'%peak':>6} "
@@ -320,7 +320,8 @@ def print_table(rows: List[Row], peaks: Dict[str, float], device_name: str) -> N
         rate = f"{r.rate:8.3g} {r.unit:>5}" if r.rate else f"{'-':>14}"
         pct = f"{r.pct_of_peak:5.1f}%" if r.pct_of_peak else f"{'-':>6}"
         speedup = f"{r.speedup_vs_best_peer:6.2f}x" if r.speedup_vs_best_peer else f"{'':7}"
-        print(f"{r.op:15} {r.shape:12} {r.batch:5d} {r.mode:8} {r.provider:15} {ms} {rate} {pct} {speedup}  {r.note[:60]}")
+        print(f"{r.op:15} {r.shape:12} {r.batch:5d} {r.mode:8} {r.provider:15} {ms} {rate} {pct} {speedup}  "
+              f"{r.note[:60]}")
 
 
 def print_summary(csv_path: str, mode: str = "fwd+bwd") -> None:
@@ -349,7 +350,7 @@ def print_summary(csv_path: str, mode: str = "fwd+bwd") -> None:
     print(kernel_verdict(speedups, failed))
 
 
-def kernel_verdict(speedups: List[tuple], failed: List[str]) -> str:
+def kernel_verdict(speedups: list[tuple], failed: list[str]) -> str:
     """One line: wrong kernels first (numerics before speed), then how often ours beats the best peer."""
     if failed:
         return f"ours FAILED the accuracy check in {len(failed)} case(s), e.g. {failed[0]}"
@@ -367,7 +368,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="images per batch (default 8 32 64)")
     parser.add_argument("--providers", nargs="+", default=None,
-                        help="subset of: ours torch torch.compile apex liger sdpa_flash sdpa_cudnn sdpa_efficient sdpa_math")
+                        help="subset of: ours torch torch.compile apex liger "
+                             "sdpa_flash sdpa_cudnn sdpa_efficient sdpa_math")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     parser.add_argument("--out-dir", default=".")
