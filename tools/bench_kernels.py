@@ -11,7 +11,8 @@ fewest bytes moved) or TFLOP/s (attention), the percentage of this card's measur
 bandwidth / bf16 matmul rate, and ours' speed-up over the best peer. Every provider's outputs and
 gradients are checked before it is timed, by the kernels' accuracy rule (`eva_kernels.accuracy`:
 float64 reference, eager PyTorch at the same precision as the yardstick); a wrong one or one that
-does not run here is reported, not timed.
+does not run here is reported, not timed. "ours" calls the Triton kernels directly, not through
+the backend switch: $EVA_KERNELS and the self-check's choice do not change what is timed.
 Writes bench_kernels.csv and bench_kernels.png to --out-dir; prints a short table last.
 """
 import argparse
@@ -34,7 +35,6 @@ import torch.nn.functional as F  # noqa: E402
 import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import eva_kernels  # noqa: E402
 from eva_kernels import reference  # noqa: E402
 from eva_kernels.accuracy import as_tuple, atol_for, leaf_copies, outputs_and_grads, tolerance_problem  # noqa: E402
 from eva_kernels.attention import attention as triton_attention  # noqa: E402
@@ -393,7 +393,6 @@ def main(argv=None) -> None:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else getattr(torch, args.dtype)  # CPU bf16 matmuls: too slow
     device_name = "CPU (Triton interpreter)" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    eva_kernels.set_backend("triton")  # "ours" is always the kernels, whatever $EVA_KERNELS says
     peaks = measure_peaks(device, dtype)
     rows = []
     for op, shape, batch in itertools.product(args.ops, SMOKE_SHAPES if args.cpu_smoke else SHAPES, args.batches):
