@@ -109,11 +109,13 @@ def test_parquet_with_bytes_and_with_paths(tmp_path):
     (tmp_path / "pics").mkdir()
     for i in range(2):
         (tmp_path / "pics" / f"{i}.jpg").write_bytes(images[i])
-    pq.write_table(pa.table({"path": ["pics/0.jpg", "pics/1.jpg"], "label": [7, 8]}), tmp_path / "paths.parquet")
+    pq.write_table(pa.table({"path": ["pics/0.jpg", "pics/gone.jpg", "pics/1.jpg"], "label": [7, 9, 8]}),
+                   tmp_path / "paths.parquet")
+    report = SkipReport()
     out = build_index([str(tmp_path / "bytes.parquet"), str(tmp_path / "paths.parquet")], str(tmp_path / "i.arrow"),
-                      num_workers=1)
+                      num_workers=1, skips=report)
     reader = open_index(out)
-    assert len(reader) == 6
+    assert len(reader) == 6 and report.counts == {"missing file": 1} and "gone.jpg" in report.summary()
     for row in range(4):
         rec = reader.record(row)
         assert rec.container_kind == "blob" and read_image(reader, row) == images[row]

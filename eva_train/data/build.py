@@ -95,9 +95,9 @@ def _read_unit(unit: Unit):
     if unit.kind == "tar":
         table, skipped = src_readers.index_tar(unit.path, unit.probe)
         return table, container_entry("tar", unit.path), skipped
-    table, container_path = src_readers.index_parquet(unit.path, unit.blob_dir, unit.probe)
+    table, container_path, skipped = src_readers.index_parquet(unit.path, unit.blob_dir, unit.probe)
     kind = "blob" if container_path != os.path.dirname(unit.path) else "dir"
-    return table, container_entry(kind, container_path, origin=unit.path), []
+    return table, container_entry(kind, container_path, origin=unit.path), skipped
 
 
 def container_entry(kind: str, path: str, origin: Optional[str] = None) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from eva_train.data.errors import DataError
-from eva_train.runtime.fsio import fsync_path
+from eva_train.runtime.fsio import atomic_path
 
 INDEX_FORMAT_VERSION = 1
 METADATA_KEY = b"eva_index"
@@ -286,15 +286,7 @@ def write_index_atomic(table: pa.Table, meta: dict, out_path: str, max_chunk_row
     meta = dict(meta, version=INDEX_FORMAT_VERSION)
     table = table.select(SCHEMA.names).cast(SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
     table = table.combine_chunks()  # one batch per shard would mean thousands of tiny chunks to open
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink:
             with pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max_chunk_rows)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

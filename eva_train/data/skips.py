@@ -13,6 +13,7 @@ Skip = Tuple[str, str]  # (reason, path)
 
 # reasons, worded for the summary line
 DANGLING_SYMLINK = "dangling symlink"
+MISSING = "missing file"
 SYMLINK_LOOP = "symlink loop"
 NOT_A_FILE = "not a regular file (FIFO, socket, device or folder)"
 EMPTY = "empty file (0 bytes)"
@@ -30,8 +31,8 @@ def check_file(path: str) -> Optional[str]:
     try:
         info = os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ENOENT and os.path.islink(path):
-            return DANGLING_SYMLINK
+        if exc.errno == errno.ENOENT:
+            return DANGLING_SYMLINK if os.path.islink(path) else MISSING
         if exc.errno == errno.ELOOP:
             return SYMLINK_LOOP
         return f"{UNREADABLE} ({exc.strerror})"

@@ -22,6 +22,7 @@ from PIL import Image
 from eva_train.data import skips
 from eva_train.data.errors import DataError
 from eva_train.data.index import SCHEMA
+from eva_train.runtime.fsio import atomic_path
 
 # the one list of file extensions taken for images (index builder, eval folders, feature extraction)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -201,18 +202,14 @@ def _write_blob(images: pa.Array, blob_path: str) -> (np.ndarray, np.ndarray):
     """Concatenate the image bytes into one file (one positioned read per sample later)."""
     _, offsets_buf, data_buf = images.buffers()
     offsets = np.frombuffer(offsets_buf, np.int64)[images.offset:images.offset + len(images) + 1]
-    os.makedirs(os.path.dirname(blob_path), exist_ok=True)
-    tmp = f"{blob_path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(blob_path) as tmp, open(tmp, "wb") as f:
         f.write(memoryview(data_buf)[offsets[0]:offsets[-1]])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, blob_path)
     return offsets[:-1] - offsets[0], np.diff(offsets)
 
 
-def index_parquet(path: str, blob_dir: str, probe: bool) -> (pa.Table, str):
-    """Rows of a parquet file; image bytes are extracted into a blob file. Returns (rows, container path)."""
+def index_parquet(path: str, blob_dir: str, probe: bool) -> Tuple[pa.Table, str, List[skips.Skip]]:
+    """Rows of a parquet file; image bytes are extracted into a blob file. Returns (rows, container
+    path, skipped): null image cells and path rows whose file cannot be read are skipped."""
     table = pq.read_table(path)
     images = _image_bytes_column(table)
     labels = _optional_int(table, LABEL_COLUMNS)
@@ -226,14 +223,20 @@ def index_parquet(path: str, blob_dir: str, probe: bool) -> (pa.Table, str):
         offsets, sizes = _write_blob(images, blob_path)
         keys = _optional_string(table, ("key",)).filter(keep).fill_null("")
         dims = _parquet_dims(table, keep, probe, images)
-        return _table(keys, offsets, sizes, labels, captions, jsons, *dims), blob_path
+        skipped = [(skips.EMPTY, f"{path}:row {row}") for row in np.flatnonzero(~keep.to_numpy(zero_copy_only=False))]
+        return _table(keys, offsets, sizes, labels, captions, jsons, *dims), blob_path, skipped
     path_col = _pick(table.column_names, IMAGE_PATH_COLUMNS)
     if path_col is None:
         raise DataError(f"parquet file {path} has neither an image bytes column ({', '.join(IMAGE_BYTES_COLUMNS)}) "
                          f"nor an image path column ({', '.join(IMAGE_PATH_COLUMNS)}); rename the column")
-    paths = table.column(path_col).combine_chunks().cast(pa.large_string())
+    paths = table.column(path_col).combine_chunks().cast(pa.large_string()).fill_null("")
     root = os.path.dirname(path)
-    return _table(paths, np.zeros(len(paths)), np.full(len(paths), -1), labels, captions, jsons), root
+    reasons = [skips.check_file(os.path.join(root, p)) if p else skips.EMPTY for p in paths.to_pylist()]
+    skipped = [(r, os.path.join(root, p)) for r, p in zip(reasons, paths.to_pylist()) if r is not None]
+    keep = pa.array([r is None for r in reasons])
+    labels = labels[keep.to_numpy(zero_copy_only=False)]
+    paths, captions, jsons = paths.filter(keep), captions.filter(keep), jsons.filter(keep)
+    return _table(paths, np.zeros(len(paths)), np.full(len(paths), -1), labels, captions, jsons), root, skipped
 
 
 def _parquet_dims(table: pa.Table, keep, probe: bool, images: pa.Array):

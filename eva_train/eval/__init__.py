@@ -1,4 +1,5 @@
 """Evaluation: kNN monitor during pretraining, linear probe, fine-tuning, prediction.
 
-Modules import torch lazily where they can so that `eva_train.eval` stays cheap to import.
+Shares the data pipeline's decoders and its one evaluation preprocessing (data/transforms.py), the
+training side's schedule, weight-decay rule (optim/) and process-group set-up (runtime/).
 """

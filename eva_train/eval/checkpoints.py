@@ -10,7 +10,6 @@
 """
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -18,6 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eva_train.eval.heads import Classifier, LinearHead
+from eva_train.export.weights import load_weights, read_state_dict
+from eva_train.models import build_backbone
+from eva_train.runtime.fsio import atomic_path
 
 CLASSIFIER_FORMAT = "eva_train.classifier"
 PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.", "decoder")
@@ -64,9 +66,6 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
                   drop_path_rate: float = 0.0) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(EVA backbone with the file's weights, {'variant', 'img_size'}); strict about missing keys.
     The metadata's img_size wins over the variant default; `img_size` resizes the position table."""
-    from eva_train.models import build_backbone
-    from eva_train.export.weights import load_weights, read_state_dict
-
     meta = read_metadata(path)
     spec = dict(model_spec_from_metadata(meta) or {})
     if variant:
@@ -90,31 +89,19 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
 
 def save_classifier(path: str, model: Classifier, spec: Dict[str, Any], class_names: List[str],
                     protocol: str) -> None:
-    """Atomic write (temp file in the same folder, fsync, rename)."""
+    """Atomic write (eva_train.runtime.fsio.atomic_path)."""
     num_classes = model.head.linear.out_features
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-way head; they must match")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": CLASSIFIER_FORMAT, "protocol": protocol, "class_names": json.dumps(class_names),
             "model": json.dumps({**spec, "batch_norm": isinstance(model.head.bn, torch.nn.BatchNorm1d)})}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def load_classifier(path: str) -> Tuple[Classifier, List[str], Dict[str, Any]]:
     """(Classifier in eval mode, class names, model spec) from a classifier file."""
-    from eva_train.models import build_backbone
-
     meta = read_metadata(path)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"checkpoint '{path}' holds no classifier (a pretrained backbone?); fine-tune it "

@@ -18,6 +18,7 @@ from eva_train.runtime.fsio import atomic_write_text
 from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.eval.linear_probe import fit_linear_probe, head_accuracy
 from eva_train.eval.protocol_config import build_protocol_config
+from eva_train.models import build_backbone
 from eva_train.models.variants import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def _scores(monitor: KnnMonitor, model: torch.nn.Module) -> Dict[str, float]:
 
 
 def _random_backbone(cfg, device: torch.device) -> torch.nn.Module:
-    from eva_train.models import build_backbone
-
     with torch.random.fork_rng(devices=[]):  # leave the training RNG streams untouched
         torch.manual_seed(cfg.train.seed + RANDOM_INIT_SEED_OFFSET)
         return build_backbone(cfg.model.variant, cfg.model.img_size).to(device)

@@ -4,6 +4,8 @@ from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 
 from eva_train.eval.accuracy import topk_correct, topk_percent
 from eva_train.data.transforms import EvalTransform, normalize_images
@@ -22,8 +24,6 @@ def _mixup(cfg: ProtocolConfig, num_classes: int):
     if cfg.train.micro_batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair images within a batch: train.micro_batch_size="
                           f"{cfg.train.micro_batch_size} must be even")
-    from timm.data import Mixup
-
     return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing,
                  num_classes=num_classes)
 
@@ -63,8 +63,6 @@ class FinetuneTask:
     def after_step(self, module: torch.nn.Module) -> None:
         if self.cfg.aug.ema_decay <= 0:
             return
-        from timm.utils import ModelEmaV3
-
         if self.ema is None:
             self.ema = ModelEmaV3(module, decay=self.cfg.aug.ema_decay)
         self.ema.update(module)

@@ -6,13 +6,12 @@ import torch
 from eva_train.eval.checkpoints import load_backbone
 from eva_train.eval.data import LabeledImages, open_labeled
 from eva_train.eval.protocol_config import ProtoDataConfig, ProtoModelConfig
+from eva_train.models import build_backbone
 
 
 def open_backbone(model_cfg: ProtoModelConfig, drop_path_rate: float = 0.0) -> Tuple[torch.nn.Module, Dict]:
     """(backbone, {'variant', 'img_size'}); random init is seeded by the caller's torch seed."""
     if model_cfg.random_init:
-        from eva_train.models import build_backbone
-
         backbone = build_backbone(model_cfg.variant, model_cfg.img_size or None, drop_path_rate=drop_path_rate)
         return backbone, {"variant": model_cfg.variant, "img_size": backbone.img_size[0]}  # square: one int
     return load_backbone(model_cfg.checkpoint, model_cfg.variant, model_cfg.img_size or None, drop_path_rate)

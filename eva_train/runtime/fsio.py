@@ -2,7 +2,9 @@
 folder, and write a small file atomically (temp in the same folder -> fsync -> rename -> fsync the
 folder), so a crash leaves either the old content or the new one under the final name."""
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def fsync_path(path) -> None:
@@ -23,3 +25,21 @@ def atomic_write_text(path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """For writers that want a path, not text (Arrow, safetensors, raw bytes): yields a temp path in
+    the same folder; a clean exit fsyncs it, renames it to `path` and fsyncs the folder; an error
+    (or a kill signal turned into an exception) removes it and leaves `path` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
