@@ -133,3 +133,14 @@ def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
     assert rows["bench_step_triton"][2].startswith("ours 128.0 img/s MFU 41.2% peak 30.50 GiB; timm 106.7 img/s")
     assert rows["bench_step_torch"][0] == "1" and "CUDA out of memory" in rows["bench_step_torch"][2]
     assert (out / "bench_kernels.csv").exists() and (out / "gpu_tests.log").exists()
+
+
+def test_gpu_check_names_why_the_project_does_not_import(tmp_path):
+    bare = tmp_path / "python"  # the same interpreter without site-packages: no torch there
+    bare.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" -S -I "$@"\n')
+    bare.chmod(0o755)
+    result = subprocess.run(["bash", GPU_CHECK, "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env={**os.environ, "PYTHON": str(bare)})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "the project does not import" in result.stderr and "No module named" in result.stderr
+    assert "pip install -e .[dev]" in result.stderr

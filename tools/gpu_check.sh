@@ -59,21 +59,26 @@ install_wheels() {  # the carried wheels into a scratch site (no registry, no ch
     echo "offline wheels from $WHEELS: ${installed[*]%.dist-info}"
 }
 
-cuda_state() {  # prints "cuda <card>" or "cpu"; exits non-zero when the project does not import
-    "$PY" -c "import eva_train, eva_kernels, torch
-print('cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>/dev/null
+cuda_state() {  # prints "cuda <card>" or "cpu" and the steps' modules that are missing; fails when the project does not import
+    "$PY" -c "import importlib.util, eva_train, eva_kernels, torch
+print('cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
+print(' '.join(m for m in ('deepspeed', 'timm', 'open_clip', 'pytest', 'matplotlib') if not importlib.util.find_spec(m)))" \
+        2>"$SCRATCH/import.err"
 }
 
 import_project() {  # a checkout that is not pip-installed: mirror setup.py (kernels/ installs as eva_kernels)
     STATE=$(cuda_state) && return
     mkdir -p "$SCRATCH/shim" && ln -s "$REPO/kernels" "$SCRATCH/shim/eva_kernels"
     export PYTHONPATH=$SCRATCH/shim:$REPO${PYTHONPATH:+:$PYTHONPATH}
-    STATE=$(cuda_state) \
-        || fail "the project does not import with $PY; run pip install -e .[dev] (or pass --wheels DIR offline)"
+    STATE=$(cuda_state) || fail "the project does not import with $PY ($(tail -1 "$SCRATCH/import.err")); \
+run pip install -e .[dev] (or pass --wheels DIR offline)"
 }
 
 [[ -n $WHEELS ]] && install_wheels
 import_project
+MISSING=$(sed -n 2p <<<"$STATE") STATE=$(head -1 <<<"$STATE")
+[[ -n $MISSING ]] && echo "note: not importable with $PY: $MISSING; the steps that need it will fail \
+(pip install -e .[dev], or --wheels DIR offline)"
 export WANDB_MODE=offline PYTHONUNBUFFERED=1
 if [[ $STATE == cuda* ]]; then
     DEVICE=${STATE#cuda }
