@@ -12,6 +12,7 @@
 #   PYTHON        project interpreter                              (python3 on PATH)
 #   RECIPE        recipe name or .toml path                        (eva_g_p14_m30m)
 #   DATA_INDEX    comma-separated Arrow index files                (the recipe's data.index)
+#   TEACHER       teacher tower weights (open_clip state dict)     (the recipe's teacher.checkpoint)
 #   DS_CONFIG     DeepSpeed JSON (ZeRO stage, precision)           (the recipe's)
 #   OUTPUT_ROOT   run folders go to OUTPUT_ROOT/<job name>-<job id> (outputs)
 #   OUTPUT_DIR    exact run folder instead (resume a run from another job)
@@ -21,6 +22,10 @@
 #   NODES, TASKS_PER_NODE, GPUS_PER_NODE, JOB_NAME: shape for --dry-run/--submit (the #SBATCH
 #                 lines below); with plain sbatch use --nodes/--ntasks-per-node/--gpus-per-node.
 #   MASTER_PORT   rendezvous port                                  (20000 + job id % 40000)
+#   STEP_SIGNAL   what the batch shell sends the ranks on USR1/TERM/HUP (USR1; srun passes USR1/USR2
+#                 through but turns TERM/HUP into SIGKILL); must be in train.save_signals
+# The dry run loads the teacher file and the data index (pretrain.py --dry-run) and prints the sbatch
+# command with every setting given to it, ready to paste.
 # CPU-only cluster, unchanged script:
 #   sbatch --nodes=1 --ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 slurm/eva_g.sh
 #
@@ -31,9 +36,13 @@
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (set here): a failed collective raises instead of hanging
 #   GPUDirect RDMA / NVLink SHARP are picked by NCCL automatically; check NCCL_DEBUG=INFO output
 #   for "NET/IB" (good) versus "NET/Socket" (slow, fix NCCL_SOCKET_IFNAME/NCCL_IB_HCA).
-# Preemption: SLURM sends USR1 to this shell GRACE seconds before the end (--signal below) and
-# TERM on preemption; both reach every rank, which finishes its step, saves a checkpoint,
-# requeues the job and exits 0. Keep GRACE above one step plus one checkpoint save.
+# Stopping: SLURM sends USR1 to this shell GRACE seconds before the time limit (--signal below); it
+# reaches every rank, which finishes its step, saves, requeues the job and exits 0. Keep GRACE above
+# one step plus one checkpoint save. `scancel --signal=TERM JOBID` (tasks only) saves and stops for
+# good; `scancel --batch --signal=USR1 JOBID` saves and requeues. A plain `scancel`, `scancel --full`,
+# a time limit without the warning or a preemption send TERM to srun itself, which SIGKILLs every
+# task at once (SLURM's srun, not ours): nothing is saved after the last periodic checkpoint; the
+# log says so and names the command that resumes. A user's cancel is never requeued.
 #
 #SBATCH --job-name=eva-g
 #SBATCH --nodes=16

@@ -1,5 +1,7 @@
 """The one entry point the engine calls: index -> sampler -> workers (decode, crop, mask) -> batches."""
+import atexit
 import signal
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -26,18 +28,44 @@ def ignore_job_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
 
 
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _shut_down_leftover_workers() -> None:
+    # At interpreter exit multiprocessing terminates daemonic children with SIGTERM and joins them:
+    # ours ignore it, so workers of an iterator still alive then (a module global, a traceback's
+    # frame) would hang the exit. Registered after torch's and multiprocessing's exit hooks, so it
+    # runs first, while the iterator's own orderly shutdown still works.
+    for iterator in list(_LIVE_ITERATORS):
+        try:
+            iterator._shutdown_workers()
+        except Exception:  # noqa: BLE001 - best effort at exit; the kill below still frees the join
+            pass
+        for process in getattr(iterator, "_workers", ()):
+            if process.is_alive():
+                process.kill()
+
+
 class SignalSafeLoader(torch.utils.data.DataLoader):
     """Blocks the job's signals in the forking thread while workers start, so no worker exists
-    with the default (fatal) disposition; the rank's own handlers run once it unblocks."""
+    with the default (fatal) disposition; the rank's own handlers run once it unblocks.
+    (`_get_iterator` is where every DataLoader version forks its workers.)"""
+
+    _exit_hook_registered = False
 
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
         try:
-            return super()._get_iterator()
+            iterator = super()._get_iterator()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _LIVE_ITERATORS.add(iterator)
+        if not SignalSafeLoader._exit_hook_registered:
+            atexit.register(_shut_down_leftover_workers)
+            SignalSafeLoader._exit_hook_registered = True
+        return iterator
 
 
 def build_loader(data_cfg, mask_cfg, *, index_paths: Sequence[str], img_size: int, patch_size: int,
