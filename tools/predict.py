@@ -1,14 +1,35 @@
 #!/usr/bin/env python
 """Classify images with a fine-tuned / linear-probed checkpoint, or extract features with a
-pretrained one.
+pretrained one, at any image size.
 
     python tools/predict.py cat.jpg dog.png --checkpoint outputs/finetune/classifier.safetensors [--top_k 5]
     python tools/predict.py img/*.jpg --checkpoint eva.safetensors --features feats.safetensors
+    python tools/predict.py img/*.jpg --checkpoint eva.safetensors --features feats.safetensors \\
+        --img_size 336 --keep_aspect
+
+Images go through the evaluation preprocessing (shorter side to img_size / 0.875, bicubic, center
+crop) at the model's size, or at --img_size (N or HxW, multiples of the patch size). --keep_aspect
+crops no square: the shorter side is resized to --img_size (default: the model's), and each side is
+center-cropped down to a multiple of the patch size, so every image runs at its own aspect.
+Features file: "pooled" (B, D), "grid" (B, 2) = each image's patch (rows, cols), and "patch":
+(B, N, D), or with --keep_aspect all images' patch tokens one after another, (sum of rows*cols, D)
+(split it with grid.prod(1)).
 Exit code 2 with one line on bad input (missing file, a backbone file without --features, ...).
 """
 import argparse
 import json
 import sys
+
+
+def image_size(text: str):
+    """'336' -> 336; '448x336' -> (448, 336) (height x width)."""
+    try:
+        sides = [int(side) for side in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not N or HxW in pixels (e.g. 336 or 448x336)")
+    return sides[0] if len(sides) == 1 else tuple(sides)
 
 
 def main(argv=None) -> int:
@@ -20,6 +41,10 @@ def main(argv=None) -> int:
     parser.add_argument("--features", metavar="OUT", help="write pooled + patch features of a backbone file here")
     parser.add_argument("--variant", default=None, help="with --features: the model variant when the file's "
                         "metadata does not name it (e.g. eva_demo_p8)")
+    parser.add_argument("--img_size", type=image_size, default=None, metavar="N|HxW",
+                        help="input size (default: the model's); with --keep_aspect one N, the shorter side")
+    parser.add_argument("--keep_aspect", action="store_true",
+                        help="keep each image's aspect: shorter side to --img_size, sides cropped to patch multiples")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     try:
@@ -27,11 +52,11 @@ def main(argv=None) -> int:
             return _features(args)
         from eva_train.eval.predict import predict
 
-        results = predict(args.images, args.checkpoint, args.top_k, args.device)
+        results = predict(args.images, args.checkpoint, args.top_k, args.device, args.img_size, args.keep_aspect)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path, top in zip(args.images, results):
+    for path, top in zip(args.images, results, strict=True):
         if args.json:
             print(json.dumps({"image": path, "top_k": [{"class": c, "score": s} for c, s in top]}))
         else:
@@ -40,14 +65,18 @@ def main(argv=None) -> int:
 
 
 def _features(args) -> int:
+    import torch
     from safetensors.torch import save_file
 
     from eva_train.export.inference import extract_feat, get_model
 
-    feats = extract_feat(get_model(args.checkpoint, variant=args.variant, device=args.device), args.images)
-    save_file({k: v.cpu().contiguous() for k, v in feats.items()}, args.features,
+    model = get_model(args.checkpoint, variant=args.variant, device=args.device)
+    feats = extract_feat(model, args.images, img_size=args.img_size, keep_aspect=args.keep_aspect)
+    patch = torch.cat(feats["patch"]) if args.keep_aspect else feats["patch"]     # ragged -> one after another
+    tensors = {"pooled": feats["pooled"], "patch": patch, "grid": feats["grid"]}
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, args.features,
               metadata={"images": json.dumps(args.images)})
-    print(f"wrote pooled {tuple(feats['pooled'].shape)} and patch {tuple(feats['patch'].shape)} features "
+    print(f"wrote pooled {tuple(feats['pooled'].shape)}, patch {tuple(patch.shape)} and grid features "
           f"to {args.features}")
     return 0
 

@@ -10,20 +10,17 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
-from eva_train.data.decode import load_rgb
-from eva_train.data.transforms import EvalTransform, normalize_images
+from eva_train.data.transforms import normalize_images
 from eva_train.eval.checkpoints import load_classifier
+from eva_train.export.inference import preprocess_groups
 
 ImageLike = Union[str, Image.Image, torch.Tensor]
 
 
 def images_to_uint8(images: Sequence[ImageLike], img_size: int) -> torch.Tensor:
     """Files / PIL images / uint8 (3,H,W) tensors -> uint8 (B,3,img,img) through `EvalTransform`,
-    exactly like the evaluation loaders."""
-    if not images:
-        raise ValueError("no images given")
-    transform = EvalTransform(img_size)
-    return torch.stack([transform(load_rgb(item)) for item in images])
+    exactly like the evaluation loaders (what `Predictor` does without keep_aspect)."""
+    return preprocess_groups(images, img_size, patch_size=1)[0][1]  # square crops: one group
 
 
 class Predictor:
@@ -33,15 +30,23 @@ class Predictor:
         self.model = model.to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[ImageLike], top_k: int = 5) -> List[List[Tuple[str, float]]]:
-        pixels = images_to_uint8(images, self.spec["img_size"])
-        probs = self.model(normalize_images(pixels, torch.float32, self.device)).softmax(dim=-1)  # (B, C)
+    def __call__(self, images: Sequence[ImageLike], top_k: int = 5, img_size=None,
+                 keep_aspect: bool = False) -> List[List[Tuple[str, float]]]:
+        """`img_size` (int or (H, W); default the classifier's) and `keep_aspect` as in `extract_feat`."""
+        groups = preprocess_groups(images, img_size or self.spec["img_size"], self.model.backbone.patch_size,
+                                   keep_aspect)
+        rows = [None] * len(images)
+        for indices, pixels in groups:  # one group per input size
+            probs = self.model(normalize_images(pixels, torch.float32, self.device)).softmax(dim=-1)  # (b, C)
+            for index, row in zip(indices, probs.cpu()):
+                rows[index] = row
+        probs = torch.stack(rows)
         scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [[(self.class_names[c], float(s)) for c, s in zip(row_c.tolist(), row_s.tolist())]
                 for row_c, row_s in zip(classes, scores)]
 
 
-def predict(images: Sequence[ImageLike], checkpoint: str, top_k: int = 5,
-            device: Union[str, torch.device] = "cpu") -> List[List[Tuple[str, float]]]:
+def predict(images: Sequence[ImageLike], checkpoint: str, top_k: int = 5, device: Union[str, torch.device] = "cpu",
+            img_size=None, keep_aspect: bool = False) -> List[List[Tuple[str, float]]]:
     """One call: load the classifier file and return top-k (class name, probability) per image."""
-    return Predictor(checkpoint, device)(images, top_k)
+    return Predictor(checkpoint, device)(images, top_k, img_size, keep_aspect)

@@ -1,12 +1,14 @@
 """Feature extraction API: a consolidated file -> eval-mode backbone -> patch and pooled features.
 
   model = get_model("eva.safetensors", device="cuda")
-  feats = extract_feat(model, ["a.jpg", "b.png"])        # or a uint8 (B, 3, H, W) tensor
+  feats = extract_feat(model, ["a.jpg", "b.png"])        # or a uint8 (B, 3, H, W) tensor, any size
   feats["pooled"]  # (B, D): cls token after the final norm (EVA.forward)
   feats["patch"]   # (B, N, D): patch tokens after the final norm, row-major grid
+  feats["grid"]    # (B, 2): (rows, cols) of each image's patch grid
+  extract_feat(model, files, img_size=336, keep_aspect=True)  # no square crop; "patch" a list
 """
 import json
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,12 +20,13 @@ from eva_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noqa: F821
 
 
-def get_model(path: str, variant: Optional[str] = None, img_size: Optional[int] = None,
+def get_model(path: str, variant: Optional[str] = None, img_size: Union[int, Tuple[int, int], None] = None,
               device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """The EVA backbone in eval mode with the file's weights (any layout `eva_train.export.weights` reads).
-    `variant` / `img_size` default to the file's eva-train config metadata."""
-    from eva_train.models import build_backbone
+    `variant` / `img_size` (int or (H, W)) default to the file's eva-train config metadata; a file
+    saved at another size has its position table resampled (the model still runs at any size)."""
     from eva_train.export.weights import load_weights, read_state_dict
+    from eva_train.models import build_backbone
 
     config = _file_model_config(path)
     variant = variant or config.get("variant")
@@ -31,7 +34,7 @@ def get_model(path: str, variant: Optional[str] = None, img_size: Optional[int] 
         raise ValueError(f"{path} has no eva-train config metadata; pass variant= (e.g. eva02_l_p14)")
     model = build_backbone(variant, img_size or config.get("img_size"))
     report = load_weights(model, read_state_dict(path))
-    if report.missing or report.mismatched:
+    if report.missing or report.mismatched or report.unexpected:
         raise ValueError(f"{path} does not fit {variant}: {report.summary()}")
     return model.to(device=device, dtype=dtype).eval()
 
@@ -47,32 +50,73 @@ def _file_model_config(path: str) -> dict:
 
 
 @torch.no_grad()
-def extract_feat(model: nn.Module, images: ImageInput, batch_size: int = 64) -> Dict[str, torch.Tensor]:
-    """Patch (B, N, D) and pooled (B, D) features, on the model's device, in fp32.
-    `images`: uint8 (B, 3, H, W) at the model's size, float (B, 3, H, W) in [0, 1], or a list
-    of image files / PIL images (through `EvalTransform`, the preprocessing of every eval tool)."""
-    param = next(model.parameters())
-    img_size = model.patch_embed.img_size
-    pixels = _to_pixels(images, img_size)                                     # (B, 3, H, W) in [0, 255]
-    patches, pooled = [], []
-    for start in range(0, pixels.shape[0], batch_size):
-        batch = normalize_images(pixels[start:start + batch_size], param.dtype, param.device)
-        tokens = model.forward_features(batch).float()                        # (b, 1 + N, D)
-        pooled.append(tokens[:, 0])
-        patches.append(tokens[:, model.num_prefix_tokens:])
-    return {"patch": torch.cat(patches), "pooled": torch.cat(pooled)}
+def extract_feat(model: nn.Module, images: ImageInput, batch_size: int = 64,
+                 img_size: Union[int, Tuple[int, int], None] = None, keep_aspect: bool = False) -> Dict[str, Any]:
+    """Features on the model's device in fp32: "pooled" (B, D), "patch" (B, N, D) (row-major grid)
+    and "grid" (B, 2), each image's (rows, cols) of patches.
 
-
-def _to_pixels(images: ImageInput, img_size: int) -> torch.Tensor:
+    `images`: a uint8 (B, 3, H, W) tensor or float one in [0, 1], used at its own size (any H, W
+    that are multiples of the patch size); or a list of image files / PIL images / uint8 (3, H, W)
+    tensors, brought through `EvalTransform` (the preprocessing of every eval tool) to `img_size`,
+    an int or (H, W) (default: the model's set-up size). `keep_aspect=True` keeps each image's
+    aspect instead: shorter side resized to `img_size` (one int; default the model's shorter side),
+    the sides center-cropped down to multiples of the patch size; images of one size are batched
+    together and "patch" is a list of (N_i, D)."""
     if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images tensor has shape {tuple(images.shape)}; expected (B, 3, H, W)")
-        if tuple(images.shape[-2:]) != (img_size, img_size):
-            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model takes {img_size}x{img_size}; "
-                             f"pass files/PIL images to resize them, or resize first")
-        return images if images.dtype == torch.uint8 else images.float() * 255.0
-    transform = EvalTransform(img_size)
-    return torch.stack([transform(load_rgb(item)) for item in images])
+        groups = [(list(range(images.shape[0])), _tensor_pixels(images))]
+    else:
+        default = min(model.img_size) if keep_aspect else tuple(model.img_size)
+        groups = preprocess_groups(images, img_size or default, model.patch_size, keep_aspect)
+    param = next(model.parameters())
+    count = sum(len(indices) for indices, _ in groups)
+    pooled, patches, grids = [None] * count, [None] * count, [None] * count
+    for indices, pixels in groups:
+        grid = model.patch_embed.grid_for(*pixels.shape[-2:])
+        for start in range(0, len(indices), batch_size):
+            batch = normalize_images(pixels[start:start + batch_size], param.dtype, param.device)
+            tokens = model.forward_features(batch).float()                    # (b, 1 + N, D)
+            for row, index in enumerate(indices[start:start + batch_size]):
+                pooled[index], patches[index] = tokens[row, 0], tokens[row, model.num_prefix_tokens:]
+                grids[index] = grid
+    return {"pooled": torch.stack(pooled), "patch": patches if keep_aspect else torch.stack(patches),
+            "grid": torch.tensor(grids, dtype=torch.long).view(count, 2)}
+
+
+def _tensor_pixels(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images tensor has shape {tuple(images.shape)}; expected (B, 3, H, W)")
+    return images if images.dtype == torch.uint8 else images.float() * 255.0
+
+
+def preprocess_groups(images: Sequence, size: Union[int, Tuple[int, int]], patch_size: int,
+                      keep_aspect: bool = False) -> List[Tuple[List[int], torch.Tensor]]:
+    """Image files / PIL images / uint8 (3, H, W) tensors through `EvalTransform` as `extract_feat`
+    describes -> [(indices into `images`, uint8 (b, 3, H, W))], one group per output size."""
+    if not images:
+        raise ValueError("no images given")
+    sides = (size,) if isinstance(size, int) else tuple(size)
+    if any(not isinstance(side, int) or side < patch_size or side % patch_size for side in sides) or (
+            keep_aspect and len(sides) != 1):
+        raise ValueError(f"img_size={size!r}: give {'one int, the shorter side' if keep_aspect else 'an int or (H, W)'}"
+                         f" made of multiples of the patch size {patch_size}")
+    if not keep_aspect:
+        transform = EvalTransform(size)
+        return [(list(range(len(images))), torch.stack([transform(load_rgb(item)) for item in images]))]
+    by_size: Dict[Tuple[int, int], List] = {}
+    for index, item in enumerate(images):
+        pixels = load_rgb(item)
+        target = aspect_kept_size(*pixels.shape[-2:], size, patch_size)
+        # crop_pct=1: the whole image is kept; the crop only trims the sides to patch multiples
+        by_size.setdefault(target, []).append((index, EvalTransform(target, crop_pct=1.0)(pixels)))
+    return [([i for i, _ in group], torch.stack([p for _, p in group])) for group in by_size.values()]
+
+
+def aspect_kept_size(height: int, width: int, short_side: int, patch_size: int) -> Tuple[int, int]:
+    """(H, W) for a `height` x `width` image with its shorter side scaled to `short_side` and the
+    longer one scaled alike, then floored to a multiple of the patch size."""
+    scaled_long = int(max(height, width) * short_side / min(height, width))
+    long_side = max(patch_size, scaled_long // patch_size * patch_size)
+    return (short_side, long_side) if height <= width else (long_side, short_side)
 
 
 def list_image_files(folder: str) -> List[str]:
