@@ -109,3 +109,50 @@ def test_linear_head_bn_has_no_affine_and_learns():
         loss.backward()
         opt.step()
     assert (head(x).argmax(1) == y).float().mean() > 0.9
+
+
+LARS_UNDER_DEEPSPEED = r"""
+import json, sys
+import torch, deepspeed
+from eva_train.eval.optim import build_optimizer, param_groups
+from eva_train.eval.runner import setup_distributed
+setup_distributed()
+layer = torch.nn.Linear(2, 2)
+with torch.no_grad():
+    layer.weight.fill_(3.0)
+    layer.bias.zero_()
+opt = build_optimizer(param_groups(layer, 0.0), "lars", 0.0, (0.9, 0.999))
+config = {"train_batch_size": 1, "gradient_clipping": 0.0, "zero_optimization": {"stage": 0},
+          "bf16": {"enabled": sys.argv[1] == "bf16"}, "zero_allow_untested_optimizer": True}
+engine, *_ = deepspeed.initialize(model=layer, optimizer=opt, config=config)
+for group in engine.optimizer.param_groups:
+    group["lr"] = 1.0
+dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
+# loss = sum(W x + b) with x = (2.5, 2.5): dL/dW = 2.5 everywhere (||g|| = 5), dL/db = 1
+engine.backward(engine(torch.full((1, 2), 2.5, dtype=dtype)).sum())
+engine.step()
+# what LARS itself updated (under bf16 DeepSpeed keeps fp32 copies for it): one 2x2 matrix and one vector
+seen = {p.ndim: p.float().tolist() for g in opt.param_groups for p in g["params"]}
+print(json.dumps({"weight": seen[2], "bias": seen[1]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lars_keeps_its_trust_ratio_inside_deepspeed_without_zero(precision):
+    """The configuration LARS is allowed in (ZeRO 0) still hands it whole matrices: the update is the
+    trust-ratio step, not plain SGD (which would subtract 2.5 from every weight)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-c", LARS_UNDER_DEEPSPEED, precision], capture_output=True, text=True,
+                         env=dict(env, DS_ACCELERATOR="cpu"), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    # ||w|| = 6, ||g|| = 5 -> 0.001 * 6 / 5 * 2.5 = 0.003 off each weight; the bias takes the plain step
+    torch.testing.assert_close(torch.tensor(got["weight"]), torch.full((2, 2), 3.0 - 0.003), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["bias"]), torch.full((2,), -1.0), rtol=0, atol=1e-6)
