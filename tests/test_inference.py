@@ -146,8 +146,13 @@ def test_predict_tool_writes_any_size_features(mim_model, tmp_path, capsys):
     torch.testing.assert_close(saved["patch"][24:], expected["patch"][1])
     assert predict_tool["main"]([wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "24x12"]) == 0
     assert load_file(out)["grid"].tolist() == [[6, 3]]
+    capsys.readouterr()
     assert predict_tool["main"]([wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "18"]) == 2
-    assert "multiples of the patch size 4" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("error: --img_size 18: give N or HxW in multiples of eva02_debug_p4's "
+                                       "patch size 4\n")
+    assert predict_tool["main"]([wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "16x8",
+                                 "--keep_aspect"]) == 2
+    assert "one N (the shorter side)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         predict_tool["main"]([wide, "--checkpoint", checkpoint, "--img_size", "big"])
     assert exit_info.value.code == 2 and "is not N or HxW" in capsys.readouterr().err

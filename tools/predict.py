@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     try:
+        _check_img_size(args)
         if args.features:
             return _features(args)
         from eva_train.eval.predict import predict
@@ -62,6 +63,22 @@ def main(argv=None) -> int:
         else:
             print(f"{path}: " + ", ".join(f"{c} {s:.3f}" for c, s in top))
     return 0
+
+
+def _check_img_size(args) -> None:
+    """Refuse --img_size values the model cannot take before any model is loaded (ValueError)."""
+    from eva_train.eval.checkpoints import model_spec_from_metadata, read_metadata
+    from eva_train.models.variants import VARIANTS
+
+    spec = model_spec_from_metadata(read_metadata(args.checkpoint)) or {}
+    variant = args.variant or spec.get("variant")
+    if args.img_size is None or variant not in VARIANTS:
+        return  # no size given, or the model is named only by the file's layout: checked once it is built
+    patch = VARIANTS[variant].patch_size
+    sides = (args.img_size,) if isinstance(args.img_size, int) else args.img_size
+    if any(side % patch for side in sides) or (args.keep_aspect and len(sides) != 1):
+        wanted = "one N (the shorter side)" if args.keep_aspect else "N or HxW"
+        raise ValueError(f"--img_size {args.img_size}: give {wanted} in multiples of {variant}'s patch size {patch}")
 
 
 def _features(args) -> int:
