@@ -21,7 +21,7 @@ submodule's internals with `from eva_kernels.attention import AttentionFunction`
 """
 import functools
 import os
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from . import reference, selfcheck
 from .selfcheck import KernelShape, set_test_hook, vit_shapes  # noqa: F401 (public API)
@@ -30,16 +30,16 @@ try:  # the submodules are bound here, before the public functions below take th
     from . import attention as _triton_attention
     from . import layer_norm as _triton_layer_norm
     from . import rope as _triton_rope
-    TRITON_IMPORT_ERROR: Optional[str] = None
+    TRITON_IMPORT_ERROR: str | None = None
 except ImportError as error:  # no Triton on this platform: the references serve every backend but "triton"
     _triton_attention = _triton_layer_norm = _triton_rope = None
     TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 BACKENDS = ("auto", "triton", "torch", "apex")
-_backend_override: Optional[str] = None
+_backend_override: str | None = None
 
 
-def set_backend(name: Optional[str]) -> None:
+def set_backend(name: str | None) -> None:
     """Pick the implementation for this process; None falls back to $EVA_KERNELS / auto."""
     global _backend_override
     if name is not None and name not in BACKENDS:
@@ -59,7 +59,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_mode(*tensors) -> Optional[str]:
+def _triton_mode(*tensors) -> str | None:
     """'auto' or 'triton' when this call may go to Triton (the self-check then decides), None when
     it goes to PyTorch; "triton" on CPU tensors without the interpreter is an error."""
     name = backend()
@@ -67,14 +67,15 @@ def _triton_mode(*tensors) -> Optional[str]:
         return None
     if name == "triton":
         if TRITON_IMPORT_ERROR is not None:
-            raise RuntimeError(f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch")
+            raise RuntimeError(
+                f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch")
         if not all(t.is_cuda for t in tensors if t is not None) and not _interpreting():
             raise RuntimeError("EVA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1; use auto or torch on CPU")
         return "triton"
     return None if TRITON_IMPORT_ERROR is not None else "auto"
 
 
-def autotune(shapes: Iterable[KernelShape], warmup: Optional[int] = None, reps: Optional[int] = None) -> dict:
+def autotune(shapes: Iterable[KernelShape], warmup: int | None = None, reps: int | None = None) -> dict:
     """Self-check every shape class in `shapes` under the current backend, on every rank at once
     (one collective under torch.distributed; call it with the same shapes on every rank, e.g.
     `autotune(vit_shapes(micro_batch, tokens, width, heads, torch.bfloat16, rope=...))` from the
@@ -92,7 +93,7 @@ def _check_mode() -> str:
     return "auto" if backend() == "apex" else backend()  # apex swaps LayerNorm only: checked like auto
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def apex_layer_norm():
     """NVIDIA apex's fused LayerNorm function, or None when apex (NVIDIA's: `apex.normalization`) is absent."""
     try:
@@ -141,7 +142,7 @@ def rope_2d(q, k, sin, cos, num_prefix_tokens: int = 1):
     return reference.rope_2d(q, k, sin, cos, num_prefix_tokens)
 
 
-def attention(q, k, v, scale: Optional[float] = None):
+def attention(q, k, v, scale: float | None = None):
     """Non-causal attention on (B, heads, N, head_dim) tensors, like SDPA; `scale` defaults to hd**-0.5."""
     mode = _triton_mode(q, k, v)
     if mode and _triton_attention.supports(q, k, v) and selfcheck.use_triton(selfcheck.attention_shape(q), mode):

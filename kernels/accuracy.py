@@ -6,7 +6,7 @@ twice the error of PyTorch's own eager implementation at the same precision, plu
 per-dtype atol (it covers inputs where PyTorch happens to be exact). A gradient that sums over
 rows (LayerNorm's dW, dB) gets the atol times the row count.
 """
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ def max_error(ours: torch.Tensor, ref64: torch.Tensor) -> float:
 
 
 def tolerance_problem(name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor,
-                      ref64: torch.Tensor, atol: float) -> Optional[str]:
+                      ref64: torch.Tensor, atol: float) -> str | None:
     """None when ours' error vs ref64 <= 2 x torch's own same-precision error + atol, else why not."""
     if ours.shape != ref64.shape:
         return f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
@@ -35,7 +35,7 @@ def tolerance_problem(name: str, ours: torch.Tensor, torch_same_precision: torch
     return f"{name}: max error {ours_error:.3g} > 2 x torch's {torch_error:.3g} + {atol:g}"
 
 
-def leaf_copies(tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+def leaf_copies(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Detached copies that require grad (dtype=torch.float64 for the reference)."""
     return [t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
 
@@ -45,14 +45,14 @@ def as_tuple(result) -> tuple:
 
 
 def grads_of(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-             upstream: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+             upstream: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Gradients of sum(out * g) over the outputs with respect to the inputs, in float64 math."""
     loss = sum((o.double() * g.double()).sum() for o, g in zip(outputs, upstream))
     return torch.autograd.grad(loss, inputs)
 
 
 def outputs_and_grads(fn: Callable, grad_inputs: Sequence[torch.Tensor], constants: Sequence[torch.Tensor],
-                      upstream: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+                      upstream: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """fn(*grad_inputs, *constants)'s outputs followed by the gradients of its grad_inputs."""
     outputs = as_tuple(fn(*grad_inputs, *constants))
     return list(outputs) + list(grads_of(outputs, grad_inputs, upstream))

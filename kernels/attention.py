@@ -15,7 +15,6 @@ operands on the tensor cores. In the Triton interpreter (CPU) bf16 dots are wron
 (and for fp32 inputs) operands are upcast and the dots run in exact fp32.
 """
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -303,7 +302,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Triton flash attention on (B, heads, N, head_dim), like SDPA (non-causal, no dropout).
     Callers check `supports(...)` first (`eva_kernels.attention` does)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -16,8 +16,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from eva_kernels.attention import (_attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                   _attn_fwd_kernel, head_dim_chunks, launch_config)
+from eva_kernels.attention import (
+    _attn_bwd_delta_kernel,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_fwd_kernel,
+    head_dim_chunks,
+    launch_config,
+)
 from eva_kernels.layer_norm import _ln_bwd_kernel, _ln_fwd_kernel, _num_warps
 from eva_kernels.rope import _rope_kernel
 

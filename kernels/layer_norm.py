@@ -8,7 +8,6 @@ Backward recomputes x_hat from the saved sum, mean and rstd; dW/dB are reduced i
 program sums its rows into one fp32 partial row, and the partials are summed on the host
 (no atomics, so results do not depend on scheduling).
 """
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -87,7 +86,7 @@ def _num_warps(block_h: int) -> int:
     return min(16, max(1, block_h // 256))
 
 
-def layer_norm_fwd(x2d: torch.Tensor, res2d: Optional[torch.Tensor], weight: torch.Tensor,
+def layer_norm_fwd(x2d: torch.Tensor, res2d: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor, eps: float):
     """x2d, res2d: (rows, hidden) contiguous -> (y, summed or None, mean, rstd)."""
     rows, hidden = x2d.shape
@@ -148,7 +147,7 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-               residual: Optional[torch.Tensor] = None):
+               residual: torch.Tensor | None = None):
     """Triton LayerNorm over the last dim; with `residual`: `(norm(x + residual), x + residual)`.
     Callers check `supports(...)` first (`eva_kernels.layer_norm` does)."""
     return LayerNormFunction.apply(x, weight, bias, eps, residual)

@@ -6,7 +6,6 @@ fp32 whatever the input dtype, like the kernels. The `*_same_precision` versions
 input dtype as eager PyTorch does: their error is the yardstick of the accuracy rule
 (`eva_kernels.accuracy`).
 """
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +18,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(
     x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     eps: float = 1e-6,
-    residual: Optional[torch.Tensor] = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim; with `residual`, normalizes x + residual and returns
     `(normalized, x + residual)` (the pre-LN block's fused "add then norm")."""
     summed = x if residual is None else x + residual
@@ -51,7 +50,7 @@ def rope_2d(
     sin: torch.Tensor,
     cos: torch.Tensor,
     num_prefix_tokens: int = 1,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 2D rotary embedding on q and k.
 
     q, k: (B, heads, N, head_dim); sin, cos: (N - num_prefix_tokens, head_dim), the timm
@@ -62,14 +61,14 @@ def rope_2d(
     return apply_rope(q, sin, cos, num_prefix_tokens), apply_rope(k, sin, cos, num_prefix_tokens)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Non-causal softmax attention; q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(_wide(q), _wide(k).transpose(-2, -1)) * scale
     return torch.matmul(scores.softmax(dim=-1), _wide(v)).to(q.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """PyTorch's fused SDPA: the fast torch path used by the model when Triton is off."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -90,7 +89,7 @@ def rope_2d_same_precision(q, k, sin, cos, num_prefix_tokens: int = 1):
     return rotate(q), rotate(k)
 
 
-def attention_same_precision(q, k, v, scale: Optional[float] = None):
+def attention_same_precision(q, k, v, scale: float | None = None):
     """Eager softmax attention in q's dtype (FlashAttention's tests' `upcast=False` reference)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v

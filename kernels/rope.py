@@ -7,7 +7,6 @@ next power of two). Tokens before `num_prefix_tokens` (cls) are copied unchanged
 Backward is the transpose: rot^T = -rot, so dx[d] = g[d] cos[d] - rot(g * sin)[d], the same
 kernel with the partner's sin and the sign flipped. No gradient flows to the sin/cos tables.
 """
-from typing import Tuple
 
 import torch
 import triton
@@ -77,7 +76,8 @@ def rope_launch(q, k, sin, cos, num_prefix_tokens: int, backward: bool):
     q, k = _last_dim_dense(q), _last_dim_dense(k)
     sin, cos = sin.contiguous(), cos.contiguous()
     batch, heads, tokens, head_dim = q.shape
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     block_d = triton.next_power_of_2(head_dim)
     block_t = max(1, min(64, 4096 // block_d, triton.next_power_of_2(tokens)))
     grid = (batch * heads, triton.cdiv(tokens, block_t))
@@ -104,7 +104,7 @@ class Rope2dFunction(torch.autograd.Function):
 
 
 def rope_2d(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-            num_prefix_tokens: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+            num_prefix_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton 2D RoPE; same signature and result as `reference.rope_2d`.
     Callers check `supports(...)` first (`eva_kernels.rope_2d` does)."""
     return Rope2dFunction.apply(q, k, sin, cos, num_prefix_tokens)

@@ -13,7 +13,8 @@ Shape class: what selects a kernel's code path and launch configuration, so that
 stands for every call in the class: head dim (exact: it picks the column split) and token count
 rounded up to a power of two (attention, RoPE); hidden size rounded up to a power of two
 (LayerNorm: its row block). Batch is not in the class: the check times at the shape it is given
-(the micro batch) and judges accuracy on at most ACCURACY_ROWS samples (float64 is slow).
+(the micro batch) and judges accuracy on at most ACCURACY_SAMPLES samples (float64 is slow).
+Inputs come from a seeded generator of their own: the check never moves the process's RNG.
 
 Agreement across ranks. Ranks must take the same path (a kernel wrong on one card is wrong for
 the run, and mixed paths mix numerics within one data-parallel step), yet a collective inside
@@ -39,7 +40,7 @@ import logging
 import statistics
 import time
 import zlib
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,8 @@ from .accuracy import as_tuple, atol_for, leaf_copies, outputs_and_grads, tolera
 
 OPS = ("layer_norm", "add_layer_norm", "rope_2d", "attention")
 MAX_SHAPES = 32        # entries of the one all-reduce: its size must not depend on the caller
-ACCURACY_ROWS = 2      # samples (attention, RoPE) or x 257 rows (LayerNorm) judged in float64
+ACCURACY_SAMPLES = 2   # attention, RoPE: samples judged in float64 (it is slow); LayerNorm: rows
+ACCURACY_ROWS = 512
 LAYER_NORM_EPS = 1e-6  # the model's (EVA: 1e-6)
 _log = logging.getLogger("eva_kernels")
 
@@ -58,7 +60,7 @@ _log = logging.getLogger("eva_kernels")
 class KernelShape:
     """One kind of call the model makes: op, the concrete shape to check and time, dtype, device."""
     op: str
-    shape: Tuple[int, ...]  # layer norms: (rows, hidden); rope_2d, attention: (batch, heads, tokens, head_dim)
+    shape: tuple[int, ...]  # layer norms: (rows, hidden); rope_2d, attention: (batch, heads, tokens, head_dim)
     dtype: torch.dtype = torch.bfloat16
     device: str = "cuda"    # a device type: the check runs on this process's current device of it
     prefix_tokens: int = 1  # rope_2d: leading tokens without a table row (cls)
@@ -67,7 +69,8 @@ class KernelShape:
         if self.op not in OPS:
             raise ValueError(f"unknown kernel op {self.op!r}; choose one of {', '.join(OPS)}")
         if len(self.shape) != (2 if "layer_norm" in self.op else 4):
-            raise ValueError(f"{self.op} shape {self.shape}: expected (rows, hidden) or (batch, heads, tokens, head_dim)")
+            raise ValueError(
+                f"{self.op} shape {self.shape}: expected (rows, hidden) or (batch, heads, tokens, head_dim)")
 
     def shape_class(self) -> str:
         pow2 = lambda n: 1 << max(0, n - 1).bit_length()  # noqa: E731
@@ -82,18 +85,18 @@ class KernelShape:
 @dataclasses.dataclass
 class Decision:
     key: str
-    checked_shape: List[int]
+    checked_shape: list[int]
     status: str                        # passed | failed | unsupported | not checked
     use: str                           # triton | torch
     reason: str
-    triton_ms: Optional[float] = None  # forward + backward, median
-    torch_ms: Optional[float] = None
-    problems: List[str] = dataclasses.field(default_factory=list)
+    triton_ms: float | None = None  # forward + backward, median
+    torch_ms: float | None = None
+    problems: list[str] = dataclasses.field(default_factory=list)
 
 
 def vit_shapes(batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype = torch.bfloat16,
                rope: bool = False, prefix_tokens: int = 1, device: str = "cuda",
-               extra_norm_widths: Sequence[int] = ()) -> List[KernelShape]:
+               extra_norm_widths: Sequence[int] = ()) -> list[KernelShape]:
     """The kernel calls of a pre-LN ViT block stack (plus LayerNorms of other widths, e.g. SwiGLU's)."""
     rows, head_dim = batch * tokens, width // heads
     shapes = [KernelShape("layer_norm", (rows, width), dtype, device),
@@ -105,18 +108,18 @@ def vit_shapes(batch: int, tokens: int, width: int, heads: int, dtype: torch.dty
 
 
 class _State:
-    """This process's decisions, keyed by (backend, shape key); the test hook; warnings given."""
+    """This process's decisions, keyed by (backend, shape key); the test hook; how many checks ran."""
 
     def __init__(self):
-        self.decisions: Dict[Tuple[str, str], Decision] = {}
-        self.hook: Optional[Callable] = None
+        self.decisions: dict[tuple[str, str], Decision] = {}
+        self.hook: Callable | None = None
         self.checks_run = 0
 
 
 _STATE = _State()
 
 
-def set_test_hook(hook: Optional[Callable]) -> None:
+def set_test_hook(hook: Callable | None) -> None:
     """Tests only: `hook(op, provider, impl) -> impl` wraps what the checks run; None removes it."""
     _STATE.hook = hook
 
@@ -127,7 +130,12 @@ def reset() -> None:
     _STATE.checks_run = 0
 
 
-def decisions(mode: str) -> Dict[str, dict]:
+def checks_run() -> int:
+    """How many shape classes this process has checked (each at most once per backend)."""
+    return _STATE.checks_run
+
+
+def decisions(mode: str) -> dict[str, dict]:
     """The decisions made under backend `mode`, JSON-able, keyed by shape key."""
     return {key: dataclasses.asdict(d) for (m, key), d in sorted(_STATE.decisions.items()) if m == mode}
 
@@ -145,7 +153,7 @@ def _triton_module(op: str):
     return importlib.import_module(".layer_norm" if "layer_norm" in op else f".{op.replace('_2d', '')}", __package__)
 
 
-def _functions(spec: KernelShape, module) -> Dict[str, Callable]:
+def _functions(spec: KernelShape, module) -> dict[str, Callable]:
     """triton / torch (the path auto falls back to) / same_precision / reference, each taking
     (*grad_inputs, *constants), plus supports."""
     if "layer_norm" in spec.op:
@@ -171,28 +179,33 @@ def _functions(spec: KernelShape, module) -> Dict[str, Callable]:
 
 
 def _inputs(spec: KernelShape, accuracy: bool, seed: int = 0):
-    """(grad_inputs, constants) for spec, random and seeded; accuracy: at most ACCURACY_ROWS samples."""
+    """(grad_inputs, constants, upstream gradients) for spec, from a generator of their own (the
+    global RNG stays untouched); accuracy: at most ACCURACY_SAMPLES samples / ACCURACY_ROWS rows."""
     device = torch.device(spec.device)
     gen = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *size, dtype=spec.dtype: torch.randn(*size, generator=gen, device=device, dtype=dtype)  # noqa: E731
     if "layer_norm" in spec.op:
         rows, hidden = spec.shape
-        rows = min(rows, ACCURACY_ROWS * 257) if accuracy else rows
+        rows = min(rows, ACCURACY_ROWS) if accuracy else rows
         grad = [rand(rows, hidden), 1 + 0.1 * rand(hidden), 0.1 * rand(hidden)]
-        return grad + ([rand(rows, hidden)] if spec.op == "add_layer_norm" else []), []
-    batch, heads, tokens, head_dim = spec.shape
-    qkv_shape = (min(batch, ACCURACY_ROWS) if accuracy else batch, heads, tokens, head_dim)
-    if spec.op == "attention":
-        return [rand(*qkv_shape) for _ in range(3)], []
-    angles = 6.3 * torch.rand(tokens - spec.prefix_tokens, head_dim, generator=gen, device=device)
-    return [rand(*qkv_shape) for _ in range(2)], [angles.sin(), angles.cos()]
+        grad += [rand(rows, hidden)] if spec.op == "add_layer_norm" else []
+        constants = []
+    else:
+        batch, heads, tokens, head_dim = spec.shape
+        qkv_shape = (min(batch, ACCURACY_SAMPLES) if accuracy else batch, heads, tokens, head_dim)
+        grad = [rand(*qkv_shape) for _ in range(3 if spec.op == "attention" else 2)]
+        constants = []
+        if spec.op == "rope_2d":
+            angles = 6.3 * torch.rand(tokens - spec.prefix_tokens, head_dim, generator=gen, device=device)
+            constants = [angles.sin(), angles.cos()]
+    upstream = [rand(*grad[0].shape) for _ in _OUTPUT_NAMES[spec.op]]  # every output has input 0's shape
+    return grad, constants, upstream
 
 
 # ---------------------------------------------------------------- accuracy and timing
-def _accuracy_problems(spec: KernelShape, fns: Dict[str, Callable]) -> Tuple[List[str], List[str]]:
+def _accuracy_problems(spec: KernelShape, fns: dict[str, Callable]) -> tuple[list[str], list[str]]:
     """(ours' problems, the PyTorch path's problems) under the accuracy rule, outputs and gradients."""
-    grad_inputs, constants = _inputs(spec, accuracy=True)
-    upstream = [torch.randn_like(grad_inputs[0]) for _ in _OUTPUT_NAMES[spec.op]]  # outputs: shape of input 0
+    grad_inputs, constants, upstream = _inputs(spec, accuracy=True)
     ref = outputs_and_grads(fns["reference"], leaf_copies(grad_inputs, torch.float64),
                             [c.double() for c in constants], upstream)
     same = outputs_and_grads(fns["same_precision"], leaf_copies(grad_inputs), constants, upstream)
@@ -200,7 +213,7 @@ def _accuracy_problems(spec: KernelShape, fns: Dict[str, Callable]) -> Tuple[Lis
     rows = grad_inputs[0].numel() // grad_inputs[0].shape[-1]
     summed = {"dweight": rows, "dbias": rows}  # LayerNorm's dW, dB sum over rows
 
-    def problems_of(provider: str) -> List[str]:
+    def problems_of(provider: str) -> list[str]:
         try:
             got = outputs_and_grads(fns[provider], leaf_copies(grad_inputs), constants, upstream)
         except Exception as error:  # a kernel that cannot run here has failed its check
@@ -233,9 +246,8 @@ def median_ms(run: Callable[[], None], device: torch.device, warmup: int, reps: 
 
 
 def _fwd_bwd_ms(fn: Callable, spec: KernelShape, warmup: int, reps: int) -> float:
-    grad_inputs, constants = _inputs(spec, accuracy=False, seed=1)
+    grad_inputs, constants, upstream = _inputs(spec, accuracy=False, seed=1)
     grad_inputs = leaf_copies(grad_inputs)
-    upstream = [torch.randn_like(grad_inputs[0]) for _ in _OUTPUT_NAMES[spec.op]]
 
     def run():
         torch.autograd.grad(as_tuple(fn(*grad_inputs, *constants)), grad_inputs, upstream)
@@ -248,9 +260,11 @@ def _check(spec: KernelShape, mode: str, warmup: int, reps: int) -> Decision:
     try:
         module = _triton_module(spec.op)
     except ImportError as error:
-        return Decision(spec.key(), shape, "failed", "torch", f"Triton does not import ({error})", problems=[str(error)])
+        return Decision(spec.key(), shape, "failed", "torch", f"Triton does not import ({error})",
+                        problems=[str(error)])
     fns = _functions(spec, module)
-    if not fns["supports"](*[t for group in _inputs(spec, accuracy=True) for t in group]):
+    grad_inputs, constants, _ = _inputs(spec, accuracy=True)
+    if not fns["supports"](*grad_inputs, *constants):
         return Decision(spec.key(), shape, "unsupported", "torch", "outside what the Triton kernel supports")
     _STATE.checks_run += 1
     with torch.enable_grad(), torch.inference_mode(False), torch.autocast(spec.device, enabled=False):
@@ -275,7 +289,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _agree_across_ranks(flags: List[bool], fingerprint: int) -> List[bool]:
+def _agree_across_ranks(flags: list[bool], fingerprint: int) -> list[bool]:
     """Every rank's flags MIN-reduced in one fixed-size all-reduce; raises on every rank alike
     when the ranks' fingerprints (backend + shape list) differ."""
     if not _distributed():
@@ -300,7 +314,7 @@ def _merge(local: Decision, agreed: bool) -> Decision:
     return local
 
 
-def _forced_failures(decided: Iterable[Decision]) -> Optional[str]:
+def _forced_failures(decided: Iterable[Decision]) -> str | None:
     bad = [d for d in decided if d.status != "unsupported" and d.use != "triton"]
     if not bad:
         return None
@@ -313,8 +327,8 @@ def _log_decision(mode: str, decision: Decision) -> None:
     _log.log(level, "eva_kernels[%s] %s -> %s (%s)", mode, decision.key, decision.use, decision.reason)
 
 
-def autotune(shapes: Iterable[KernelShape], mode: str, warmup: Optional[int] = None,
-             reps: Optional[int] = None) -> Dict[str, Decision]:
+def autotune(shapes: Iterable[KernelShape], mode: str, warmup: int | None = None,
+             reps: int | None = None) -> dict[str, Decision]:
     """Decide every shape's path under backend `mode` ('auto', 'triton', 'torch'): local checks,
     then one collective when torch.distributed is initialized. Cached; returns {key: Decision}."""
     unique = {spec.key(): spec for spec in shapes}
@@ -334,7 +348,7 @@ def autotune(shapes: Iterable[KernelShape], mode: str, warmup: Optional[int] = N
     return decided
 
 
-def _decide_locally(spec: KernelShape, mode: str, warmup: Optional[int], reps: Optional[int]) -> Decision:
+def _decide_locally(spec: KernelShape, mode: str, warmup: int | None, reps: int | None) -> Decision:
     cached = _STATE.decisions.get((mode, spec.key()))
     if cached is not None:
         return cached
@@ -366,7 +380,7 @@ def use_triton(spec: KernelShape, mode: str) -> bool:
 
 
 # ---------------------------------------------------------------- shapes of live calls
-def layer_norm_shape(x: torch.Tensor, residual: Optional[torch.Tensor]) -> KernelShape:
+def layer_norm_shape(x: torch.Tensor, residual: torch.Tensor | None) -> KernelShape:
     hidden = x.shape[-1]
     return KernelShape("layer_norm" if residual is None else "add_layer_norm", (x.numel() // hidden, hidden),
                        x.dtype, x.device.type)

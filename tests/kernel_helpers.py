@@ -6,7 +6,7 @@ tests/ on the import path of the modules it collects from there).
 import contextlib
 import importlib
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def skip_cpu_on_gpu_host(device: str) -> None:
         pytest.skip("the interpreter runs only on hosts without CUDA; the cuda variant covers this")
 
 
-def use_interpreter_if_no_cuda() -> Optional[str]:
+def use_interpreter_if_no_cuda() -> str | None:
     """Without a CUDA device, run the Triton kernels in the interpreter. Returns None when the
     kernels can run here, else why not (the `kernels_runnable` fixture fails tests with it).
 

@@ -2,14 +2,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.attention import attention as triton_attention
 from eva_kernels.attention import head_dim_chunks
-from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
-                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def check_attention(q, k, v, scale=None):

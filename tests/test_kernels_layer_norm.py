@@ -2,13 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_helpers import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, atol_for, grads_of, leaf_copies
 from eva_kernels.layer_norm import layer_norm as triton_layer_norm
-from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
-                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def _run(fn, tensors, eps, upstream):

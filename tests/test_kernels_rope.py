@@ -1,14 +1,13 @@
 """Triton 2D RoPE against float64 and timm's EVA-02 layout, under the interpreter on CPU (-m gpu: on CUDA)."""
 import pytest
 import torch
+from kernel_helpers import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.rope import rope_2d as triton_rope_2d
-from kernel_helpers import (DEVICES, assert_close_like_torch, kernels_runnable,  # noqa: F401 (autouse fixture)
-                            poisoned_outputs, skip_cpu_on_gpu_host)
 
 
 def timm_tables(grid, head_dim, device):
