@@ -14,9 +14,9 @@ FETCH_WHEELS = os.path.join(REPO, "tools", "fetch_gpu_wheels.sh")
 SCRIPTS = [GPU_CHECK, FETCH_WHEELS]
 
 
-def _run(script, *args, timeout=120):
+def _run(script, *args, cwd=REPO):
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA even on a GPU host
-    return subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
@@ -33,7 +33,7 @@ def test_scripts_pass_shellcheck():
 
 def test_gpu_check_without_cuda_lists_every_step_and_exits_0(tmp_path):
     out = tmp_path / "out"
-    result = _run(GPU_CHECK, "--out", str(out))
+    result = _run(GPU_CHECK, "--out", "out", cwd=tmp_path)  # a relative folder is the caller's, not the repo's
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("no CUDA device here")

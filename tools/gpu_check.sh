@@ -20,13 +20,12 @@
 # this script, bench_kernels.py, fetch_gpu_wheels.sh and tests/test_kernels_{bench,gpu_check}.py are the
 # item-2 engineer's; your selfcheck step (python -m eva_kernels) is step 1 below. Ask before editing.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 1
-REPO=$PWD
 
-usage() { sed -n '2,20s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
 fail() { echo "gpu_check.sh: $*" >&2; exit 2; }
+absolute() { if [[ -z $1 || $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }  # as the caller meant it
 
-OUT_DIR=runs/gpu_check
+OUT_DIR=
 WHEELS=${EVA_GPU_WHEELS:-}
 DRY_RUN=0
 while (( $# )); do
@@ -38,7 +37,11 @@ while (( $# )); do
         *) fail "unknown argument '$1'; see --help" ;;
     esac
 done
-PY=${PYTHON:-python3}
+OUT_DIR=$(absolute "$OUT_DIR") WHEELS=$(absolute "$WHEELS") PY=${PYTHON:-python3}
+[[ $PY == */* ]] && PY=$(absolute "$PY")  # a path, not a name looked up on PATH
+cd "$(dirname "$0")/.." || exit 1
+REPO=$PWD
+OUT_DIR=${OUT_DIR:-$REPO/runs/gpu_check}
 TOTAL_S=${TOTAL_S:-465}
 command -v "$PY" >/dev/null || fail "no Python interpreter '$PY'; set PYTHON=/path/to/python"
 [[ $TOTAL_S =~ ^[0-9]+$ ]] || fail "TOTAL_S=$TOTAL_S is not a number of seconds"
