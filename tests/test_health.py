@@ -171,7 +171,8 @@ def test_older_checkpoints_without_health_keys_count_as_confirmed(tmp_path):
 def test_deepspeed_settings_that_would_apply_a_nan_step_are_refused(tmp_path):
     for raw, match in (({"zero_optimization": {"stage": 0}}, "stage=0"),
                        ({"zero_optimization": {"stage": 2}, "bf16": {"check_grad_overflow": False}},
-                        "check_grad_overflow")):
+                        "check_grad_overflow"),
+                       ({"zero_optimization": {"stage": 1, "compute_grad_norm": False}}, "compute_grad_norm")):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(raw))
         cfg = build_config("demo", [f"--train.deepspeed_config={path}", "--train.precision=bf16"])

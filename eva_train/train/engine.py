@@ -53,9 +53,10 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
         # stage 0 (fp32/bf16) steps the optimizer without checking the gradients: a NaN would be applied
         raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (their optimizers skip a "
                           f"step with non-finite gradients, which the divergence guard relies on)")
-    if raw.get("bf16", {}).get("check_grad_overflow", True) is not True:
-        raise ConfigError(f"{path}: bf16.check_grad_overflow must stay true (without it ZeRO-1/2 apply a step with "
-                          f"NaN gradients); delete the key")
+    for section, key in (("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")):
+        if raw.get(section, {}).get(key, True) is not True:
+            raise ConfigError(f"{path}: {section}.{key} must stay true (without it ZeRO-1/2 apply a step with NaN "
+                              f"gradients instead of skipping it, as the divergence guard needs); delete the key")
     wanted = {"train_batch_size": cfg.train.global_batch_size,
               "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
               "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
