@@ -166,3 +166,17 @@ def test_any_size_and_set_input_size_match_timm(variant, timm_name):
     torch.testing.assert_close(ours.pos_embed, ref.pos_embed, atol=0, rtol=0)
     with torch.no_grad():
         _assert_within_fp32_noise(ours.forward_features(x), ref.forward_features(x))
+
+
+def test_eva02_clip_tower_config_is_eva02_l_with_scale_attn_inner():
+    # open_clip's EVA02-L-14 tower is timm's eva02_large_patch14_clip_224 (attn.norm before proj)
+    torch.manual_seed(0)
+    ours = build_backbone("eva02_l_p14", 224, depth=1, scale_attn_inner=True).eval()
+    perturb_(ours)
+    ref = timm.create_model("eva02_large_patch14_clip_224", pretrained=False, depth=1, num_classes=0,
+                            global_pool="token", dynamic_img_size=True).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    assert "blocks.0.attn.norm.weight" in ours.state_dict()
+    x = torch.randn(1, 3, 196, 308, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_within_fp32_noise(ours.forward_features(x), ref.forward_features(x))
