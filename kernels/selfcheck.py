@@ -315,7 +315,8 @@ def _merge(local: Decision, agreed: bool) -> Decision:
 
 
 def _forced_failures(decided: Iterable[Decision]) -> str | None:
-    bad = [d for d in decided if d.status != "unsupported" and d.use != "triton"]
+    # failed here, or passed here and failed on another rank
+    bad = [d for d in decided if d.status == "failed" or (d.status == "passed" and d.use != "triton")]
     if not bad:
         return None
     return "EVA_KERNELS=triton but the Triton kernel failed its self-check: " + "; ".join(
@@ -354,6 +355,8 @@ def _decide_locally(spec: KernelShape, mode: str, warmup: int | None, reps: int 
         return cached
     if mode == "torch":
         return Decision(spec.key(), list(spec.shape), "not checked", "torch", "backend torch")
+    if spec.device == "cuda" and not torch.cuda.is_available():  # e.g. the model build of a CPU test run
+        return Decision(spec.key(), list(spec.shape), "not checked", "torch", "no CUDA device in this process")
     on_cuda = spec.device == "cuda"
     return _check(spec, mode, warmup if warmup is not None else (5 if on_cuda else 1),
                   reps if reps is not None else (20 if on_cuda else 3))

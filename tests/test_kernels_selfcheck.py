@@ -145,6 +145,15 @@ def test_real_kernels_pass_their_selfcheck_in_the_interpreter():
     assert selfcheck.checks_run() == 4
 
 
+@cpu_only
+def test_cuda_shapes_without_cuda_are_left_to_pytorch():
+    """A CPU run's model build may autotune its CUDA shapes: nothing to check, nothing to fail."""
+    for mode in ("auto", "triton"):
+        decided = selfcheck.autotune(eva_kernels.vit_shapes(2, 257, 1408, 16), mode)
+        assert {(d.status, d.use) for d in decided.values()} == {("not checked", "torch")}
+    assert selfcheck.checks_run() == 0
+
+
 def test_shape_classes_and_bad_requests():
     assert SHAPE.key() == "attention/float32/hd16-tokens<=32/cpu"
     assert KernelShape("attention", (8, 16, 257, 88)).key() == "attention/bfloat16/hd88-tokens<=512/cuda"
