@@ -228,6 +228,11 @@ def test_cli_builds_and_checks(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), "--check", str(tmp_path / "nope.arrow")],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "does not exist" in run.stderr
+    (tmp_path / "a_folder.arrow").mkdir()   # a folder where the output file should go: fails as root too
+    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), str(root), "--out",
+                          str(tmp_path / "a_folder.arrow"), "--workers", "1"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and run.stderr.startswith("error: --out") and run.stderr.count("\n") == 1, run.stderr
+    assert "is a folder; pass a file path" in run.stderr   # said before any indexing (no progress bar)
 
 
 def test_labels_array_matches_rows(tmp_path):

@@ -12,6 +12,7 @@ truncated or corrupt tar members, unreadable shards) are left out; the build end
 of what was skipped and why (a count per reason and the first few paths).
 """
 import argparse
+import os
 import sys
 import time
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
             return 0
         if not args.sources or not args.out:
             raise DataError("give at least one SOURCE and --out INDEX.arrow (or --check INDEX.arrow)")
+        if os.path.isdir(args.out):
+            raise DataError(f"--out {args.out} is a folder; pass a file path, e.g. {os.path.join(args.out, 'index.arrow')}")
         start, skipped = time.time(), SkipReport()
         build_index(args.sources, args.out, weights=args.weights, names=args.names, probe=args.probe,
                     incremental=args.incremental, num_workers=args.workers, progress=True, skips=skipped)
@@ -52,6 +55,10 @@ def main(argv=None) -> int:
         return 0
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the sources' own problems are skipped above: this is the output side
+        print(f"error: cannot write the index ({exc}); pass --out a file path in a writable folder "
+              f"with free space", file=sys.stderr)
         return 2
 
 
