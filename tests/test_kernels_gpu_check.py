@@ -1,6 +1,7 @@
 """tools/gpu_check.sh and tools/fetch_gpu_wheels.sh on a machine without CUDA: the scripts parse (bash -n,
 shellcheck where installed), refuse bad arguments with one line and exit 2, and the GPU check lists what
 it would run and exits 0 (offline wheels installed from a folder when asked), so a broken script fails CI."""
+import csv
 import os
 import shutil
 import subprocess
@@ -133,6 +134,11 @@ def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
     assert rows["bench_step_triton"][2].startswith("ours 128.0 img/s MFU 41.2% peak 30.50 GiB; timm 106.7 img/s")
     assert rows["bench_step_torch"][0] == "1" and "CUDA out of memory" in rows["bench_step_torch"][2]
     assert (out / "bench_kernels.csv").exists() and (out / "gpu_tests.log").exists()
+    with open(out / "gpu_check.csv", newline="") as f:
+        recorded = {row["check"]: row for row in csv.DictReader(f)}
+    assert recorded.keys() == rows.keys() and {row["device"] for row in recorded.values()} == {"Fake H100"}
+    assert recorded["bench_step_torch"]["rc"] == "1"
+    assert recorded["gpu_tests"]["result"] == "12 passed, 3 deselected in 9.10s"  # a comma inside
 
 
 def test_gpu_check_names_why_the_project_does_not_import(tmp_path):

@@ -179,10 +179,11 @@ if [[ -f $OUT_DIR/bench_kernels.csv ]]; then
     "$PY" tools/bench_kernels.py --summary-from "$OUT_DIR/bench_kernels.csv" | tee "$OUT_DIR/bench_kernels.summary"
 fi
 echo
-echo "outputs: $OUT_DIR (logs, environment.txt, selfcheck.json, bench_kernels.csv/.png, bench_step_*.csv if written)"
+echo "outputs: $OUT_DIR (logs, environment.txt, gpu_check.csv, selfcheck.json, bench_kernels.csv/.png, bench_step_*.csv)"
 echo "=== gpu_check on $DEVICE: $(( $(date +%s) - START_S ))s ==="
 printf '%-18s %3s %5s  %s\n' check rc secs result
 failed=0
+echo "device,check,rc,seconds,result" >"$OUT_DIR/gpu_check.csv"
 for i in "${!NAMES[@]}"; do
     [[ ${RCS[$i]} == 0 ]] || failed=1
     case ${RCS[$i]} in
@@ -191,5 +192,7 @@ for i in "${!NAMES[@]}"; do
         *) result=$(result_of "${NAMES[$i]}" 2>/dev/null) ;;
     esac
     printf '%-18s %3s %5s  %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${result:0:110}"
+    printf '"%s",%s,%s,%s,"%s"\n' "${DEVICE//\"/\"\"}" "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${result//\"/\"\"}" \
+        >>"$OUT_DIR/gpu_check.csv"
 done
 exit $failed
