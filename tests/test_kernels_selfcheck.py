@@ -20,10 +20,11 @@ from eva_kernels import reference, selfcheck
 from eva_kernels.accuracy import as_tuple
 from eva_kernels.selfcheck import KernelShape
 
-SHAPE = KernelShape("attention", (1, 2, 17, 16), torch.float32, "cpu")
-OTHER = KernelShape("attention", (1, 2, 40, 16), torch.float32, "cpu")  # another token bucket
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the real kernels run in the interpreter
+SHAPE = KernelShape("attention", (1, 2, 17, 16), torch.float32, DEVICE)
+OTHER = KernelShape("attention", (1, 2, 40, 16), torch.float32, DEVICE)  # another token bucket
 DELAY_S = 0.03  # the injected slowness: far above the jitter of these millisecond-sized calls
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through Triton need the interpreter")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="what a process without CUDA does")
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,6 @@ def raises(op, provider, fn):
     return boom if provider == "triton" else fn
 
 
-@cpu_only
 @pytest.mark.parametrize("hook, problem", [(wrong_forward, "o: max error"), (wrong_backward, "dq: max error"),
                                            (raises, "raised RuntimeError: out of resources")])
 def test_wrong_kernel_rejected_by_auto_and_fatal_under_triton(hook, problem):
@@ -88,12 +88,11 @@ def test_wrong_kernel_rejected_by_auto_and_fatal_under_triton(hook, problem):
     with pytest.raises(RuntimeError, match="EVA_KERNELS=triton but the Triton kernel failed its self-check"):
         selfcheck.autotune([SHAPE], "triton", 0, 1)
     eva_kernels.set_backend("triton")  # the failed decision is cached: the call itself fails loudly too
-    q = torch.randn(SHAPE.shape)
+    q = torch.randn(SHAPE.shape, device=DEVICE)
     with pytest.raises(RuntimeError, match=problem.split(":")[0]):
         eva_kernels.attention(q, q, q)
 
 
-@cpu_only
 def test_slow_kernel_rejected_by_auto_kept_under_triton():
     selfcheck.set_test_hook(slow_correct)
     auto = selfcheck.autotune([SHAPE], "auto", 1, 3)[SHAPE.key()]
@@ -103,7 +102,6 @@ def test_slow_kernel_rejected_by_auto_kept_under_triton():
     assert (forced.status, forced.use) == ("passed", "triton") and "used anyway" in forced.reason
 
 
-@cpu_only
 def test_fast_correct_kernel_accepted_cached_and_dispatched():
     calls = []
     selfcheck.set_test_hook(lambda op, provider, fn: calls.append(provider) or fast_correct(op, provider, fn))
@@ -119,13 +117,12 @@ def test_fast_correct_kernel_accepted_cached_and_dispatched():
     eva_kernels.autotune([SHAPE, SHAPE], warmup=1, reps=3)  # cached: no second check
     assert selfcheck.checks_run() == 1 and calls == ["triton", "torch"]
     # the live call of that class (another batch: same class) goes to our kernel; another class does not
-    q = torch.randn(3, 2, 20, 16, requires_grad=True)
+    q = torch.randn(3, 2, 20, 16, device=DEVICE, requires_grad=True)
     assert eva_kernels.attention(q, q, q).grad_fn.name() == "AttentionFunctionBackward"
-    q_other = torch.randn(OTHER.shape, requires_grad=True)
+    q_other = torch.randn(OTHER.shape, device=DEVICE, requires_grad=True)
     assert eva_kernels.attention(q_other, q_other, q_other).grad_fn.name() != "AttentionFunctionBackward"
 
 
-@cpu_only
 def test_broken_pytorch_path_leaves_ours_in_use():
     """cuDNN SDPA was wrong at 257 tokens before cuDNN 9.15.1: a passing kernel wins whatever the timing."""
     selfcheck.set_test_hook(lambda op, provider, fn: wrong_forward(op, "triton", fn) if provider == "torch" else fn)
@@ -134,9 +131,8 @@ def test_broken_pytorch_path_leaves_ours_in_use():
     assert "the PyTorch path failed the check (o: max error" in decision.reason
 
 
-@cpu_only
-def test_real_kernels_pass_their_selfcheck_in_the_interpreter():
-    shapes = eva_kernels.vit_shapes(1, 17, 176, 2, torch.float32, rope=True, device="cpu")  # head dim 88
+def test_real_kernels_pass_their_selfcheck_at_tiny_shapes():
+    shapes = eva_kernels.vit_shapes(1, 17, 176, 2, torch.float32, rope=True, device=DEVICE)  # head dim 88
     decided = selfcheck.autotune(shapes, "triton", 0, 1)
     assert sorted(k.split("/")[0] for k in decided) == ["add_layer_norm", "attention", "layer_norm", "rope_2d"]
     assert all((d.status, d.use, d.problems) == ("passed", "triton", []) for d in decided.values()), decided
@@ -155,7 +151,7 @@ def test_cuda_shapes_without_cuda_are_left_to_pytorch():
 
 
 def test_shape_classes_and_bad_requests():
-    assert SHAPE.key() == "attention/float32/hd16-tokens<=32/cpu"
+    assert SHAPE.key() == f"attention/float32/hd16-tokens<=32/{DEVICE}"
     assert KernelShape("attention", (8, 16, 257, 88)).key() == "attention/bfloat16/hd88-tokens<=512/cuda"
     assert KernelShape("layer_norm", (8 * 257, 1408)).shape_class() == "hidden<=2048"
     with pytest.raises(ValueError, match="unknown kernel op"):
@@ -181,7 +177,6 @@ def _rank_worker(rank, world_size, init_method, out_dir):
     dist.destroy_process_group()
 
 
-@cpu_only
 def test_ranks_agree_with_one_collective(tmp_path):
     context = mp.start_processes(_rank_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)),
                                  nprocs=2, start_method="spawn", join=False)
@@ -203,7 +198,7 @@ def test_selfcheck_on_the_card(width, heads, rope):
     decided = selfcheck.autotune(shapes, "triton")
     assert all(d.status == "passed" and d.use == "triton" for d in decided.values()), decided
     auto = selfcheck.autotune(shapes, "auto")
-    assert all(d.status == "passed" and d.triton_ms and d.torch_ms for d in auto.values()), auto
+    assert all(d.status == "passed" and d.triton_ms for d in auto.values()), auto  # ours is right on this card
     print(json.dumps({k: (d.use, d.reason) for k, d in auto.items()}, indent=1))  # shown by gpu_check.sh
     q = torch.randn(8, heads, 257, width // heads, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     eva_kernels.set_backend("auto")
@@ -224,13 +219,13 @@ def test_lazy_check_on_first_use_without_autotune():
 def test_cli_reports_decisions(tmp_path):
     """python -m eva_kernels (gpu_check.sh's selfcheck step): the plumbing, on CPU."""
     out = tmp_path / "decisions.json"
-    result = subprocess.run([sys.executable, "-m", "eva_kernels", "--device", "cpu", "--preset", "tiny", "--backend",
+    result = subprocess.run([sys.executable, "-m", "eva_kernels", "--device", DEVICE, "--preset", "tiny", "--backend",
                              "torch", "--dtype", "float32", "--json", str(out)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "self-check (torch): 0 of 4 shape classes on Triton, 0 failed"
     record = json.loads(out.read_text())
-    assert record["backend"] == "torch" and "attention/float32/hd88-tokens<=32/cpu" in record["kernels"]
+    assert record["backend"] == "torch" and f"attention/float32/hd88-tokens<=32/{DEVICE}" in record["kernels"]
 
 
 @cpu_only
