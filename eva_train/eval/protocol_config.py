@@ -56,7 +56,7 @@ class ProtoTrainConfig:
     global_batch_size: int = 16384
     micro_batch_size: int = 256
     precision: str = "bf16"        # bf16 or fp32 (fp32 on CPU)
-    zero_stage: int = 0            # DeepSpeed ZeRO stage of the trained module (0-3)
+    zero_stage: int = 0            # DeepSpeed ZeRO stage of the trained module (0-3; LARS needs 0)
     seed: int = 0
     output_dir: str = "outputs/eval"
     resume: str = "auto"           # auto, none or a checkpoint path
