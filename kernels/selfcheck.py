@@ -203,6 +203,11 @@ def _inputs(spec: KernelShape, accuracy: bool, seed: int = 0):
 
 
 # ---------------------------------------------------------------- accuracy and timing
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def _accuracy_problems(spec: KernelShape, fns: dict[str, Callable]) -> tuple[list[str], list[str]]:
     """(ours' problems, the PyTorch path's problems) under the accuracy rule, outputs and gradients."""
     grad_inputs, constants, upstream = _inputs(spec, accuracy=True)
@@ -217,7 +222,7 @@ def _accuracy_problems(spec: KernelShape, fns: dict[str, Callable]) -> tuple[lis
         try:
             got = outputs_and_grads(fns[provider], leaf_copies(grad_inputs), constants, upstream)
         except Exception as error:  # a kernel that cannot run here has failed its check
-            return [f"raised {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"]
+            return [f"raised {_one_line(error)}"]
         found = [tolerance_problem(n, g, s, r, atol_for(spec.dtype, summed.get(n, 1)))
                  for n, g, s, r in zip(names, got, same, ref)]
         return [p for p in found if p] or ([] if len(got) == len(ref) else [f"{len(got)} results, not {len(ref)}"])
@@ -358,8 +363,12 @@ def _decide_locally(spec: KernelShape, mode: str, warmup: int | None, reps: int 
     if spec.device == "cuda" and not torch.cuda.is_available():  # e.g. the model build of a CPU test run
         return Decision(spec.key(), list(spec.shape), "not checked", "torch", "no CUDA device in this process")
     on_cuda = spec.device == "cuda"
-    return _check(spec, mode, warmup if warmup is not None else (5 if on_cuda else 1),
-                  reps if reps is not None else (20 if on_cuda else 3))
+    try:  # whatever goes wrong is a failed check: a rank must never skip the collective that follows
+        return _check(spec, mode, warmup if warmup is not None else (5 if on_cuda else 1),
+                      reps if reps is not None else (20 if on_cuda else 3))
+    except Exception as error:
+        why = f"the check raised {_one_line(error)}"
+        return Decision(spec.key(), list(spec.shape), "failed", "torch", why, problems=[why])
 
 
 def use_triton(spec: KernelShape, mode: str) -> bool:

@@ -93,6 +93,22 @@ def test_wrong_kernel_rejected_by_auto_and_fatal_under_triton(hook, problem):
         eva_kernels.attention(q, q, q)
 
 
+def test_kernel_failing_only_at_the_timed_size_is_a_failed_check():
+    """Accuracy is judged on 2 samples, timing runs the full batch: a launch that fails there counts too."""
+    def fails_above_two_samples(op, provider, fn):
+        def run(*a):
+            if a[0].shape[0] > 2:
+                raise RuntimeError("invalid grid")
+            return fn(*a)
+        return run if provider == "triton" else fn
+
+    selfcheck.set_test_hook(fails_above_two_samples)
+    shape = KernelShape("attention", (3, 2, 17, 16), torch.float32, DEVICE)
+    decision = selfcheck.autotune([shape], "auto", 0, 1)[shape.key()]
+    assert (decision.status, decision.use) == ("failed", "torch")
+    assert decision.reason == "the check raised RuntimeError: invalid grid"
+
+
 def test_slow_kernel_rejected_by_auto_kept_under_triton():
     selfcheck.set_test_hook(slow_correct)
     auto = selfcheck.autotune([SHAPE], "auto", 1, 3)[SHAPE.key()]
