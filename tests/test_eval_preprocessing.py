@@ -101,3 +101,16 @@ def test_features_of_probe_and_extract_feat_match_the_data_path(labeled):
     feats = extract_feat(backbone, files)
     assert torch.equal(feats["pooled"], tokens[:, 0])
     assert EvalTransform(SIZE).crop_pct == 0.875
+
+
+def test_unreadable_inputs_are_one_value_error(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read image '.*notes.jpg': not an image"):
+        images_to_uint8([str(tmp_path / "notes.jpg")], SIZE)
+    buf = io.BytesIO()
+    photo(0).save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:200])
+    with pytest.raises(ValueError, match="cannot read PIL image"):
+        images_to_uint8([Image.open(tmp_path / "cut.png")], SIZE)
+    with pytest.raises(ValueError, match=r"uint8 \(3, H, W\)"):
+        images_to_uint8([torch.zeros(3, 8, 8)], SIZE)

@@ -186,7 +186,10 @@ def load_rgb(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
             raise ValueError(f"image tensors must be uint8 (3, H, W); got {item.dtype} {tuple(item.shape)}")
         return item
     if isinstance(item, Image.Image):
-        pixels = np.asarray(_to_rgb(item))
+        try:  # a lazily opened PIL image decodes here: truncated data surfaces now
+            pixels = np.asarray(_to_rgb(item))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read PIL image {item!r}: {err}") from None
         return torch.from_numpy(_ORIENT[exif_orientation(item)](pixels).copy()).permute(2, 0, 1).contiguous()
     try:
         data = item if isinstance(item, bytes) else Path(item).read_bytes()
