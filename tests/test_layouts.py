@@ -179,6 +179,10 @@ def test_eva_layouts_refuse_foreign_models_and_unknown_layouts():
         plan_layout("timm", shapes)
     with pytest.raises(LayoutError, match="unknown"):
         plan_layout("onnx", shapes)
+    inner_norm = {"blocks.0.attn.norm.weight": (4,), "blocks.0.norm1.weight": (4,)}  # scale_attn_inner
+    assert list(plan_layout("timm", inner_norm).dest_shapes) == list(inner_norm)
+    with pytest.raises(LayoutError, match="mmpretrain layout has no attn.norm"):
+        plan_layout("mmpretrain", inner_norm)
 
 
 def test_mae_decoder_is_dropped_by_backbone_layouts():

@@ -136,6 +136,9 @@ def plan_layout(layout: str, shapes: Mapping[str, Shape], swiglu: Optional[bool]
     if layout in ("timm", "open_clip"):
         prefix = "visual.trunk." if layout == "open_clip" else ""
         return _build(layout, shapes, lambda name, shape: _timm_routes(name, shape, prefix), {})
+    if any(".attn.norm." in k for k in shapes):
+        raise LayoutError("the mmpretrain layout has no attn.norm (this model's scale_attn_inner LayerNorm); use "
+                          "--layout timm, open_clip or native")
     if swiglu is None:
         swiglu = any(".mlp.fc1_g." in k or ".mlp.fc2." in k and _is_swiglu_fc2(k, shapes) for k in shapes)
     return _mmpretrain_plan(shapes, swiglu)
@@ -148,7 +151,7 @@ def _is_swiglu_fc2(key: str, shapes: Mapping[str, Shape]) -> bool:
 
 
 _EVA_NAME = re.compile(r"^(patch_embed\.proj\.(weight|bias)|cls_token|pos_embed|norm\.(weight|bias)|"
-                       r"blocks\.\d+\.(norm1|norm2|attn\.(qkv|q_proj|k_proj|v_proj|proj)|"
+                       r"blocks\.\d+\.(norm1|norm2|attn\.(qkv|q_proj|k_proj|v_proj|proj|norm)|"
                        r"mlp\.(fc1|fc1_g|fc1_x|fc2|norm))\.(weight|bias)|blocks\.\d+\.attn\.[qv]_bias)$")
 
 

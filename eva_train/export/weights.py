@@ -20,6 +20,12 @@ from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
 
 log = logging.getLogger(__name__)
 WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
+# Tensors a weights file may hold that no backbone takes: heads of other tasks. They are left out
+# (listed in the report); any other tensor the model has no place for is an error.
+KNOWN_HEADS = ("lm_head.", "mask_token", "decoder",            # MIM / MAE heads (ours, EVA-01 MIM releases)
+               "head.", "fc_norm.",                           # timm classifier head (+ its norm beside `norm`)
+               "visual.head.", "visual.trunk.head.", "visual.proj",  # open_clip projections
+               "neck.")                                       # mmpretrain necks
 
 
 @dataclass
@@ -27,15 +33,23 @@ class ImportReport:
     source_layout: str
     missing: List[str] = field(default_factory=list)       # model tensors the file did not provide
     unexpected: List[str] = field(default_factory=list)    # file tensors the model has no place for
+    ignored: List[str] = field(default_factory=list)       # file tensors of KNOWN_HEADS, left out
     mismatched: List[str] = field(default_factory=list)    # model tensors skipped: file shape differs
     resized: List[str] = field(default_factory=list)       # e.g. pos_embed resampled to the model's grid
 
     def summary(self) -> str:
         parts = [f"layout {self.source_layout}"]
-        for name in ("missing", "unexpected", "mismatched", "resized"):
+        for name in ("missing", "unexpected", "mismatched", "resized", "ignored"):
             values = getattr(self, name)
             if values:
                 parts.append(f"{len(values)} {name} ({', '.join(values[:4])}{', ...' if len(values) > 4 else ''})")
+        if self.unexpected:
+            parts.append(f"only known heads ({', '.join(h.rstrip('.') for h in KNOWN_HEADS)}) and a CLIP file's text "
+                         f"tower may be left out")
+        if any(".attn.norm." in k for k in self.unexpected):
+            parts.append("the file's blocks have attn.norm (an EVA02-CLIP tower, timm scale_attn_inner=True), a "
+                         "LayerNorm this model lacks: its features would be wrong; build the backbone with "
+                         "scale_attn_inner=True (eva_train.models.build_backbone(..., scale_attn_inner=True))")
         return "; ".join(parts)
 
 
@@ -79,11 +93,13 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def official_eva02_to_timm(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Official EVA-02 names -> timm's (SwiGLU w1/w2/w3/ffn_ln, separate q/v biases); the RoPE
-    tables are recomputed, not loaded."""
+    """Official EVA-02 names -> timm's (SwiGLU w1/w2/w3/ffn_ln, separate q/v biases, EVA-CLIP's
+    inner_attn_ln); the RoPE tables are recomputed, not loaded. The renames are those of timm's
+    `eva.checkpoint_filter_fn` (tests check against it); that function itself needs a timm model and
+    moves a MIM file's final norm to `fc_norm`, so it is not called here."""
     separate_qkv = any(".attn.q_proj.weight" in k for k in state_dict)
-    renames = [("mlp.ffn_ln.", "mlp.norm."), ("mlp.w12.", "mlp.fc1."), ("mlp.w1.", "mlp.fc1_g."),
-               ("mlp.w2.", "mlp.fc1_x."), ("mlp.w3.", "mlp.fc2.")]
+    renames = [("mlp.ffn_ln.", "mlp.norm."), ("attn.inner_attn_ln.", "attn.norm."), ("mlp.w12.", "mlp.fc1."),
+               ("mlp.w1.", "mlp.fc1_g."), ("mlp.w2.", "mlp.fc1_x."), ("mlp.w3.", "mlp.fc2.")]
     if separate_qkv:
         renames += [("attn.q_bias", "attn.q_proj.bias"), ("attn.v_bias", "attn.v_proj.bias")]
     out = OrderedDict()
@@ -100,12 +116,20 @@ def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                  layout: Optional[str] = None) -> tuple:
     """(tensors under our names, ImportReport) for `model` (an EVA / EvaForMIM)."""
     layout = layout or detect_layout(state_dict)
+    shapes = full_shapes(model)
+    if layout == "timm" and any(k.endswith(".attn.qkv.bias") for k in state_dict) and all(
+            k in state_dict for k in shapes if not k.startswith(MIM_ONLY_PREFIXES)):
+        layout = "native"  # our own file of a learned-k-bias variant: timm has no name for a full qkv bias
     report = ImportReport(layout)
+    if layout == "open_clip":  # a whole CLIP file: its tower is the weights, the text side is left out
+        report.ignored = [k for k in state_dict if not k.startswith("visual.")]
+        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k.startswith("visual."))
+    if layout in ("timm", "open_clip"):
+        state_dict = _fc_norm_as_norm(state_dict, "visual.trunk." if layout == "open_clip" else "")
     if layout == "eva02_official":
         state_dict, layout = official_eva02_to_timm(state_dict), "timm"
     if layout == "mmpretrain" and not any(k.startswith("backbone.") for k in state_dict):
         state_dict = OrderedDict(("backbone." + k, v) for k, v in state_dict.items())
-    shapes = full_shapes(model)
     swiglu = getattr(getattr(model, "cfg", None), "swiglu", None)
     plan = plan_layout(layout, shapes, swiglu)
     state_dict = _resize_pos_embed(state_dict, plan, model, shapes, report)
@@ -114,8 +138,19 @@ def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     report.missing = [k for k in missing if k not in converted and k not in mismatched] + [
         k for k in plan.dropped if k not in converted and k not in mismatched]
     report.mismatched = mismatched
-    report.unexpected = [k for k in state_dict if k not in used]
+    leftover = [k for k in state_dict if k not in used]
+    report.ignored += [k for k in leftover if k.startswith(KNOWN_HEADS)]
+    report.unexpected = [k for k in leftover if not k.startswith(KNOWN_HEADS)]
     return converted, report
+
+
+def _fc_norm_as_norm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    """timm's EVA models with global_pool='avg' (its EVA-02 defaults) name the final norm `fc_norm`
+    (applied after pooling) and have no `norm`: its weights are the final norm's."""
+    if prefix + "fc_norm.weight" not in state_dict or prefix + "norm.weight" in state_dict:
+        return state_dict
+    return OrderedDict((prefix + k[len(prefix + "fc_"):] if k.startswith(prefix + "fc_norm.") else k, v)
+                       for k, v in state_dict.items())
 
 
 def _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used) -> None:
@@ -170,7 +205,7 @@ def check_init_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], pa
     fit. Shapes only: the start-up check passes meta tensors of the file and a model built on meta."""
     converted, report = to_our_names(state_dict, model)
     missing = [k for k in report.missing if not k.startswith(MIM_ONLY_PREFIXES)]
-    if report.mismatched or missing or not converted:
+    if report.mismatched or missing or report.unexpected or not converted:
         raise LayoutError(f"model.init_from {path} does not fit model {type(model).__name__}: {report.summary()}; "
                           f"check model.variant / model.img_size against the file")
     return converted, report
