@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from eva_train.config import Config, derived_grad_accum
+from eva_train.models.variants import VARIANTS
 from eva_train.runtime.distributed import WorldInfo, init_process_group
 from eva_train.runtime.fsio import atomic_write_text
 from eva_train.train.plots import draw_run_plots_safely
@@ -88,6 +89,25 @@ def _knn_monitor(cfg: Config, world: WorldInfo):
                       world.world_size)
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _autotune_kernels(cfg: Config, grid: int, device: torch.device) -> dict:
+    """On a GPU, every rank checks our Triton kernels at this run's shapes against the PyTorch references and
+    times both (one collective: all ranks take the same path); `auto` keeps ours only where correct and faster.
+    Shapes not covered here (e.g. MAE's visible-token encoder) take the PyTorch path under torch.distributed."""
+    import eva_kernels
+
+    if device.type != "cuda" and eva_kernels.backend() != "triton":  # CPU: auto takes PyTorch, nothing to check
+        return {}
+    variant = VARIANTS[cfg.model.variant]
+    norm_widths = [variant.mlp_hidden_dim] if variant.sub_ln else []
+    shapes = eva_kernels.vit_shapes(cfg.train.micro_batch_size, grid * grid + 1, variant.embed_dim, variant.num_heads,
+                                    PRECISION_DTYPES[cfg.train.precision], rope=variant.rope,
+                                    extra_norm_widths=norm_widths, device=device.type)
+    return eva_kernels.autotune(shapes)["kernels"]
+
+
 def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     import eva_kernels
     from eva_train.train.checkpoint import CheckpointManager
@@ -103,6 +123,7 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     device = init_process_group(world, cfg.train.dist_timeout_s)
     ds_config = build_ds_config(cfg, world.world_size)
     grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
+    kernel_decisions = _autotune_kernels(cfg, grid, device)
     teacher = build_teacher(cfg.teacher, grid, device)  # outside the engine: frozen, never partitioned
     ckpt = CheckpointManager(cfg.train.output_dir, cfg.checkpoint, world.rank, world.world_size)
     resume_path = ckpt.find_resume(cfg.checkpoint.resume)
@@ -128,7 +149,8 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
                val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
                bad_samples=tuple(client.get("bad_samples", (0, 0))),
                grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version,
-               extras={"ds_config": ds_config, "warmup_steps": warmup, "kernels": eva_kernels.describe(),
+               extras={"ds_config": ds_config, "warmup_steps": warmup,
+                       "kernels": {**eva_kernels.describe(), "selfcheck": kernel_decisions},
                        "health": client.get("health")})
 
 
