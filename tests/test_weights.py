@@ -318,3 +318,26 @@ def test_eva02_clip_tower_loads_into_a_backbone_with_scale_attn_inner(eva02_clip
         load_weights(ours, eva02_clip_b16.state_dict(), strict=True)
         images = torch.randn(1, 3, 224, 224)
         torch.testing.assert_close(ours.forward_features(images), trunk.forward_features(images))
+
+
+def test_predict_cli_refuses_a_file_with_unexpected_tensors_exit_2(tmp_path, capsys):
+    """get_model at the CLI: one line, exit 2, naming the tensor."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build_backbone("eva_debug_p4", 16).state_dict().items()}
+    state["blocks.0.attn.norm.weight"] = torch.ones(32)
+    save_file(state, str(tmp_path / "w.safetensors"),
+              metadata={"config": json.dumps({"model": {"variant": "eva_debug_p4", "img_size": 16}})})
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    spec = importlib.util.spec_from_file_location("predict_cli", Path(__file__).parents[1] / "tools/predict.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "w.safetensors"),
+                      "--features", str(tmp_path / "f.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "blocks.0.attn.norm.weight" in err[0] and "scale_attn_inner" in err[0]
