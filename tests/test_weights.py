@@ -341,3 +341,22 @@ def test_predict_cli_refuses_a_file_with_unexpected_tensors_exit_2(tmp_path, cap
                       "--features", str(tmp_path / "f.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "blocks.0.attn.norm.weight" in err[0] and "scale_attn_inner" in err[0]
+
+
+def test_one_reader_unwraps_training_checkpoints_for_import_and_teacher(tmp_path):
+    """export.weights and the teacher read files with the same function: wrappers taken in one order
+    (an EMA copy first), level after level; a file without tensors is one clear error."""
+    from eva_train.models.teacher import TeacherLoadError
+    from eva_train.models.teacher import read_state_dict as read_teacher_file
+
+    ema, raw = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    torch.save({"epoch": 3, "model_ema": ema, "model": raw}, tmp_path / "train.pt")
+    torch.save({"state_dict": {"module": {"w": torch.ones(2), "step": 7}}}, tmp_path / "nested.pt")
+    torch.save({"epoch": 3}, tmp_path / "none.pt")
+    for read in (read_state_dict, read_teacher_file):
+        assert torch.equal(read(str(tmp_path / "train.pt"))["w"], ema["w"])
+        assert list(read(str(tmp_path / "nested.pt"))) == ["w"]
+    with pytest.raises(ValueError, match="no weights found"):
+        read_state_dict(str(tmp_path / "none.pt"))
+    with pytest.raises(TeacherLoadError, match="cannot read teacher.checkpoint .*no weights found"):
+        read_teacher_file(str(tmp_path / "none.pt"))

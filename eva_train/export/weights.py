@@ -2,7 +2,7 @@
 (`module` wrapper) releases, timm EVA checkpoints, open_clip EVA towers, mmpretrain EVA
 checkpoints and our own consolidated files; for continued pretraining or as a teacher.
 
-Files are read with safetensors or `torch.load(weights_only=True)` (never unpickled code). The
+Files are read by `eva_train.runtime.weights_file` (safetensors or `torch.load(weights_only=True)`). The
 position table is resized to the model's grid (bicubic), tensors of another shape (a different
 `lm_head` width) are skipped, and what did not load is reported, never silently dropped.
 """
@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
+from eva_train.runtime.weights_file import read_state_dict, unwrap  # noqa: F401 - read_state_dict re-exported
 
 log = logging.getLogger(__name__)
-WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict")
 # Tensors a weights file may hold that no backbone takes: heads of other tasks. They are left out
 # (listed in the report); any other tensor the model has no place for is an error.
 KNOWN_HEADS = ("lm_head.", "mask_token", "decoder",            # MIM / MAE heads (ours, EVA-01 MIM releases)
@@ -51,34 +51,6 @@ class ImportReport:
                          "LayerNorm this model lacks: its features would be wrong; build the backbone with "
                          "scale_attn_inner=True (eva_train.models.build_backbone(..., scale_attn_inner=True))")
         return "; ".join(parts)
-
-
-def read_state_dict(path: str) -> "OrderedDict[str, torch.Tensor]":
-    """Tensors of a safetensors / .pt / .pth / .bin file, unwrapped from model/module/state_dict."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return OrderedDict(load_file(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses arbitrary pickles: say what to do
-        raise ValueError(f"{path} could not be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]}); "
-                         f"convert it to safetensors, or re-save only its state dict") from None
-    return unwrap(obj)
-
-
-def unwrap(obj) -> "OrderedDict[str, torch.Tensor]":
-    while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
-        key = next((k for k in WRAPPER_KEYS if k in obj), None)
-        if key is None:
-            raise ValueError(f"no weights found: top-level keys are {list(obj)[:8]}; expected tensors or one of "
-                             f"{', '.join(WRAPPER_KEYS)}")
-        obj = obj[key]
-    return OrderedDict((k, v) for k, v in obj.items() if isinstance(v, torch.Tensor))
-
-
-def _is_tensor_dict(obj: Mapping) -> bool:
-    return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= len(obj) / 2
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -21,6 +21,7 @@ from open_clip.transformer import VisionTransformer
 from eva_train.errors import ConfigError
 from eva_train.models import flops
 from eva_train.models.pos_embed import resize_pos_embed
+from eva_train.runtime.weights_file import read_state_dict as read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 TINY_TOWER = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
                                               "patch_size": 8}}
 RANDOM_TEACHER_SEED = 1234
-WRAPPER_KEYS = ("state_dict", "model", "module", "visual")
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
@@ -117,32 +117,17 @@ def _model_config(name: str) -> Dict:
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a local weights file (safetensors, or a torch file loaded with weights_only=True)."""
-    file = Path(path)
-    if not file.is_file():
+    """Tensors of a local weights file (eva_train.runtime.weights_file: safetensors, or a torch file
+    loaded with weights_only=True; training checkpoints unwrapped)."""
+    if not Path(path).is_file():
         raise TeacherLoadError(f"teacher.checkpoint '{path}' does not exist; pass the local path of the weights")
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(file))
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear line
-        hint = ""
-        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
-            hint = ("; it is a TorchScript archive (OpenAI's original release): convert it once with "
-                    "`python -c \"import torch; torch.save(torch.jit.load('IN', map_location='cpu').state_dict(), 'OUT')\"`")
-        raise TeacherLoadError(f"cannot read teacher.checkpoint '{path}': {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
-    for key in WRAPPER_KEYS:  # training checkpoints: {'state_dict': {...}, 'epoch': ..., 'optimizer': ...}
-        if isinstance(obj, dict) and not _all_tensors(obj) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not _all_tensors(obj):
+        state = read_weights_file(path)
+    except ValueError as exc:
+        raise TeacherLoadError(f"cannot read teacher.checkpoint '{path}': {exc}") from None
+    if not state:
         raise TeacherLoadError(f"teacher.checkpoint '{path}' does not hold a state dict of tensors")
-    return obj
-
-
-def _all_tensors(obj: Dict) -> bool:
-    return all(isinstance(v, torch.Tensor) for v in obj.values())
+    return state
 
 
 def visual_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
