@@ -120,3 +120,26 @@ def test_rng_state_file_with_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing to unpickle"):
         load_rng_file(tmp_path / "rank_00000.pt")
     assert not marker.exists()
+
+
+def test_rng_file_of_the_previous_format_is_converted_without_unpickling_code(tmp_path):
+    """Checkpoints written before this format held numpy's state as a pickled ndarray: read with
+    torch's weights-only unpickler allowing numpy's array reconstruction only, the draws match."""
+    import random
+
+    import numpy as np
+
+    from eva_train.runtime.rng import restore_rng_state
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # a cached gaussian in numpy's state
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": None}
+    torch.save(old, tmp_path / "rank_00000.pt")
+    expected = (random.random(), float(np.random.randn()), torch.rand(2).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(load_rng_file(tmp_path / "rank_00000.pt"))
+    assert (random.random(), float(np.random.randn()), torch.rand(2).tolist()) == expected

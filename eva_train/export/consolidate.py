@@ -14,7 +14,8 @@ Where each element of a parameter lives (what DeepSpeed's `zero_to_fp32.py` reco
 Buffers come from rank 0's model states; frozen params from `frozen_param_fragments` (ZeRO-3: one
 chunk per rank) or the saved module; tied params (`shared_params`) are written as copies.
 
-Only files of a DeepSpeed checkpoint directory the user named are unpickled. Torch is imported
+Only files of a DeepSpeed checkpoint directory the user named are unpickled, and only with torch_zip's
+allow-list: a file naming any other global is refused, naming it (no code from a checkpoint runs). Torch is imported
 only to compare with a live model (`reference`).
 """
 import json
@@ -96,6 +97,8 @@ def _load_pickled(path: Path) -> dict:
     zip directory was already checked by `_check_complete`."""
     try:
         return torch_zip.load(path)
+    except torch_zip.UnsafePickleError as exc:  # a crafted file, not a damaged save: no --tag hint
+        raise ConsolidationError(str(exc)) from None
     except (torch_zip.TorchZipError, ValueError, EOFError) as exc:
         raise ConsolidationError(f"{path} cannot be read as a DeepSpeed checkpoint file ({exc}); use an "
                                  f"earlier tag (--tag)") from None
