@@ -323,6 +323,13 @@ for mode, variant in (("mim", "eva02_debug_p4"), ("mae", "eva_debug_p4")):
         engine.backward(loss)
         engine.step()
     assert engine(images).shape == (2, 32)
+    with torch.no_grad():  # another size: the gathered table is resampled inside the model's forward
+        assert engine(torch.randn(2, 3, 24, 20)).shape == (2, 32)
+    try:
+        model.set_input_size(24)
+        raise AssertionError("set_input_size on partitioned parameters did not refuse")
+    except ValueError as err:
+        assert "ZeRO-3" in str(err), err
     print(mode, "ok", float(loss))
 '''
 

@@ -106,6 +106,9 @@ class EVA(nn.Module):
         their parameters (new Parameter objects: build optimizers afterwards), RoPE rebuilt."""
         img_hw = as_hw(img_size)
         old_grid, new_grid = self.grid_size, self.patch_embed.grid_for(*img_hw)
+        if any(hasattr(getattr(self, name), "ds_id") for name in self.position_tables):
+            raise ValueError("set_input_size on a ZeRO-3 partitioned model: build the model with the new img_size, "
+                             "or call it before deepspeed.initialize / on consolidated weights")
         for name in self.position_tables:
             table = getattr(self, name)
             resized = resize_pos_embed(table.data, new_grid, self.num_prefix_tokens, old_grid=old_grid)
