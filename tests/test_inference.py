@@ -175,3 +175,14 @@ def test_predict_classifies_at_any_size_and_aspect(tmp_path):
         assert [name for name, _ in answer] == ["abc"[i] for i in probs.argsort(descending=True)]
         torch.testing.assert_close(torch.tensor([score for _, score in answer]), probs.sort(descending=True).values)
     assert len(predict([wide], path, top_k=1, img_size=(24, 12))[0]) == 1
+
+
+def test_get_model_without_a_size_builds_at_the_files_own_size(tmp_path):
+    torch.manual_seed(0)
+    source = build_backbone("eva02_debug_p4", 24)                       # a 6x6 table, no eva-train metadata
+    path = str(tmp_path / "timm24.safetensors")
+    save_file({k: v.contiguous() for k, v in to_layout(source.state_dict(), "timm").items()}, path)
+    model = get_model(path, variant="eva02_debug_p4")
+    assert model.img_size == (24, 24)
+    torch.testing.assert_close(model.pos_embed, source.pos_embed, rtol=0, atol=0)  # nothing resampled
+    assert get_model(path, variant="eva02_debug_p4", img_size=16).pos_embed.shape == (1, 1 + 16, 32)

@@ -8,14 +8,20 @@
   extract_feat(model, files, img_size=336, keep_aspect=True)  # no square crop; "patch" a list
 """
 import json
+import math
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
 from eva_train.data.decode import load_rgb
 from eva_train.data.sources import is_image_name
 from eva_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images  # noqa: F401 (MEAN/STD: public here too)
+from eva_train.export.weights import load_weights, read_state_dict
+from eva_train.models import build_backbone
+from eva_train.models.variants import VARIANTS
 
 ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noqa: F821
 
@@ -23,27 +29,36 @@ ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noq
 def get_model(path: str, variant: Optional[str] = None, img_size: Union[int, Tuple[int, int], None] = None,
               device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """The EVA backbone in eval mode with the file's weights (any layout `eva_train.export.weights` reads).
-    `variant` / `img_size` (int or (H, W)) default to the file's eva-train config metadata; a file
-    saved at another size has its position table resampled (the model still runs at any size)."""
-    from eva_train.export.weights import load_weights, read_state_dict
-    from eva_train.models import build_backbone
-
+    `variant` / `img_size` (int or (H, W)) default to the file's eva-train config metadata, else the
+    size its square position table was saved at; a table of another size is resampled on load. The
+    model runs at any size either way (`extract_feat`)."""
     config = _file_model_config(path)
     variant = variant or config.get("variant")
     if not variant:
         raise ValueError(f"{path} has no eva-train config metadata; pass variant= (e.g. eva02_l_p14)")
+    state_dict = read_state_dict(path)
+    if not (img_size or config.get("img_size")) and variant in VARIANTS:
+        img_size = saved_img_size(state_dict, VARIANTS[variant].patch_size)
     model = build_backbone(variant, img_size or config.get("img_size"))
-    report = load_weights(model, read_state_dict(path))
+    report = load_weights(model, state_dict)
     if report.missing or report.mismatched or report.unexpected:
         raise ValueError(f"{path} does not fit {variant}: {report.summary()}")
     return model.to(device=device, dtype=dtype).eval()
 
 
+def saved_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int) -> Optional[int]:
+    """The image side a file's backbone position table (any layout's `...pos_embed`, (1, 1 + g*g, D))
+    was saved at, or None when there is none or it is not square."""
+    for key, table in state_dict.items():
+        if key.endswith("pos_embed") and "decoder" not in key and table.ndim == 3:
+            side = math.isqrt(table.shape[1] - 1)
+            return side * patch_size if side * side == table.shape[1] - 1 else None
+    return None
+
+
 def _file_model_config(path: str) -> dict:
     if not str(path).endswith(".safetensors"):
         return {}
-    from safetensors import safe_open
-
     with safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
     return json.loads(metadata["config"]).get("model", {}) if "config" in metadata else {}
@@ -121,6 +136,4 @@ def aspect_kept_size(height: int, width: int, short_side: int, patch_size: int) 
 
 def list_image_files(folder: str) -> List[str]:
     """Image files in a folder (sorted), for `extract_feat(model, list_image_files(dir))`."""
-    import os
-
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image_name(f))
