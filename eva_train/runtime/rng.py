@@ -62,14 +62,19 @@ def load_rng_file(path) -> Dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         state = _load_legacy(path)
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated or not a torch.save file
+        raise ValueError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).strip()[:160]}); the save was "
+                         f"interrupted: resume from an earlier checkpoint") from None
     if not isinstance(state, dict) or not all(key in state for key in RNG_KEYS):
         raise ValueError(f"{path} is not an eva-train RNG state file; resume from a checkpoint eva-train wrote")
     return state
 
 
 def _load_legacy(path) -> Dict[str, Any]:
-    from numpy._core.multiarray import _reconstruct  # numpy >= 2; only this old-format path needs it
-
+    try:  # only this old-format path needs numpy's array reconstruction
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # numpy 1
     allowed = [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 2 / 1
                np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
