@@ -128,14 +128,18 @@ bench_step_args() {  # KERNELS CSV: the EVA-g/14 bf16 step, with the options thi
 plan_args() {  # the planner's view of the bench_step run, with the options this tree's tools/plan.py has
     local tool=tools/plan.py option
     PLAN_ARGS=()
-    has_option $tool --recipe && PLAN_ARGS+=(--recipe eva_train/recipes/eva_g_p14_m30m.toml)
+    has_option $tool --recipe && PLAN_ARGS+=(--recipe eva_g_p14_m30m)
     for option in --world-size --world_size --micro-batch-size --micro_batch_size; do
         if has_option $tool $option; then PLAN_ARGS+=("$option" "$([[ $option == --w* ]] && echo 1 || echo 32)"); fi
     done
     if [[ -n ${DEVICE:-} ]] && has_option $tool --gpu-mem; then
         PLAN_ARGS+=(--gpu-mem "$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30)")")
     fi
-    if has_option $tool --csv; then PLAN_ARGS+=(--csv "$OUT_DIR/bench_step_triton.csv"); fi
+    local measured=$OUT_DIR/bench_step_triton.csv
+    [[ -f $measured ]] || (( DRY_RUN )) || return 0  # bench_step wrote none: the planner's assumed MFU
+    for option in --bench-csv --bench_csv --csv; do
+        if has_option $tool $option; then PLAN_ARGS+=("$option" "$measured"); break; fi
+    done
 }
 
 if (( ! DRY_RUN )); then
