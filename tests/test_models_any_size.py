@@ -180,3 +180,19 @@ def test_eva02_clip_tower_config_is_eva02_l_with_scale_attn_inner():
     x = torch.randn(1, 3, 196, 308, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         _assert_within_fp32_noise(ours.forward_features(x), ref.forward_features(x))
+
+
+def test_eva02_clip_b16_tower_needs_its_own_rope_reference_grid():
+    # timm's eva02_base_patch16_clip_224 (open_clip EVA02-B-16): patch 16 at 224 (a 14x14 grid) but
+    # RoPE reference 16x16, i.e. rope_ref_img_size = 16 * 16
+    torch.manual_seed(0)
+    ours = build_backbone("eva02_b_p14", 224, depth=1, patch_size=16, scale_attn_inner=True,
+                          rope_ref_img_size=256).eval()
+    perturb_(ours)
+    assert ours.cfg.rope_ref_grid == 16 and ours.grid_size == (14, 14)
+    ref = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, depth=1, num_classes=0,
+                            global_pool="token", dynamic_img_size=True).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 288, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _assert_within_fp32_noise(ours.forward_features(x), ref.forward_features(x))

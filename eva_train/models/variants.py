@@ -24,6 +24,7 @@ class EvaConfig:
     rope: bool = False           # 2D RoPE on patch tokens (EVA-02)
     scale_attn_inner: bool = False  # LayerNorm `attn.norm` before attn.proj (EVA02-CLIP towers; timm's name)
     rope_temperature: float = 10000.0
+    rope_ref_img_size: int = 0   # image size whose grid RoPE positions span; 0 = default_img_size (see below)
     norm_eps: float = 1e-6
 
     @property
@@ -32,8 +33,9 @@ class EvaConfig:
 
     @property
     def rope_ref_grid(self) -> int:
-        # EVA-02 scales RoPE positions so any grid spans the pretraining grid (timm `ref_feat_shape`)
-        return self.default_img_size // self.patch_size
+        # EVA-02 scales RoPE positions so any grid spans the pretraining grid (timm `ref_feat_shape`);
+        # EVA02-CLIP B/16 keeps the 14-px model's 16x16 reference at patch 16 (rope_ref_img_size=256)
+        return (self.rope_ref_img_size or self.default_img_size) // self.patch_size
 
 
 def num_checkpointed_blocks(fraction: float, depth: int) -> int:
