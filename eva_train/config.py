@@ -89,6 +89,10 @@ class TrainConfig:
     max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
     dist_timeout_s: int = 1800          # process-group timeout: a collective waiting longer raises instead of hanging
     stall_timeout_s: float = 1800.0     # watchdog: no training progress for this long -> stacks in the log, exit non-zero
+    max_bad_steps: int = 3              # this many non-finite steps in a row (each skipped) stop the run, exit 1
+    spike_factor: float = 0.0           # loss spike: cosine distance (loss + 1) > factor x its running median (0 = off)
+    spike_window: int = 50              # ... median of the last this many healthy steps
+    spike_patience: int = 3             # ... for this many steps in a row -> reload the last good checkpoint, skip the data
     # finish the step, save, then requeue (time limit, preemption) or stop (a user's cancel) on these
     save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     max_bad_steps: int = 3              # this many non-finite steps in a row (each skipped) stop the run, exit 1
@@ -358,6 +362,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_teacher(cfg.teacher)
     _validate_paths(cfg)
     _validate_save_signals(cfg.train.save_signals)
+    if 0 < cfg.train.spike_factor <= 1:  # the loss would count as a spike at or below its own median
+        raise ConfigError(f"train.spike_factor={cfg.train.spike_factor} would call ordinary steps spikes; use a "
+                          f"factor above 1 (e.g. 3) or 0 to switch the loss-spike policy off")
 
 
 def _validate_save_signals(names: List[str]) -> None:

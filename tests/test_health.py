@@ -181,9 +181,11 @@ def test_deepspeed_settings_that_would_apply_a_nan_step_are_refused(tmp_path):
 
 
 def test_guard_settings_are_range_checked():
-    from eva_train.config import check_ranges
+    from eva_train.config import check_ranges, validate
 
     cfg = build_config("demo", ["--train.max_bad_steps=0"])
     with pytest.raises(ConfigError, match="train.max_bad_steps"):
         check_ranges(cfg)
+    with pytest.raises(ConfigError, match="spike_factor=0.5 would call ordinary steps spikes"):
+        validate(build_config("demo", ["--train.spike_factor=0.5"]))
     assert TrainConfig().spike_factor == 0.0 and TrainConfig().max_bad_steps == 3   # spikes off by default

@@ -123,6 +123,8 @@ class StepResult:
     loss_finite: bool = True     # on every rank (agreed)
     grads_finite: bool = True    # the global norm was finite, so DeepSpeed applied the step (agreed)
     loss_scale: float = 1.0      # fp16's dynamic scale; 1 for fp32/bf16
+    bad_samples: int = 0         # this step's replaced (undecodable) samples, all ranks
+    seen_samples: int = 0        # this step's samples, all ranks
 
 
 class Trainer:
@@ -156,16 +158,20 @@ class Trainer:
         reported = self.engine.get_global_grad_norm()  # None: ZeRO-1/2 with the norm switched off
         grad_norm = float("nan") if reported is None else float(reported)
         applied = self.engine.was_step_applied()
-        # one all-reduce: the loss mean and the health flags (counts of ranks that saw a problem)
-        packed = torch.stack([total / len(micro_batches), (~torch.isfinite(total)).float(),
-                              torch.tensor(0.0 if applied else 1.0, device=self.device)])
+        # the step's one all-reduce: loss mean, health flags (counts of ranks that saw a problem) and the
+        # bad-sample counts (exact in fp32: a step's samples are far below 2**24)
+        bad = sum(int(b["bad"].sum()) for b in micro_batches)
+        seen = sum(int(b["images"].shape[0]) for b in micro_batches)
+        flags = torch.tensor([0.0 if applied else 1.0, bad, seen], device=self.device)
+        packed = torch.cat([torch.stack([total / len(micro_batches), (~torch.isfinite(total)).float()]), flags])
         _all_reduce_sum(packed)
         loss_finite, grads_finite = bool(packed[1] == 0), bool(packed[2] == 0)
         if applied and not (loss_finite and grads_finite and (reported is None or math.isfinite(grad_norm))):
             raise RuntimeError(f"step {step + 1}: DeepSpeed applied an optimizer step with a non-finite loss or "
                                f"gradient norm ({grad_norm}); the divergence guard cannot undo it")
         return StepResult(loss=float(packed[0] / _world_size()), grad_norm=grad_norm, lr=lr, loss_finite=loss_finite,
-                          grads_finite=grads_finite, loss_scale=float(getattr(self.engine.optimizer, "loss_scale", 1.0)))
+                          grads_finite=grads_finite, loss_scale=float(getattr(self.engine.optimizer, "loss_scale", 1.0)),
+                          bad_samples=int(packed[3]), seen_samples=int(packed[4]))
 
     @torch.no_grad()
     def val_loss(self, loader) -> float:

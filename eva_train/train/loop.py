@@ -16,20 +16,6 @@ def _next_micro_batches(run, batches) -> List[Dict[str, torch.Tensor]]:
     return [next(batches) for _ in range(run.grad_accum)]
 
 
-def _bad_sample_counts(micro_batches, device) -> torch.Tensor:
-    bad = sum(int(b["bad"].sum()) for b in micro_batches)
-    seen = sum(int(b["images"].shape[0]) for b in micro_batches)
-    return torch.tensor([bad, seen], dtype=torch.int64, device=device)
-
-
-def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 def client_state(run, step: int, monitor, guard: Optional[DivergenceGuard] = None) -> Dict[str, Any]:
     from eva_train.runtime.rng import capture_rng_state
 
@@ -172,8 +158,7 @@ def run_loop(run, sink, preemption, watchdog) -> str:
         step += 1
         verdict = guard.observe(step, result.loss, result.loss_finite, result.grads_finite, result.loss_scale)
         _settle_checkpoint(run, step, verdict, guard)
-        counts = _global_sum(_bad_sample_counts(micro_batches, run.device)).cpu()
-        monitor.update(int(counts[0]), int(counts[1]))  # global counts: every rank aborts together
+        monitor.update(result.bad_samples, result.seen_samples)  # global counts: every rank aborts together
         meter.add(run.cfg.train.global_batch_size, data_wait_s)
         sink.advance()
         if verdict.skipped and run.world.rank == 0:
