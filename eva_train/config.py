@@ -89,10 +89,6 @@ class TrainConfig:
     max_steps_this_run: int = 0         # stop (and save) after this many steps in this process (0 = off)
     dist_timeout_s: int = 1800          # process-group timeout: a collective waiting longer raises instead of hanging
     stall_timeout_s: float = 1800.0     # watchdog: no training progress for this long -> stacks in the log, exit non-zero
-    max_bad_steps: int = 3              # this many non-finite steps in a row (each skipped) stop the run, exit 1
-    spike_factor: float = 0.0           # loss spike: cosine distance (loss + 1) > factor x its running median (0 = off)
-    spike_window: int = 50              # ... median of the last this many healthy steps
-    spike_patience: int = 3             # ... for this many steps in a row -> reload the last good checkpoint, skip the data
     # finish the step, save, then requeue (time limit, preemption) or stop (a user's cancel) on these
     save_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     max_bad_steps: int = 3              # this many non-finite steps in a row (each skipped) stop the run, exit 1
