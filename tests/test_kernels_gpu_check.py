@@ -90,6 +90,7 @@ def test_fetch_gpu_wheels_help_and_bad_argument():
 FAKE_CARD = r"""#!/usr/bin/env bash
 # Stands in for the interpreter on a CUDA machine: canned outputs of each program gpu_check.sh runs.
 case "$*" in
+    *spec_for_device*) echo "h100" ;;
     *get_device_name*) echo "cuda Fake H100" ;;
     "-c import torch, triton"*) echo "torch 0.0 (fake card)" ;;
     "-m eva_kernels "*) echo "self-check (auto): 5 of 7 shape classes on Triton, 0 failed" ;;
@@ -100,6 +101,8 @@ case "$*" in
         printf 'impl  step ms img/s MFU peak GiB speedup\neva_train 250.0 128.0 41.2%% 30.50 1.20x\n'
         printf 'timm Eva 300.0 106.7 34.3%% 35.00 1.00x\n' ;;
     "tools/bench_step.py "*) echo "torch.OutOfMemoryError: CUDA out of memory"; exit 1 ;;
+    "tools/plan.py "*"--gpu h100"*)
+        printf '    peak      22.81 GiB  of 72.00 GiB usable: fits\n  whole recipe: 7264 h\n' ;;
     *) echo "fake card: unexpected command: $*" >&2; exit 99 ;;
 esac
 """
@@ -138,6 +141,8 @@ def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
         recorded = {row["check"]: row for row in csv.DictReader(f)}
     assert recorded.keys() == rows.keys() and {row["device"] for row in recorded.values()} == {"Fake H100"}
     assert recorded["bench_step_torch"]["rc"] == "1"
+    if os.path.exists(os.path.join(REPO, "tools", "plan.py")):  # its predicted peak, beside bench_step's
+        assert rows["plan"] == ["0", "0", "peak 22.81 GiB of 72.00 GiB usable: fits"]
     assert recorded["gpu_tests"]["result"] == "12 passed, 3 deselected in 9.10s"  # a comma inside
 
 

@@ -125,19 +125,28 @@ bench_step_args() {  # KERNELS CSV: the EVA-g/14 bf16 step, with the options thi
     if has_option $tool --csv; then STEP_ARGS+=(--csv "$csv"); fi
 }
 
-plan_args() {  # the planner's view of the bench_step run, with the options this tree's tools/plan.py has
-    local tool=tools/plan.py option
+planner_card() {  # the planner's name for this card (its --gpu), empty when it does not know the card
+    if (( DRY_RUN )); then echo "<this card>"; return; fi
+    "$PY" -c "import torch
+from eva_train.plan.gpus import GPUS, spec_for_device
+spec = spec_for_device(torch.cuda.get_device_name())
+print(next((name for name, known in GPUS.items() if known is spec), ''))" 2>/dev/null
+}
+
+plan_args() {  # the planner's view of the bench_step run (recipe micro batch 32, one rank), with the options it has
+    local tool=tools/plan.py option card measured=$OUT_DIR/bench_step_triton.csv
     PLAN_ARGS=()
     has_option $tool --recipe && PLAN_ARGS+=(--recipe eva_g_p14_m30m)
-    for option in --world-size --world_size --micro-batch-size --micro_batch_size; do
-        if has_option $tool $option; then PLAN_ARGS+=("$option" "$([[ $option == --w* ]] && echo 1 || echo 32)"); fi
-    done
-    if [[ -n ${DEVICE:-} ]] && has_option $tool --gpu-mem; then
-        PLAN_ARGS+=(--gpu-mem "$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30)")")
+    has_option $tool --world-size && PLAN_ARGS+=(--world-size 1)
+    card=$(planner_card)
+    if [[ -z $card ]]; then  # a card it has no entry for: plan with this card's memory, assume the rest
+        has_option $tool --gpu-mem && PLAN_ARGS+=(--gpu-mem \
+            "$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory / 2**30)")")
+        return 0  # bench_step's MFU is refused for a card the planner does not know
     fi
-    local measured=$OUT_DIR/bench_step_triton.csv
+    has_option $tool --gpu && PLAN_ARGS+=(--gpu "$card")
     [[ -f $measured ]] || (( DRY_RUN )) || return 0  # bench_step wrote none: the planner's assumed MFU
-    for option in --bench-csv --bench_csv --csv; do
+    for option in --measured --bench-csv --csv; do
         if has_option $tool $option; then PLAN_ARGS+=("$option" "$measured"); break; fi
     done
 }
@@ -167,6 +176,7 @@ result_of() {  # NAME: one line for the closing table, read from the step's log 
     local log=$OUT_DIR/$1.log
     case $1 in
         gpu_tests) grep -E "passed|failed|error|no tests ran" "$log" | tail -1 | tr -d '=' | xargs ;;
+        plan) grep -E '^[[:space:]]*peak[[:space:]]' "$log" | tail -1 | xargs ;;  # beside bench_step's peak
         bench_kernels) if [[ -f $OUT_DIR/bench_kernels.summary ]]; then tail -1 "$OUT_DIR/bench_kernels.summary"
                        else grep -v '^[[:space:]]*$' "$log" | tail -1; fi ;;
         bench_step_*) local rows  # its table's rows, else (a format this script does not know) its last line
