@@ -90,11 +90,12 @@ def test_init_from_a_fitting_file_passes_and_unfit_ones_are_named(tmp_path, rank
     weights["blocks.0.attn.norm.weight"] = torch.zeros(128)   # unexpected (an EVA02-CLIP attn.norm)
     save_file(weights, str(tmp_path / "unfit.safetensors"))
     assert_one_line_error(*dry_run(capsys, out, f"--model.init_from={tmp_path / 'unfit.safetensors'}"),
-                          "does not fit", "blocks.1.norm2.weight", "blocks.0.attn.proj.weight")
+                          "does not fit", "blocks.1.norm2.weight", "blocks.0.attn.proj.weight",
+                          "blocks.0.attn.norm.weight")
     text = tmp_path / "notes.pt"
     text.write_text("these are not weights\n")
     assert_one_line_error(*dry_run(capsys, out, f"--model.init_from={text}"),
-                          f"model.init_from '{text}' is not a readable weights file")
+                          f"model.init_from: {text} could not be read as plain tensors")
 
 
 def test_teacher_file_must_be_the_towers_weights(tmp_path, rank0, capsys, clip_s32):
@@ -103,7 +104,7 @@ def test_teacher_file_must_be_the_towers_weights(tmp_path, rank0, capsys, clip_s
     text = tmp_path / "clip.pt"
     text.write_text("not a checkpoint\n")
     assert_one_line_error(*dry_run(capsys, out, *CLIP_TEACHER, f"--teacher.checkpoint={text}"),
-                          f"teacher.checkpoint '{text}' is not a readable weights file")
+                          f"teacher.checkpoint: {text} could not be read as plain tensors")
     other_tower = [a.replace("ViT-S-32", "ViT-S-16") for a in CLIP_TEACHER]  # same keys, other patch size
     assert_one_line_error(*dry_run(capsys, out, *other_tower, f"--teacher.checkpoint={clip_s32}"),
                           "does not fit", "conv1.weight")

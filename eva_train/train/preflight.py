@@ -1,18 +1,19 @@
 """The files a run is given, checked before any process group or model exists: the `--resume`
 target is a complete checkpoint, `model.init_from` fits the variant, the teacher file fits its
-tower. Weights files are read for their keys and shapes only (safetensors header, or torch's
-mmap loader onto the meta device) and the models are built on the meta device, so checking EVA-g
-against a 4 GB file takes about a second and no memory. Every problem is one ConfigError line."""
+tower. Weights files are read for their keys and shapes only (runtime.weights_file, meta=True) and
+the models are built on the meta device, so checking EVA-g against a 4 GB file takes about a second
+and no memory. Every problem is one ConfigError line (a ValueError of the teacher config lookup
+becomes one in pretrain.start)."""
 from pathlib import Path
 from typing import Dict
 
 import torch
 
 from eva_train.config import Config, ConfigError
-from eva_train.export.layouts import LayoutError
-from eva_train.export.weights import check_init_from, unwrap
+from eva_train.export.weights import check_init_from
 from eva_train.models import build_model
-from eva_train.models.teacher import TeacherLoadError, check_teacher_weights, teacher_out_dim
+from eva_train.models.teacher import check_teacher_weights, teacher_out_dim
+from eva_train.runtime.weights_file import read_state_dict
 from eva_train.train.checkpoint import CheckpointError, read_complete, resolve_checkpoint_path
 
 
@@ -22,47 +23,30 @@ def check_run_inputs(cfg: Config) -> None:
     check_init_from_file(cfg, teacher_dim)
 
 
-def read_tensor_shapes(path: str, what: str) -> Dict[str, torch.Tensor]:
-    """The file's tensors as meta tensors (names, shapes, dtypes; no data read)."""
+def read_shapes(path: str, what: str) -> Dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors (names, shapes, dtypes; no data read), unwrapped."""
     try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return {k: torch.empty(f.get_slice(k).get_shape(), dtype=torch.float32, device="meta")
-                        for k in f.keys()}
-        return torch.load(path, map_location="meta", mmap=True, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error: not a weights file
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{what} '{path}' is not a readable weights file ({first}); give a safetensors or "
-                          f"torch state-dict file (torch.save(model.state_dict(), PATH))") from None
+        return read_state_dict(path, meta=True)
+    except ValueError as error:
+        raise ConfigError(f"{what}: {error}") from None
 
 
 def check_teacher_file(cfg: Config) -> int:
     """The teacher's output width; when a checkpoint is given, its keys and shapes must fit the tower."""
     t = cfg.teacher
-    try:
-        if t.random_init or not t.checkpoint:  # an empty checkpoint without random_init fails in validate
-            return teacher_out_dim(t.name)
-        state = read_tensor_shapes(t.checkpoint, "teacher.checkpoint")
-        if not isinstance(state, dict) or not state:
-            raise ConfigError(f"teacher.checkpoint '{t.checkpoint}' holds no tensors; give the {t.name} state dict")
-        return check_teacher_weights(t, state)
-    except (TeacherLoadError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+    if t.random_init or not t.checkpoint:  # an empty checkpoint without random_init fails in validate
+        return teacher_out_dim(t.name)
+    return check_teacher_weights(t, read_shapes(t.checkpoint, "teacher.checkpoint"))  # TeacherLoadError if unfit
 
 
 def check_init_from_file(cfg: Config, teacher_dim: int) -> None:
     path = cfg.model.init_from
     if not path:
         return
-    state = read_tensor_shapes(path, "model.init_from")
+    state = read_shapes(path, "model.init_from")
     with torch.device("meta"):
         model = build_model(cfg.model, teacher_dim)
-    try:
-        check_init_from(model, unwrap(state), path)
-    except (LayoutError, ValueError) as error:
-        raise ConfigError(str(error)) from None
+    check_init_from(model, state, path)  # LayoutError (a ConfigError) naming what does not fit
 
 
 def check_resume_target(resume: str) -> None:
