@@ -2,6 +2,7 @@
 1-2 CPU ranks, with faults injected through the test-only EVA_FAULT_INJECT hook (eva_train/train/faults.py)
 or a real blow-up (--optim.lr=1e30, the case that used to end "finished" with 6e29 weights kept)."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -87,6 +88,20 @@ def test_one_nan_step_on_one_rank_is_skipped_by_every_rank_counted_and_survives_
         assert {float(s["step"]) for s in shard["optimizer_state_dict"]["state"].values()} == {5.0}
         assert all(torch.isfinite(t).all() for t in shard["fp32_flat_groups"])
     assert read_complete(out / "checkpoints" / "step_00000004")["confirmed"] is True
+
+
+@pytest.mark.parametrize("ds_config, precision", [("zero1.json", "fp32"), ("zero2.json", "bf16")])
+def test_nan_step_is_skipped_by_zero1_and_zero2_optimizers_too(demo_root, tmp_path, ds_config, precision):
+    """Their skip paths differ from ZeRO-3's (bf16 checks overflow only when told to; the engine raises if a
+    non-finite step was applied, so exit 0 means it was not)."""
+    out = tmp_path / "run"
+    codes = run_pretrain(out, 1, demo_root, "--train.total_steps=3", "--checkpoint.every_steps=0",
+                         f"--deepspeed_config=ds_configs/{ds_config}", f"--train.precision={precision}",
+                         fault="nan_loss@2")
+    assert codes == [0], logs(out)
+    rows = metrics(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1] and rows[1]["grad_norm"] == float("inf")
+    assert math.isfinite(rows[2]["loss"]) and math.isfinite(rows[2]["grad_norm"])
 
 
 def test_consecutive_nan_steps_stop_with_exit_1_before_any_save_and_keep_the_newest_healthy(demo_root, tmp_path):
