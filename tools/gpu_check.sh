@@ -6,7 +6,7 @@
 #   2. gpu_tests      pytest -m gpu: the kernels against float64 on the card, their self-check
 #   3. bench_kernels  tools/bench_kernels.py at EVA-g and EVA-02-L shapes: ours vs eager, torch.compile,
 #                     every SDPA backend, apex/liger where importable (each checked before timed)
-#   4. bench_step_*   tools/bench_step.py: the EVA-g/14 bf16 step with activation checkpointing,
+#   4. bench_step     tools/bench_step.py: the EVA-g/14 bf16 step with activation checkpointing,
 #                     our kernels (+ timm's Eva) and the torch kernels; ZeRO-3 and CSV when it has them
 #   5. plan           tools/plan.py's prediction for that run, when the planner is in the tree
 # Logs, CSV and PNG go to the output folder. Without a CUDA device it lists the steps and exits 0.
@@ -119,6 +119,7 @@ bench_step_args() {  # KERNELS CSV: the EVA-g/14 bf16 step, with the options thi
     STEP_ARGS=(--variant eva_g_p14 --img_size 224 --micro_batch_size 32 --steps 6 --warmup_steps 3
                --precision bf16 --kernels "$kernels")
     has_option $tool --checkpoint_fraction && STEP_ARGS+=(--checkpoint_fraction 1.0)  # the recipe's
+    has_option $tool --engine && STEP_ARGS+=(--engine deepspeed)  # the real ZeRO engine, one rank
     for zero in --zero_stage --zero-stage --zero; do
         if has_option $tool $zero; then STEP_ARGS+=("$zero" 3); break; fi
     done
@@ -134,7 +135,7 @@ print(next((name for name, known in GPUS.items() if known is spec), ''))" 2>/dev
 }
 
 plan_args() {  # the planner's view of the bench_step run (recipe micro batch 32, one rank), with the options it has
-    local tool=tools/plan.py option card measured=$OUT_DIR/bench_step_triton.csv
+    local tool=tools/plan.py option card measured=$STEP_CSV
     PLAN_ARGS=()
     has_option $tool --recipe && PLAN_ARGS+=(--recipe eva_g_p14_m30m)
     has_option $tool --world-size && PLAN_ARGS+=(--world-size 1)
@@ -160,17 +161,35 @@ fi
 if [[ -f kernels/__main__.py ]]; then
     step selfcheck 45 "$PY" -m eva_kernels --preset eva_g eva02_l --batch 32 --json "$OUT_DIR/selfcheck.json"
 fi
-step gpu_tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
-step bench_kernels 150 "$PY" tools/bench_kernels.py --batches 8 32 --rep-ms 40 --out-dir "$OUT_DIR"
-bench_step_args triton "$OUT_DIR/bench_step_triton.csv"
-step bench_step_triton 100 "$PY" tools/bench_step.py "${STEP_ARGS[@]}" --baseline timm
-bench_step_args torch "$OUT_DIR/bench_step_torch.csv"
-step bench_step_torch 50 "$PY" tools/bench_step.py "${STEP_ARGS[@]}"
+step gpu_tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
+step bench_kernels 140 "$PY" tools/bench_kernels.py --batches 8 32 --rep-ms 40 --out-dir "$OUT_DIR"
+if has_option tools/bench_step.py --impls; then  # one process: our kernels, our model on torch's, timm's Eva
+    STEP_CSV=$OUT_DIR/bench_step.csv
+    bench_step_args triton "$STEP_CSV"
+    step bench_step 170 "$PY" tools/bench_step.py "${STEP_ARGS[@]}" --impls eva_train,eva_train_torch,timm
+else  # an older bench_step: one run per kernel backend
+    STEP_CSV=$OUT_DIR/bench_step_triton.csv
+    bench_step_args triton "$STEP_CSV"
+    step bench_step_triton 100 "$PY" tools/bench_step.py "${STEP_ARGS[@]}" --baseline timm
+    bench_step_args torch "$OUT_DIR/bench_step_torch.csv"
+    step bench_step_torch 70 "$PY" tools/bench_step.py "${STEP_ARGS[@]}"
+fi
 if [[ -f tools/plan.py ]]; then
     plan_args
     step plan 20 "$PY" tools/plan.py "${PLAN_ARGS[@]}"
 fi
 (( DRY_RUN )) && exit 0
+
+step_rows() {  # CSV of bench_step -> "ours 128.0 img/s 41.2% 30.5 GiB; torch ...; timm ..."
+    "$PY" - "$1" <<'PYTHON'
+import csv, sys
+short = {"eva_train": "ours", "eva_train_torch": "torch"}
+with open(sys.argv[1], newline="") as f:
+    print("; ".join(f"{short.get(r['impl'], r['impl'])} {float(r['images_per_s']):.1f} img/s "
+                    f"{float(r['mfu']):.1%} {float(r['peak_mem_gib']):.1f} GiB" if r["mfu"] else r["impl"]
+                    for r in csv.DictReader(f)))
+PYTHON
+}
 
 result_of() {  # NAME: one line for the closing table, read from the step's log or outputs
     local log=$OUT_DIR/$1.log
@@ -179,11 +198,8 @@ result_of() {  # NAME: one line for the closing table, read from the step's log 
         plan) grep -E '^[[:space:]]*peak[[:space:]]' "$log" | tail -1 | xargs ;;  # beside bench_step's peak
         bench_kernels) if [[ -f $OUT_DIR/bench_kernels.summary ]]; then tail -1 "$OUT_DIR/bench_kernels.summary"
                        else grep -v '^[[:space:]]*$' "$log" | tail -1; fi ;;
-        bench_step_*) local rows  # its table's rows, else (a format this script does not know) its last line
-            rows=$(awk '$1 == "eva_train" || ($1 == "timm" && $2 == "Eva") {
-                  name = ($1 == "timm") ? "timm" : "ours"; off = ($1 == "timm") ? 1 : 0
-                  printf "%s %s img/s MFU %s peak %s GiB; ", name, $(3 + off), $(4 + off), $(5 + off) }' "$log")
-            echo "${rows:-$(grep -v '^[[:space:]]*$' "$log" | tail -1)}" ;;
+        bench_step*) if [[ -f $OUT_DIR/$1.csv ]]; then step_rows "$OUT_DIR/$1.csv"
+                     else grep -v '^[[:space:]]*$' "$log" | tail -1; fi ;;
         *) grep -v '^[[:space:]]*$' "$log" | tail -1 ;;
     esac
 }
@@ -193,7 +209,7 @@ if [[ -f $OUT_DIR/bench_kernels.csv ]]; then
     "$PY" tools/bench_kernels.py --summary-from "$OUT_DIR/bench_kernels.csv" | tee "$OUT_DIR/bench_kernels.summary"
 fi
 echo
-echo "outputs: $OUT_DIR (logs, environment.txt, gpu_check.csv, selfcheck.json, bench_kernels.csv/.png, bench_step_*.csv)"
+echo "outputs: $OUT_DIR (logs, environment.txt, gpu_check.csv, selfcheck.json, bench_kernels.csv/.png, bench_step*.csv)"
 echo "=== gpu_check on $DEVICE: $(( $(date +%s) - START_S ))s ==="
 printf '%-18s %3s %5s  %s\n' check rc secs result
 failed=0
