@@ -2,8 +2,9 @@
 import pytest
 
 from eva_train.config import ModelConfig, TeacherConfig
-from eva_train.models.flops import forward_flops, mfu, student_forward_flops, train_flops_per_image
+from eva_train.models.flops import forward_flops, student_forward_flops, train_flops_per_image
 from eva_train.models.teacher import build_teacher
+from eva_train.plan.gpus import mfu
 
 
 def test_debug_variant_matches_a_hand_count():

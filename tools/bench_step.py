@@ -1,20 +1,26 @@
 #!/usr/bin/env python
-"""Time training steps of an EVA variant (plain torch: no DeepSpeed, so it runs on a bare GPU image).
+"""Time training steps of an EVA variant: plain torch (runs on a bare GPU image) or the real DeepSpeed
+engine (--engine deepspeed: ZeRO from ds_configs/, bf16, activation checkpointing, one rank).
 
 One step = student forward on a masked batch + negative-cosine loss against fixed random teacher
-targets + backward + AdamW step. Warm-up steps are discarded; the median of --steps is reported.
-With --baseline timm, timm's `Eva` with the same dimensions runs the same step (full-token forward,
-then the same head on masked tokens) in the same process, and the ratio is printed.
+targets + backward + AdamW step (the teacher's forward is not run: MFU counts student FLOPs only).
+Warm-up steps are discarded; the median of --steps is reported. Implementations (--impls): eva_train
+(our model with --kernels), eva_train_torch (our model, EVA_KERNELS=torch references), timm (timm's
+`Eva` with the same dimensions: full-token forward, then the same head on masked tokens). MFU uses the
+one GPU table (eva_train/plan/gpus.py). --csv PATH writes the table for `tools/plan.py --measured`.
 
     python tools/bench_step.py --variant eva_demo_p8 --img_size 64 --micro_batch_size 32 --baseline timm
-    python tools/bench_step.py --variant eva_g_p14 --micro_batch_size 32 --precision bf16 --kernels auto --baseline timm
+    python tools/bench_step.py --variant eva_g_p14 --micro_batch_size 32 --engine deepspeed \
+        --checkpoint_fraction 1 --impls eva_train,eva_train_torch,timm --csv bench_step.csv
 """
 import argparse
+import csv
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -22,9 +28,13 @@ import torch  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEACHER_DIM = 768
+IMPLS = ("eva_train", "eva_train_torch", "timm")
+CSV_FIELDS = ("device", "variant", "img_size", "micro_batch_size", "precision", "engine", "zero_stage",
+              "checkpoint_fraction", "impl", "kernels", "step_ms", "images_per_s", "mfu", "peak_mem_gib",
+              "flops_per_image")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="eva_demo_p8")
     p.add_argument("--img_size", type=int, default=None, help="default: the variant's")
@@ -33,11 +43,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=3)
     p.add_argument("--precision", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--kernels", choices=("auto", "triton", "torch", "apex"), default="auto")
-    p.add_argument("--checkpoint_fraction", type=float, default=0.0, help="activation checkpointing (timm: all or none)")
+    p.add_argument("--checkpoint_fraction", type=float, default=0.0,
+                   help="activation checkpointing (timm: all or none)")
     p.add_argument("--mask_ratio", type=float, default=0.4)
-    p.add_argument("--baseline", choices=("none", "timm"), default="none")
+    p.add_argument("--baseline", choices=("none", "timm"), default="none", help="same as adding timm to --impls")
+    p.add_argument("--impls", default="eva_train", help=f"comma-separated, of {', '.join(IMPLS)}")
+    p.add_argument("--engine", choices=("torch", "deepspeed"), default="torch")
+    p.add_argument("--zero_stage", type=int, choices=(1, 2, 3), default=3, help="--engine deepspeed only")
+    p.add_argument("--csv", default=None, help="also write the table as CSV (tools/plan.py --measured reads it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.impls = [i for i in args.impls.split(",") if i] + (["timm"] if args.baseline == "timm" else [])
+    unknown = [i for i in args.impls if i not in IMPLS]
+    if unknown or not args.impls:
+        p.error(f"--impls {','.join(unknown) or '(empty)'} is unknown; use some of {', '.join(IMPLS)}")
     from eva_train.models.variants import VARIANTS
 
     if args.variant not in VARIANTS:
@@ -87,18 +106,23 @@ class TimmMIM(torch.nn.Module):
         return self.head(e.norm(tokens)[:, 1:][mask])                              # (M, TEACHER_DIM)
 
 
+def synthetic_inputs(args, device: torch.device):
+    grid = args.img_size // model_patch(args)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.micro_batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    mask = torch.rand(args.micro_batch_size, grid * grid, generator=g).argsort(1) < int(args.mask_ratio * grid * grid)
+    target = torch.randn(args.micro_batch_size, grid * grid, TEACHER_DIM, generator=g).to(device)
+    return images, mask.to(device), target
+
+
 def make_step(model: torch.nn.Module, args) -> Callable[[], None]:
+    """Plain torch: autocast to the precision, fused AdamW on CUDA."""
     from eva_train.train.objective import masked_cosine_loss
 
     device, dtype = torch.device(args.device), DTYPES[args.precision]
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    grid = args.img_size // model_patch(args)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.micro_batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-    mask = torch.rand(args.micro_batch_size, grid * grid, generator=g).argsort(1) < int(args.mask_ratio * grid * grid)
-    mask = mask.to(device)
-    target = torch.randn(args.micro_batch_size, grid * grid, TEACHER_DIM, generator=g).to(device)
+    images, mask, target = synthetic_inputs(args, device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -109,13 +133,43 @@ def make_step(model: torch.nn.Module, args) -> Callable[[], None]:
     return step
 
 
+def ds_config(args) -> dict:
+    import json
+
+    raw = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{args.zero_stage}.json").read_text())
+    return dict(raw, train_batch_size=args.micro_batch_size, train_micro_batch_size_per_gpu=args.micro_batch_size,
+                gradient_accumulation_steps=1, gradient_clipping=3.0, bf16={"enabled": args.precision == "bf16"},
+                fp16={"enabled": args.precision == "fp16", "loss_scale": 0})
+
+
+def make_ds_step(build: Callable[[], torch.nn.Module], args) -> Callable[[], None]:
+    """The DeepSpeed engine as pretraining runs it (one rank): built under zero.Init at ZeRO-3, inputs
+    in the engine's dtype, engine.backward / engine.step."""
+    import deepspeed
+
+    from eva_train.train.objective import masked_cosine_loss
+
+    config = ds_config(args)
+    with deepspeed.zero.Init(config_dict_or_path=config, enabled=args.zero_stage == 3):
+        model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device.startswith("cuda"))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    images, mask, target = synthetic_inputs(args, engine.device)
+    images = images.to(DTYPES[args.precision] or torch.float32)
+
+    def step() -> None:
+        engine.backward(masked_cosine_loss(engine(images, mask), target, mask))
+        engine.step()
+    return step
+
+
 def model_patch(args) -> int:
     from eva_train.models.variants import VARIANTS
 
     return VARIANTS[args.variant].patch_size
 
 
-def time_steps(step: Callable[[], None], args) -> Dict[str, float]:
+def time_steps(step: Callable[[], None], args) -> dict[str, float]:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -143,28 +197,65 @@ def flops_per_image(args) -> float:
     return train_flops_per_image(cfg, 0.0, TEACHER_DIM, int(args.mask_ratio * grid * grid))  # no teacher here
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    import eva_kernels
-    from eva_train.train.metrics import peak_flops
+def init_single_rank() -> None:
+    """One-rank process group for --engine deepspeed (outside a launcher)."""
+    from eva_train.runtime.distributed import init_process_group, world_from_env
 
-    eva_kernels.set_backend(args.kernels)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)
+    init_process_group(world_from_env(), 1800)
+
+
+def run_impl(impl: str, args) -> dict[str, float]:
+    import eva_kernels
+
+    eva_kernels.set_backend("torch" if impl == "eva_train_torch" else args.kernels)
+    torch.manual_seed(0)
+    build = (lambda: TimmMIM(args)) if impl == "timm" else (lambda: build_ours(args))
+    step = make_ds_step(build, args) if args.engine == "deepspeed" else make_step(build(), args)
+    result = time_steps(step, args)
+    result["kernels"] = "timm" if impl == "timm" else eva_kernels.describe()["backend"]
+    return result
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from eva_train.plan.gpus import mfu, peak_flops
+
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     peak = peak_flops(device_name, args.precision)
-    torch.manual_seed(0)
-    rows = [("eva_train", time_steps(make_step(build_ours(args), args), args))]
-    if args.baseline == "timm":
-        torch.manual_seed(0)
-        rows.append(("timm Eva", time_steps(make_step(TimmMIM(args), args), args)))
+    if args.engine == "deepspeed":
+        init_single_rank()
     fpi = flops_per_image(args)
+    results = [(impl, run_impl(impl, args)) for impl in args.impls]
+    engine = f"DeepSpeed ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else "plain torch"
     print(f"\n{args.variant} img {args.img_size} batch {args.micro_batch_size} {args.precision} on {device_name}, "
-          f"kernels {eva_kernels.describe()['backend']}, median of {args.steps} steps after {args.warmup_steps} warm-up")
-    print(f"{'impl':<10} {'step ms':>9} {'img/s':>9} {'MFU':>7} {'peak GiB':>9} {'speedup':>8}")
-    for name, r in rows:
-        mfu = f"{fpi * r['images_per_sec'] / peak:.1%}" if peak else "n/a"
-        speedup = rows[-1][1]["step_s"] / r["step_s"]
-        print(f"{name:<10} {r['step_s'] * 1e3:>9.1f} {r['images_per_sec']:>9.1f} {mfu:>7} {r['peak_mem_gib']:>9.2f} "
-              f"{speedup:>7.2f}x")
+          f"{engine}, checkpoint fraction {args.checkpoint_fraction:g}, median of {args.steps} steps after "
+          f"{args.warmup_steps} warm-up")
+    print(f"{'impl':<16} {'kernels':<8} {'step ms':>9} {'img/s':>9} {'MFU':>7} {'peak GiB':>9} {'speedup':>8}")
+    rows = []
+    for impl, r in results:
+        utilisation = mfu(fpi, r["images_per_sec"], 1, peak) if peak else None
+        speedup = results[-1][1]["step_s"] / r["step_s"]
+        print(f"{impl:<16} {r['kernels']:<8} {r['step_s'] * 1e3:>9.1f} {r['images_per_sec']:>9.1f} "
+              f"{f'{utilisation:.1%}' if utilisation else 'n/a':>7} {r['peak_mem_gib']:>9.2f} {speedup:>7.2f}x")
+        rows.append({"device": device_name, "variant": args.variant, "img_size": args.img_size,
+                     "micro_batch_size": args.micro_batch_size, "precision": args.precision, "engine": args.engine,
+                     "zero_stage": args.zero_stage if args.engine == "deepspeed" else "",
+                     "checkpoint_fraction": args.checkpoint_fraction, "impl": impl, "kernels": r["kernels"],
+                     "step_ms": round(r["step_s"] * 1e3, 3), "images_per_s": round(r["images_per_sec"], 3),
+                     "mfu": "" if utilisation is None else round(utilisation, 4),
+                     "peak_mem_gib": round(r["peak_mem_gib"], 3), "flops_per_image": fpi})
+    if args.csv:
+        write_csv(args.csv, rows)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Analytic FLOPs per image (a multiply-add counts 2 FLOPs), used for MFU.
+"""Analytic FLOPs per image (a multiply-add counts 2 FLOPs), used for MFU (eva_train/plan/gpus.py).
 
 Counted: patch embedding, qkv / proj, the two attention matmuls (q k^T and attn v), the MLP or
 SwiGLU matmuls and the heads. Not counted: norms, softmax, activations, RoPE, biases (under 1% at
@@ -9,8 +9,6 @@ the checkpointed blocks (recomputed in backward), plus the teacher's forward.
 from typing import Optional
 
 from eva_train.models.variants import VARIANTS, EvaConfig, num_checkpointed_blocks
-
-H100_BF16_PEAK_FLOPS = 989e12  # dense, per GPU
 
 
 def mlp_macs_per_token(cfg: EvaConfig) -> int:
@@ -82,8 +80,3 @@ def train_flops_per_image(model_cfg, teacher_forward_flops: float, teacher_dim: 
     student = student_forward_flops(model_cfg, teacher_dim, num_masked_patches)
     return 3.0 * student + recompute_flops(model_cfg, num_masked_patches) + teacher_forward_flops
 
-
-def mfu(flops_per_image: float, images_per_sec: float, num_gpus: int,
-        peak_flops_per_gpu: float = H100_BF16_PEAK_FLOPS) -> float:
-    """Model FLOPs utilisation: achieved model FLOPs/s over the peak of all GPUs."""
-    return flops_per_image * images_per_sec / (peak_flops_per_gpu * num_gpus)

@@ -13,25 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from eva_train.plan.gpus import mfu, peak_flops  # noqa: F401 - peak_flops re-exported: the one GPU table
 from eva_train.runtime.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-# Dense peak FLOPs per device for bf16/fp16 tensor-core math; unknown devices (and CPUs) give mfu = null.
-PEAK_FLOPS_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                    "B200": 2250e12, "GH200": 989e12}
-
-
-def peak_flops(device_name: str, precision: str) -> Optional[float]:
-    """Peak FLOPs/s of one device by its name (e.g. "NVIDIA H100 80GB HBM3"); None when unknown or fp32."""
-    if precision not in ("bf16", "fp16"):
-        return None
-    upper = device_name.upper()
-    for key in sorted(PEAK_FLOPS_16BIT, key=len, reverse=True):  # GH200 before H200
-        if key in upper:
-            return PEAK_FLOPS_16BIT[key]
-    return None
-
 
 def memory_gib(device) -> float:
     """Peak allocated accelerator memory, or this process's resident memory on CPU."""
@@ -61,10 +46,9 @@ class ThroughputMeter:
     def read(self, flops_per_image: float, peak_flops_per_device: Optional[float], world_size: int) -> Dict[str, Any]:
         elapsed_s = max(time.perf_counter() - self.start, 1e-9)
         images_per_sec = self.images / elapsed_s
-        mfu = None
-        if peak_flops_per_device:
-            mfu = flops_per_image * images_per_sec / (peak_flops_per_device * world_size)
-        return {"images_per_sec": images_per_sec, "mfu": mfu, "data_wait_frac": self.data_wait_s / elapsed_s,
+        utilisation = mfu(flops_per_image, images_per_sec, world_size, peak_flops_per_device) \
+            if peak_flops_per_device else None  # unknown devices (and CPUs) give mfu = null
+        return {"images_per_sec": images_per_sec, "mfu": utilisation, "data_wait_frac": self.data_wait_s / elapsed_s,
                 "step_time_s": elapsed_s / max(1, self.steps)}
 
 
