@@ -27,6 +27,7 @@ if [[ -n ${SLURM_JOB_ID:-} ]]; then
 else
     EVA_SCRIPT=${BASH_SOURCE[0]} EVA_REPO=${EVA_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 fi
+EVA_TEMPLATE=slurm/debug.sh
 export RECIPE EVA_REPO
 # shellcheck source=slurm/launch.sh
 source "$EVA_REPO/slurm/launch.sh" "$@"

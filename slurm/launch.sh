@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared body of slurm/eva_g.sh and slurm/debug.sh; sourced by them, never run on its own.
-# The caller sets EVA_SCRIPT (its own path) and EVA_REPO (the repository root) and passes "$@".
+# The caller sets EVA_SCRIPT (its own path), EVA_TEMPLATE (its path in the repository: under sbatch
+# EVA_SCRIPT is SLURM's spool copy) and EVA_REPO (the repository root) and passes "$@".
 #
 # Modes:
 #   (under sbatch, no arguments)  map SLURM -> torch.distributed variables, srun one process
@@ -103,6 +104,7 @@ export_distributed_env() {
 }
 
 SRUN_PID=""
+OUTPUT_DIR_OF_JOB=""
 SIGNALS_SEEN=()
 forward_signal() {
     # The batch shell got USR1 (--signal=B:USR1@grace, scancel --batch), TERM or HUP. The step gets
@@ -112,7 +114,27 @@ forward_signal() {
     SIGNALS_SEEN+=("SIG$1")
     echo "$(date -u +%FT%TZ) batch shell: SIG$1, sending SIG$STEP_SIGNAL to the training step" >&2
     [[ -n $SRUN_PID ]] && kill -s "$STEP_SIGNAL" "$SRUN_PID" 2>/dev/null
+    [[ $1 != USR1 ]] && note_if_ending
     return 0
+}
+
+# A TERM from SLURM itself (time limit, scancel, preemption): SIGKILL follows after KillWait, to this
+# shell too, so say now what happened and how to resume, while we still can.
+note_if_ending() {
+    local fields state reason
+    fields=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null || true)
+    state=$(grep -o 'JobState=[^ ]*' <<<"$fields" | cut -d= -f2)
+    reason=$(grep -o 'Reason=[^ ]*' <<<"$fields" | cut -d= -f2)
+    [[ $state == RUNNING || -z $state ]] && return 0
+    local why="SLURM is ending the job (scancel, preemption, or the requeue rank 0 asks for after its save)"
+    [[ $reason == TimeLimit ]] && why="the job reached its time limit"
+    echo "$(date -u +%FT%TZ) batch shell: $why (JobState $state, Reason $reason): the ranks save only if they" \
+         "finish the step and the save before SLURM's KillWait; no requeue from this shell. Last complete checkpoint" \
+         "now: $(latest_checkpoint "$OUTPUT_DIR_OF_JOB"). Resume with: $(resume_command)" >&2
+}
+
+resume_command() {
+    echo "OUTPUT_DIR=$OUTPUT_DIR_OF_JOB $(given_settings)sbatch $(job_shape)$EVA_REPO/$EVA_TEMPLATE"
 }
 
 wait_for_step() {
@@ -127,6 +149,15 @@ wait_for_step() {
     return "$rc"
 }
 
+# This job's shape as sbatch flags, for the resume line (the template's #SBATCH lines hold the rest).
+job_shape() {
+    printf -- '--nodes=%s ' "${SLURM_JOB_NUM_NODES:-1}"
+    [[ -n ${SLURM_NTASKS_PER_NODE:-} ]] && printf -- '--ntasks-per-node=%s ' "${SLURM_NTASKS_PER_NODE%%(*}"
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && printf -- '--cpus-per-task=%s ' "$SLURM_CPUS_PER_TASK"
+    [[ -n ${SLURM_GPUS_PER_NODE:-} ]] && printf -- '--gpus-per-node=%s ' "$SLURM_GPUS_PER_NODE"
+    return 0
+}
+
 latest_checkpoint() {
     local latest=$1/checkpoints/latest
     if [[ -s $latest ]]; then echo "$1/checkpoints/$(<"$latest")"; else echo "none yet"; fi
@@ -138,6 +169,10 @@ latest_checkpoint() {
 after_signal() {
     local output_dir=$1 rc=$2 state verdict
     state=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null || true)
+    if [[ $state == PENDING || $state == REQUEUE* ]]; then  # rank 0 requeued it after its save
+        echo "$(date -u +%FT%TZ) batch shell: job requeued; it resumes from $(latest_checkpoint "$output_dir")" >&2
+        return 0
+    fi
     if verdict=$(cd "$EVA_REPO" && "$PYTHON" -m eva_train.train.preemption verdict "$SLURM_JOB_ID" "${SIGNALS_SEEN[@]}"); then
         if [[ $state == RUNNING ]]; then
             echo "$(date -u +%FT%TZ) batch shell: requeueing ($verdict)" >&2
@@ -149,7 +184,7 @@ after_signal() {
          "scancel, scancel --full, the time limit) makes it SIGKILL every task; to stop with a save use" \
          "'scancel --signal=TERM $SLURM_JOB_ID' (tasks only) or 'scancel --batch --signal=USR1 $SLURM_JOB_ID'," \
          "and keep '#SBATCH --signal=B:USR1@GRACE' for the time limit. Last complete checkpoint:" \
-         "$(latest_checkpoint "$output_dir"). Resume with: OUTPUT_DIR=$output_dir $(given_settings)sbatch $EVA_SCRIPT" >&2
+         "$(latest_checkpoint "$output_dir"). Resume with: $(resume_command)" >&2
     return 0
 }
 
@@ -158,6 +193,7 @@ run_job() {
         || die "no eva_train/pretrain.py under '$EVA_REPO'; submit from the repository root or set EVA_REPO"
     export_distributed_env
     local output_dir=${OUTPUT_DIR:-$OUTPUT_ROOT/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+    OUTPUT_DIR_OF_JOB=$output_dir
     local -a args=()
     mapfile -d '' args < <(pretrain_args "$output_dir")
     echo "$(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS tasks on" \
