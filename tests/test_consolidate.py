@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eva_train.export.consolidate import ConsolidationError, ZeroCheckpoint, consolidate, read_metadata
+from eva_train.export.consolidate import ConsolidationError, ZeroCheckpoint, consolidate
+from eva_train.export.safetensors_writer import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,31 +9,19 @@
   `class_names` (JSON list) and `protocol`.
 """
 import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from eva_train.eval.heads import Classifier, LinearHead
+from eva_train.export.safetensors_writer import read_metadata
 from eva_train.export.weights import load_weights, read_state_dict
 from eva_train.models import build_backbone
 from eva_train.runtime.fsio import atomic_path
 
 CLASSIFIER_FORMAT = "eva_train.classifier"
 PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.", "decoder")
-
-
-def read_metadata(path: str) -> Dict[str, str]:
-    """A weights file's safetensors metadata ({} for .pt/.pth files, which carry none)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint '{path}' does not exist; pass a .safetensors file "
-                         f"(consolidate a training run with tools/consolidate.py)")
-    if not path.endswith(".safetensors"):
-        return {}
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def _find_variant(value: Any) -> Optional[Dict[str, Any]]:
@@ -63,9 +51,10 @@ def model_spec_from_metadata(meta: Dict[str, str]) -> Optional[Dict[str, Any]]:
 
 
 def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
-                  drop_path_rate: float = 0.0) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+                  drop_path_rate: float = 0.0, **overrides) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """(EVA backbone with the file's weights, {'variant', 'img_size'}); strict about missing keys.
-    The metadata's img_size wins over the variant default; `img_size` resizes the position table."""
+    The metadata's img_size wins over the variant default; `img_size` resizes the position table;
+    `overrides` replace architecture fields of the variant (e.g. depth=1 for a smoke run)."""
     meta = read_metadata(path)
     spec = dict(model_spec_from_metadata(meta) or {})
     if variant:
@@ -74,7 +63,7 @@ def load_backbone(path: str, variant: str = "", img_size: Optional[int] = None,
         raise ValueError(f"checkpoint '{path}' does not say which model it holds; pass the variant "
                          f"(e.g. --variant eva_b_p16)")
     spec["img_size"] = img_size or spec.get("img_size")
-    backbone = build_backbone(spec["variant"], spec["img_size"], drop_path_rate=drop_path_rate)
+    backbone = build_backbone(spec["variant"], spec["img_size"], drop_path_rate=drop_path_rate, **overrides)
     spec["img_size"] = backbone.img_size[0]  # square: built from one int
     state = read_state_dict(path)
     if any(k.startswith("backbone.") for k in state):   # one of our classifier files

@@ -154,7 +154,8 @@ class ZeroCheckpoint:
         module_only = OrderedDict((k, v) for k, v in module.items() if k not in known) if not zero3 else OrderedDict()
         buffers = OrderedDict((k, torch_zip.to_float32(v) if torch_zip.is_float(v) else v)
                               for k, v in module.items() if k in buffer_names)
-        client = {k: states[k] for k in ("step", "config", "samples_seen", "code_version") if k in states}
+        ours = states.get("eva_client_state") or states  # eva-train's save keeps its client state under this key
+        client = {k: ours[k] for k in ("step", "config", "samples_seen", "code_version") if k in ours}
         return cls(tag_dir, 3 if zero3 else 2, int(states.get("dp_world_size", len(optim_files))), optim_files,
                    model_files, param_shapes, frozen, buffers, module_only, shared, client,
                    str(states.get("ds_version", "")))
@@ -442,9 +443,3 @@ def compare_with_reference(path: str, reference: Mapping[str, "torch.Tensor"], a
     if bad:
         raise ConsolidationError(f"{len(bad)} tensors differ from the live model, e.g. {bad[:5]}")
 
-
-def read_metadata(path: str) -> Dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, "np") as f:
-        return dict(f.metadata() or {})

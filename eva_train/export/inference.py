@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from eva_train.data.decode import load_rgb
 from eva_train.data.sources import is_image_name
 from eva_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, normalize_images  # noqa: F401 (MEAN/STD: public here too)
+from eva_train.export.safetensors_writer import read_metadata
 from eva_train.export.weights import load_weights, read_state_dict
 from eva_train.models import build_backbone
 from eva_train.models.variants import VARIANTS
@@ -57,10 +57,7 @@ def saved_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int) -> Opti
 
 
 def _file_model_config(path: str) -> dict:
-    if not str(path).endswith(".safetensors"):
-        return {}
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
+    metadata = read_metadata(path)
     return json.loads(metadata["config"]).get("model", {}) if "config" in metadata else {}
 
 

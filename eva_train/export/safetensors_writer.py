@@ -17,11 +17,24 @@ from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import numpy as np
+from safetensors import safe_open
 
-from eva_train.runtime.fsio import fsync_path
 from eva_train.export.torch_zip import BF16Array, float32_to_bf16, to_float32
+from eva_train.runtime.fsio import fsync_path
 
 WRITEBACK_BYTES = 64 << 20
+
+
+def read_metadata(path: str) -> Dict[str, str]:
+    """A weights file's safetensors metadata ({} for .pt/.pth files, which carry none); torch-free.
+    A missing file is a one-line ValueError naming the fix."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint '{path}' does not exist; pass a .safetensors file "
+                         f"(consolidate a training run with tools/consolidate.py)")
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with safe_open(path, framework="np") as f:
+        return dict(f.metadata() or {})
 SYNC_FILE_RANGE_WRITE = 2
 
 

@@ -15,8 +15,10 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
+from eva_train.export.safetensors_writer import read_metadata
 from eva_train.runtime.weights_file import read_state_dict, unwrap  # noqa: F401 - read_state_dict re-exported
 
 log = logging.getLogger(__name__)
@@ -207,8 +209,8 @@ def init_from(model: nn.Module, path: str) -> ImportReport:
 
 def model_from_metadata(metadata: Dict[str, str], state_dict: Mapping[str, torch.Tensor], backbone_only: bool):
     """Build the eva-train model a consolidated file was made from (its `config` metadata)."""
-    from eva_train.models import build_backbone, build_model
     from eva_train.config import ModelConfig
+    from eva_train.models import build_backbone, build_model
 
     if "config" not in metadata:
         raise ValueError("the file has no eva-train config in its metadata (not made by tools/consolidate.py "
@@ -223,9 +225,6 @@ def model_from_metadata(metadata: Dict[str, str], state_dict: Mapping[str, torch
 
 def check_loads_strict(path: str) -> nn.Module:
     """Build the model named in the file's metadata and load the file into it with strict=True."""
-    from eva_train.export.consolidate import read_metadata
-    from safetensors.torch import load_file
-
     state_dict = load_file(path)
     model = model_from_metadata(read_metadata(path), state_dict, backbone_only=False)
     model.load_state_dict(state_dict, strict=True)
