@@ -56,7 +56,8 @@ def test_guard_state_survives_a_round_trip_and_spikes_are_off_by_default():
     guard = DivergenceGuard(TrainConfig(spike_factor=2.0, spike_window=2))
     guard.observe(1, -0.5, **OK)
     guard.observe(2, math.nan, loss_finite=False, grads_finite=False, loss_scale=1.0)
-    restored = DivergenceGuard(TrainConfig(spike_factor=2.0, spike_window=2), json.loads(json.dumps(guard.state_dict())))
+    saved = json.loads(json.dumps(guard.state_dict()))        # as it travels in the checkpoint
+    restored = DivergenceGuard(TrainConfig(spike_factor=2.0, spike_window=2), saved)
     assert restored.state_dict() == guard.state_dict() and restored.skipped_steps == 1
     off = DivergenceGuard(TrainConfig())
     for step in range(1, 60):

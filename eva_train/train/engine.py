@@ -169,9 +169,10 @@ class Trainer:
         if applied and not (loss_finite and grads_finite and (reported is None or math.isfinite(grad_norm))):
             raise RuntimeError(f"step {step + 1}: DeepSpeed applied an optimizer step with a non-finite loss or "
                                f"gradient norm ({grad_norm}); the divergence guard cannot undo it")
+        loss_scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0))
         return StepResult(loss=float(packed[0] / _world_size()), grad_norm=grad_norm, lr=lr, loss_finite=loss_finite,
-                          grads_finite=grads_finite, loss_scale=float(getattr(self.engine.optimizer, "loss_scale", 1.0)),
-                          bad_samples=int(packed[3]), seen_samples=int(packed[4]))
+                          grads_finite=grads_finite, loss_scale=loss_scale, bad_samples=int(packed[3]),
+                          seen_samples=int(packed[4]))
 
     @torch.no_grad()
     def val_loss(self, loader) -> float:
