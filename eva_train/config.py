@@ -7,10 +7,11 @@ error is one line naming the problem and the fix.
 import dataclasses
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
+
+import tomllib
 
 from eva_train.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
 
@@ -148,8 +149,8 @@ class Config:
 
 
 
-def available_recipes() -> List[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+def available_recipes(recipe_dir: Path = RECIPE_DIR) -> List[str]:
+    return sorted(p.stem for p in recipe_dir.glob("*.toml"))
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -209,14 +210,14 @@ def apply_value(root: Any, section: str, key: str, value: Any, source: str) -> N
     setattr(target, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
 
 
-def load_recipe(name_or_path: str) -> Tuple[str, Dict[str, Any]]:
-    """Return (recipe name, raw TOML dict) for a recipe name in recipes/ or a path to a .toml file."""
+def load_recipe(name_or_path: str, recipe_dir: Path = RECIPE_DIR) -> Tuple[str, Dict[str, Any]]:
+    """Return (recipe name, raw TOML dict) for a recipe name in `recipe_dir` or a path to a .toml file."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.toml"
+        path = recipe_dir / f"{name_or_path}.toml"
     if not path.is_file():
-        raise ConfigError(
-            f"recipe '{name_or_path}' not found; use one of {', '.join(available_recipes())} or a path to a .toml file")
+        raise ConfigError(f"recipe '{name_or_path}' not found; use one of {', '.join(available_recipes(recipe_dir))} "
+                          f"or a path to a .toml file")
     with open(path, "rb") as f:
         return path.stem, tomllib.load(f)
 
@@ -240,18 +241,23 @@ def parse_overrides(args: Sequence[str]) -> List[Tuple[str, str, str]]:
     return out
 
 
-def build_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- recipe <- overrides. Does not validate (call `validate`)."""
-    cfg = Config()
-    cfg.recipe, raw = load_recipe(recipe or "demo")
+def fill_config(root: Any, recipe: str, recipe_dir: Path, overrides: Sequence[str]) -> Any:
+    """Defaults (the dataclass tree `root`) <- recipe TOML <- `--section.key=value` overrides; sets root.recipe.
+    The one mechanism behind the pretraining config and the evaluation protocols' config."""
+    root.recipe, raw = load_recipe(recipe, recipe_dir)
     for section, values in raw.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"recipe {cfg.recipe}: top-level key '{section}' must be a [section] table")
+            raise ConfigError(f"recipe {root.recipe}: top-level key '{section}' must be a [section] table")
         for key, value in values.items():
-            apply_value(cfg, section, key, value, f"recipe {cfg.recipe}")
+            apply_value(root, section, key, value, f"recipe {root.recipe}")
     for section, key, value in parse_overrides(overrides):
-        apply_value(cfg, section, key, value, "command line")
-    return cfg
+        apply_value(root, section, key, value, "command line")
+    return root
+
+
+def build_config(recipe: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- recipe <- overrides. Does not validate (call `validate`)."""
+    return fill_config(Config(), recipe or "demo", RECIPE_DIR, overrides)
 
 
 def derived_grad_accum(cfg: Config, world_size: int) -> int:

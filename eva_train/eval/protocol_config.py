@@ -5,12 +5,11 @@ overrides, the same mechanics as the pretraining config; validated once before a
 """
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple, get_type_hints
+from typing import List, Sequence, Tuple
 
-from eva_train.config import ConfigError, apply_value, parse_overrides
+from eva_train.config import ConfigError, fill_config
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 PROTOCOLS = ("linear", "finetune")
@@ -24,6 +23,8 @@ class ProtoModelConfig:
     img_size: int = 0              # 0 = the checkpoint's / variant's default
     random_init: bool = False      # baseline: a randomly initialised backbone of the same variant
     drop_path_rate: float = 0.1    # fine-tune only
+    checkpoint_fraction: float = 0.0  # fine-tune: activation checkpointing of this fraction of the blocks
+    depth: int = 0                 # 0 = the variant's; fewer blocks for a quick smoke run of a big recipe
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ProtoDataConfig:
     num_workers: int = 4
     min_crop_scale: float = 0.08   # RandomResizedCrop scale (min, 1) for training
     cache_features: bool = False   # linear only: extract frozen features once (center crops), train on them
+    eval_crop_pct: float = 0.0     # fine-tune eval: EvalTransform's crop fraction (0 = its default 0.875; 1 = no crop)
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ProtoAugConfig:
     cutmix: float = 0.0            # fine-tune: cutmix alpha (0 = off)
     label_smoothing: float = 0.0
     ema_decay: float = 0.0         # fine-tune: EMA of weights, evaluated too (0 = off; ZeRO stage <= 2)
+    rand_augment: str = ""         # fine-tune: timm RandAugment config string, e.g. rand-m9-mstd0.5-inc1 ("" = off)
+    random_erasing: float = 0.0    # fine-tune: timm RandomErasing probability per image (pixel mode; 0 = off)
 
 
 @dataclass
@@ -89,18 +93,7 @@ class ProtocolConfig:
 
 
 def build_protocol_config(recipe: str, overrides: Sequence[str] = ()) -> ProtocolConfig:
-    path = Path(recipe) if Path(recipe).suffix else RECIPE_DIR / f"{recipe}.toml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.toml")))
-        raise ConfigError(f"eval recipe '{recipe}' not found; use one of {known} or a path to a .toml file")
-    cfg = ProtocolConfig(recipe=path.stem)
-    with open(path, "rb") as f:
-        for section, values in tomllib.load(f).items():
-            for key, value in values.items():
-                apply_value(cfg, section, key, value, f"recipe {path.stem}")
-    for section, key, value in parse_overrides(overrides):
-        apply_value(cfg, section, key, value, "command line")
-    return cfg
+    return fill_config(ProtocolConfig(), recipe, RECIPE_DIR, overrides)
 
 
 def validate_protocol(cfg: ProtocolConfig, world_size: int) -> int:
@@ -118,6 +111,7 @@ def validate_protocol(cfg: ProtocolConfig, world_size: int) -> int:
         raise ConfigError(f"optim.name=lars with train.zero_stage={t.zero_stage}: ZeRO hands the optimizer flat "
                           f"partitions, so LARS's per-layer trust ratio would be wrong; use train.zero_stage=0 "
                           f"(the probe trains only a head) or optim.name=sgd/adamw")
+    _check_finetune_fields(cfg)
     if cfg.aug.ema_decay and t.zero_stage == 3:
         raise ConfigError("aug.ema_decay needs full weights on every rank; use train.zero_stage <= 2 or ema_decay=0")
     if not m.random_init and not os.path.isfile(m.checkpoint):
@@ -135,3 +129,25 @@ def validate_protocol(cfg: ProtocolConfig, world_size: int) -> int:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro batch "
                           f"{t.micro_batch_size} x {world_size} ranks; change one so global = micro x ranks x accumulation")
     return t.global_batch_size // per_step
+
+
+def _check_finetune_fields(cfg: ProtocolConfig) -> None:
+    """Ranges of the fine-tune options; a RandAugment string is parsed by timm, as at run time."""
+    ranges = {"model.checkpoint_fraction": (cfg.model.checkpoint_fraction, 0.0, 1.0),
+              "data.eval_crop_pct": (cfg.data.eval_crop_pct, 0.0, 1.0),
+              "aug.random_erasing": (cfg.aug.random_erasing, 0.0, 1.0),
+              "aug.label_smoothing": (cfg.aug.label_smoothing, 0.0, 0.999),
+              "aug.ema_decay": (cfg.aug.ema_decay, 0.0, 0.999999)}
+    if cfg.model.depth < 0:
+        raise ConfigError(f"model.depth={cfg.model.depth} must be 0 (the variant's) or a positive block count")
+    for name, (value, low, high) in ranges.items():
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} must lie in [{low}, {high}]")
+    if cfg.aug.rand_augment:
+        # timm costs ~1 s to import (measured); only recipes with RandAugment pay it here
+        from timm.data.auto_augment import rand_augment_transform
+        try:
+            rand_augment_transform(cfg.aug.rand_augment, {})
+        except (AssertionError, ValueError, KeyError) as err:
+            raise ConfigError(f"aug.rand_augment='{cfg.aug.rand_augment}' is not a timm RandAugment string "
+                              f"({err or 'unknown section'}); use e.g. rand-m9-mstd0.5-inc1 or \"\" for none") from None
