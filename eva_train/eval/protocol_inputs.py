@@ -11,10 +11,13 @@ from eva_train.models import build_backbone
 
 def open_backbone(model_cfg: ProtoModelConfig, drop_path_rate: float = 0.0) -> Tuple[torch.nn.Module, Dict]:
     """(backbone, {'variant', 'img_size'}); random init is seeded by the caller's torch seed."""
+    overrides = {"depth": model_cfg.depth} if model_cfg.depth else {}
     if model_cfg.random_init:
-        backbone = build_backbone(model_cfg.variant, model_cfg.img_size or None, drop_path_rate=drop_path_rate)
+        backbone = build_backbone(model_cfg.variant, model_cfg.img_size or None, drop_path_rate=drop_path_rate,
+                                  **overrides)
         return backbone, {"variant": model_cfg.variant, "img_size": backbone.img_size[0]}  # square: one int
-    return load_backbone(model_cfg.checkpoint, model_cfg.variant, model_cfg.img_size or None, drop_path_rate)
+    return load_backbone(model_cfg.checkpoint, model_cfg.variant, model_cfg.img_size or None, drop_path_rate,
+                         **overrides)
 
 
 def labeled_pair(data_cfg: ProtoDataConfig) -> Tuple[LabeledImages, LabeledImages, List[str]]:

@@ -91,11 +91,13 @@ def _train_one_epoch(engine, task, cfg: ProtocolConfig, epoch: int, device, dtyp
     return {"train_loss": float(loss_sum) / max(num_batches, 1), "lr": lr}
 
 
-def _resume(ckpt, engine, cfg: ProtocolConfig):
+def _resume(ckpt, engine, cfg: ProtocolConfig, task):
     path = ckpt.find_resume(cfg.train.resume)
     if path is None:
         return 0, []
     state = ckpt.load(engine, path)
+    if hasattr(task, "load_extra_state"):   # e.g. the fine-tune EMA, which lives outside the engine
+        task.load_extra_state(state)
     log.info("resumed from %s after epoch %d", path, state["epoch"])
     return int(state["epoch"]), list(state["history"])
 
@@ -117,7 +119,7 @@ def run_protocol(cfg: ProtocolConfig, make_task) -> List[Dict]:
                                       config=deepspeed_config(cfg, grad_accum, world_size))
     ckpt = CheckpointManager(cfg.train.output_dir, CheckpointConfig(keep_last=1, resume=cfg.train.resume),
                              rank, world_size)
-    start_epoch, history = _resume(ckpt, engine, cfg)
+    start_epoch, history = _resume(ckpt, engine, cfg, task)
     logger = EpochLogger(cfg.train.output_dir, rank)
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.time()
@@ -127,7 +129,8 @@ def run_protocol(cfg: ProtocolConfig, make_task) -> List[Dict]:
         record["epoch_s"] = round(time.time() - started, 2)
         history.append(record)
         logger.log(record)
-        ckpt.save(engine, epoch + 1, {"epoch": epoch + 1, "history": history, "config": cfg.to_dict()})
+        extra = task.extra_state() if hasattr(task, "extra_state") else {}
+        ckpt.save(engine, epoch + 1, {"epoch": epoch + 1, "history": history, "config": cfg.to_dict(), **extra})
     _save_final(engine, task, cfg, rank)
     return history
 
