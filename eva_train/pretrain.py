@@ -148,10 +148,15 @@ def start(argv: Optional[List[str]]) -> int:
             print(cfg.to_json())
             return 0
         run_plan = plan(cfg, world.world_size)
+        if args.dry_run:  # memory, traffic, wall-clock (eva_train/plan): torch + the model on the meta device
+            from eva_train.plan.report import dry_run_text
+
+            cost_plan = dry_run_text(cfg, world.world_size, run_plan["dataset_size"])
     except ValueError as error:  # before anything runs, every ValueError is about the input
         raise error if isinstance(error, ConfigError) else ConfigError(str(error)) from None
     if args.dry_run:
         print("plan: " + json.dumps(run_plan, indent=2))
+        print(cost_plan)
         return 0
     setup_logging(world.rank)
     from eva_train.train.build import train  # deepspeed and the model code: only for a real run

@@ -117,7 +117,7 @@ def plan_text(argv: list[str] | None = None) -> str:
     plan = build_plan(cfg, world, gpu, nodes, size, throughput)
     if args.json:
         return json.dumps(plan, indent=2)
-    note = "" if (args.dataset_size or cfg.data.index) else f" (dataset size assumed: {size:,}; --dataset-size N)"
+    note = "" if (args.dataset_size or cfg.data.index) else f"\n  (dataset size assumed: {size:,}; --dataset-size N)"
     return format_plan(plan) + note
 
 

@@ -81,7 +81,8 @@ class TeacherShape:
 @dataclass
 class MemoryBreakdown:
     """Bytes per GPU; `peak` is the largest of the three phases (teacher forward, student
-    forward+backward, optimizer step), each a sum of the items live in it."""
+    forward+backward, optimizer step), each a sum of the items live in it (so the items can add up to
+    more than the peak)."""
     items: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -172,12 +173,17 @@ def predict(s: StudentShape, teacher: TeacherShape | None, z: ZeroSettings, worl
     tb = teacher_bytes(teacher, on_gpu)
     gathered = gathered_bytes(s, z, world, dtype_bytes)
     batch_in = micro_batch * 3 * s.img_size ** 2  # the uint8 batch on the device
-    base = sum(state.values()) + tb["weights"] + batch_in
+    # ZeRO-1/2 gradients appear as backward frees the activations (and fill at the step); ZeRO-3's fp32
+    # gradient partitions are allocated with the engine and live throughout
+    grads_in_backward = state["gradients"] if z.stage == 3 else 0.0
+    base = sum(state.values()) - state["gradients"] + tb["weights"] + batch_in
     per_image_student = acts["blocks"] + acts["embed_head"] + acts["transient"]
     items = dict(state, gathered=gathered, teacher_weights=tb["weights"],
                  teacher_forward=micro_batch * tb["forward"], teacher_targets=micro_batch * tb["targets"],
                  activations=micro_batch * per_image_student, batch=batch_in)
-    phases = {"teacher forward": base + micro_batch * tb["forward"],
-              "student fwd+bwd": base + gathered + micro_batch * (tb["targets"] + per_image_student),
-              "optimizer step": base + 4.0 * s.params / world * (not z.offload_optimizer)}
+    step_temporaries = 0.0 if z.offload_optimizer else 4.0 * s.params / world  # AdamW's update of a partition
+    phases = {"teacher forward": base + grads_in_backward + micro_batch * tb["forward"],
+              "student fwd+bwd": base + grads_in_backward + gathered
+              + micro_batch * (tb["targets"] + per_image_student),
+              "optimizer step": base + state["gradients"] + step_temporaries}
     return MemoryBreakdown(items=items, phases=phases)

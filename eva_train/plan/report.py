@@ -111,7 +111,8 @@ def format_plan(p: dict) -> str:
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     lines += [f"    {'peak':<42}{_gib(p['peak_bytes'])}  of {_gib(p['usable_bytes']).strip()} usable "
               f"({memory.WORKSPACE_FRACTION:.0%} of {_gib(p['gpu_bytes']).strip()} kept for workspace): {verdict}",
-              f"  largest micro batch that fits: {p['largest_micro_batch']}",
+              f"  largest micro batch that fits: {p['largest_micro_batch']}"
+              f"{' (the most it tries)' if p['largest_micro_batch'] == MAX_MICRO_BATCH else ''}",
               f"  ZeRO traffic per step: {p['comm_bytes_per_step'] / 1e9:.1f} GB per GPU = "
               f"{p['comm_seconds_per_step']:.3f} s at {p['link_gbs']:g} GB/s vs {p['compute_seconds_per_step']:.3f} s "
               f"compute: {'hidden under compute' if p['comm_hidden'] else 'NOT hidden: communication-bound'}",
@@ -129,3 +130,19 @@ def format_finetune_fits(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"  {r['recipe']:<28}{r['detail']}")
     return "\n".join(lines)
+
+
+def dry_run_text(cfg: Config, world: int, dataset_size: int) -> str:
+    """What `pretrain.py --dry-run` (and so `slurm/eva_g.sh --dry-run`) prints: the plan on the card named
+    by $EVA_PLAN_GPU (default h100), GPUS_PER_NODE ranks per node (default 8), at the assumed MFU."""
+    import os
+
+    from eva_train.plan.gpus import GPUS
+
+    name = os.environ.get("EVA_PLAN_GPU", "h100").lower()
+    if name not in GPUS:
+        raise ValueError(f"EVA_PLAN_GPU={name} is unknown; use one of {', '.join(GPUS)}")
+    per_node = int(os.environ.get("GPUS_PER_NODE") or 8) or 8
+    nodes = max(1, -(-world // per_node))
+    plan = build_plan(cfg, world, GPUS[name], nodes, dataset_size, Throughput(DEFAULT_MFU, "assumed"))
+    return format_plan(plan) + "\n  (tools/plan.py: other cards, a measured MFU, fine-tune recipes)"
