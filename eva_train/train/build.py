@@ -200,6 +200,7 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     deepspeed.comm.barrier()
     if outcome == "preempted" and world.rank == 0:
         preemption.requeue()  # last: SLURM kills the job at once, so logs and wandb are closed by now
+    preemption.ignore_from_now()  # a signal from here on must not kill the rank while it exits
     return 1 if outcome == "diverged" else 0  # diverged: the loop logged the one-line reason on rank 0
 
 

@@ -76,6 +76,14 @@ class PreemptionHandler:
             signal.signal(signum, handler)
         self._previous.clear()
 
+    def ignore_from_now(self) -> None:
+        """The run is over: ignore the signals until the process is gone. (Python puts back the default,
+        fatal action of a handled signal while it shuts down, but leaves an ignored one ignored; a late
+        USR1 would otherwise kill the rank with 138 and make the batch shell requeue a finished run.)"""
+        for signum in self.signals:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, signal.SIG_IGN)
+
     def _on_signal(self, signum: int, frame) -> None:
         # Only record: raising here could tear a checkpoint write in half.
         self.received.append(signal.Signals(signum).name)
