@@ -33,8 +33,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATASET_SIZE = 2000  # ensure_demo_data's default train split: the dry run's estimate before generation
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before the error; here a bad flag is one line like any input error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see --help")
+
+
 def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      epilog="any other argument: --section.key=value overrides, e.g. --optim.lr=5e-4")
     parser.add_argument("--recipe", default=None, help="recipe name in eva_train/recipes or a .toml path (default demo)")
     parser.add_argument("--deepspeed_config", default=None, help="ZeRO/precision JSON (batch sizes come from the recipe)")

@@ -215,6 +215,7 @@ def test_dry_run_as_a_script_in_a_fresh_process(tmp_path):
     (["--resume=/no/ckpt"], "checkpoint.resume '/no/ckpt' does not exist"),
     (["--model.init_from=/no/eva.pt"], "model.init_from '/no/eva.pt' does not exist"),
     (["--bogus"], "unrecognised argument"),
+    (["--resume"], "argument --resume: expected one argument; see --help"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, lone_rank_env, capsys, args, message):
     from eva_train.pretrain import main
