@@ -95,7 +95,8 @@ for recipe, overrides, move_ema in json.loads(sys.argv[1]):
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Every recipe at depth 1 and a small size, one epoch of 3 steps (micro = global batch 8, one
-    rank), from a native backbone file saved at 224 px; all in one process (one DeepSpeed import).
+    rank; the recipe's bf16 and ZeRO-1), from a native backbone file saved at 224 px; all in one
+    process (one DeepSpeed import).
     Then the first recipe once more in its output dir: it resumes after its last epoch, trains nothing
     and writes its final files from the restored state (its first EMA file moved aside)."""
     root = tmp_path_factory.mktemp("recipes")
@@ -113,7 +114,7 @@ def tiny_runs(tmp_path_factory):
         jobs.append([recipe, [f"--model.checkpoint={start}", "--model.depth=1",
                               f"--model.img_size={TINY_SIZE[recipe]}", f"--data.train={root / 'train'}",
                               f"--data.val={root / 'val'}", "--data.num_workers=0", "--train.global_batch_size=8",
-                              "--train.micro_batch_size=8", "--train.epochs=1", "--train.precision=fp32",
+                              "--train.micro_batch_size=8", "--train.epochs=1",
                               f"--train.output_dir={root / recipe}"], None])
     first = root / jobs[0][0]
     moved = [str(first / "classifier_ema.safetensors"), str(first / "ema_run1.safetensors")]
@@ -133,6 +134,8 @@ def test_recipe_runs_tiny_with_its_structure(tiny_runs, recipe):
     live, ema = load_file(str(out / "classifier.safetensors")), load_file(str(out / "classifier_ema.safetensors"))
     start = load_file(str(starts[recipe]))
     assert ema["backbone.pos_embed"].shape[1] == (TINY_SIZE[recipe] // 14) ** 2 + 1   # resized on load
+    # the engine trains in bf16; the EMA stays fp32 (a 1e-4 step would vanish in bf16 rounding)
+    assert live["backbone.blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
     assert ema["backbone.blocks.0.mlp.fc1.weight"].dtype == torch.float32
     for name in ("blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.weight", "patch_embed.proj.weight"):
         s, w, e = start[name], live[f"backbone.{name}"], ema[f"backbone.{name}"]
