@@ -72,10 +72,10 @@ def test_scripts_pass_shellcheck():
 
 REQUEUE_ONCE = """
 import os
-from eva_train.train.preemption import PreemptionHandler, slurm_job_summary
+from eva_train.train.preemption import scontrol_requeue, slurm_job_summary
 print(slurm_job_summary(), flush=True)
 if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":  # unset on the first run
-    assert PreemptionHandler().requeue()
+    assert scontrol_requeue(os.environ["SLURM_JOB_ID"])
     import time; time.sleep(60)  # SLURM ends this run; the requeued one takes over
 print("second run done", flush=True)
 """
