@@ -118,8 +118,9 @@ class PreemptionHandler:
                         ", ".join(self.agreed_signals), ", ".join(self.received) or "none")
         return self._agreed
 
-    def requeue(self, finished: bool = False) -> bool:
+    def requeue(self) -> bool:
         """Rank 0, after the save and after logs are closed: requeue the SLURM job if SLURM should bring it back.
+        Called only for a run that stopped early: a finished run never gets here.
 
         Returns True when the job was requeued. SLURM then ends the running job (TERM to every
         process) and restarts it under the same job id with SLURM_RESTART_COUNT+1.
@@ -128,9 +129,6 @@ class PreemptionHandler:
         if not job_id:
             log.warning("stopped on %s outside SLURM; resume by running the same command (--resume=auto)",
                         ", ".join(self.agreed_signals or self.received) or "a signal")
-            return False
-        if finished:
-            log.info("run finished; a late %s does not requeue it", ", ".join(self.received) or "signal")
             return False
         requeue, why = requeue_verdict(query_job(job_id), self.agreed_signals or self.received)
         if not requeue:
