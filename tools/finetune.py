@@ -18,15 +18,18 @@ DEFAULT_RECIPE = "finetune_vit_b16"
 PLANNER_CARD = "h100"   # the planner's 80 GB card
 
 
-def _memory_line(recipe: str, global_batch: int, micro_batch: int) -> str:
-    """The planner's verdict for the recipe file at one rank per micro batch (no accumulation), or ""."""
+def _memory_line(recipe: str) -> str:
+    """The planner's verdict for the recipe file as written (the planner reads the file, so command-line
+    overrides are not planned), one rank per micro batch (no accumulation); "" without the planner."""
     try:  # optional: the planner package may be absent from a checkout
         from eva_train.plan.finetune import plan_finetune
         from eva_train.plan.gpus import GPUS
     except ImportError:
         return ""
-    world = max(1, global_batch // micro_batch)
-    return f"memory on one 80 GB card: {plan_finetune(recipe, world, GPUS[PLANNER_CARD])['detail']}"
+    train = build_protocol_config(recipe).train
+    world = max(1, train.global_batch_size // train.micro_batch_size)
+    detail = plan_finetune(recipe, world, GPUS[PLANNER_CARD])["detail"]
+    return f"memory on one 80 GB card (recipe as written): {detail}"
 
 
 def dry_run(argv: list[str]) -> int:
@@ -37,7 +40,7 @@ def dry_run(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(cfg.to_dict(), indent=2))
-    line = _memory_line(args.recipe, cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    line = _memory_line(args.recipe)
     if line:
         print(line)
     return 0
