@@ -36,16 +36,17 @@ def test_bench_step_times_ours_and_timm_and_prints_a_table(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_bench_step_deepspeed_engine_steps_ours_and_the_torch_kernels(capsys, tmp_path, monkeypatch):
-    """--engine deepspeed: the real ZeRO-3 engine (one rank, gloo on CPU) with activation checkpointing."""
+    """--engine deepspeed: the real ZeRO-3 engine (one rank, gloo on CPU) with activation checkpointing, for
+    our model on our kernels and on torch's, and timm's Eva (built under zero.Init too)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("MASTER_PORT", str(__import__("tests.helpers.procs", fromlist=["free_port"]).free_port()))
     args = ["--variant", "eva_debug_p4", "--micro_batch_size", "2", "--steps", "1", "--warmup_steps", "1",
             "--precision", "fp32", "--engine", "deepspeed", "--checkpoint_fraction", "1",
-            "--impls", "eva_train,eva_train_torch", "--device", "cpu", "--csv", str(tmp_path / "ds.csv")]
+            "--impls", "eva_train,eva_train_torch,timm", "--device", "cpu", "--csv", str(tmp_path / "ds.csv")]
     assert load_tool().main(args) == 0
     assert "DeepSpeed ZeRO-3" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "ds.csv")))
-    assert [(r["impl"], r["zero_stage"]) for r in rows] == [("eva_train", "3"), ("eva_train_torch", "3")]
+    assert [(r["impl"], r["zero_stage"]) for r in rows] == [("eva_train", "3"), ("eva_train_torch", "3"), ("timm", "3")]
     assert rows[1]["kernels"] == "torch"  # EVA_KERNELS=torch for the reference row
     assert all(float(r["images_per_s"]) > 0 for r in rows)
 

@@ -145,7 +145,10 @@ def ds_config(args) -> dict:
 def make_ds_step(build: Callable[[], torch.nn.Module], args) -> Callable[[], None]:
     """The DeepSpeed engine as pretraining runs it (one rank): built under zero.Init at ZeRO-3, inputs
     in the engine's dtype, engine.backward / engine.step."""
+    # timm (and torch._dynamo with it) is imported before zero.Init patches tensor creation: inside the
+    # context dynamo's import-time signature checks fail
     import deepspeed
+    import timm.models.eva  # noqa: F401
 
     from eva_train.train.objective import masked_cosine_loss
 
