@@ -2,52 +2,71 @@
 with logging, validation, kNN monitoring, checkpoints, preemption and a stall watchdog."""
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import deepspeed
 import torch
 
+import eva_kernels
 from eva_train.config import Config, derived_grad_accum
+from eva_train.data.demo import ensure_demo_data
+from eva_train.data.loader import SignalSafeLoader, build_loader
+from eva_train.data.masking import scaled_patch_count
+from eva_train.data.sampler import ResumableSampler
+from eva_train.eval.demo_report import final_report
+from eva_train.eval.knn_monitor import KnnMonitor
+from eva_train.models.flops import train_flops_per_image
+from eva_train.models.teacher import build_teacher
 from eva_train.models.variants import VARIANTS
+from eva_train.optim.schedule import lr_at_step, plan_steps
+from eva_train.plan.gpus import peak_flops
 from eva_train.runtime.distributed import WorldInfo, init_process_group
 from eva_train.runtime.fsio import atomic_write_text
+from eva_train.train.checkpoint import CheckpointManager
+from eva_train.train.engine import Trainer, build_ds_config, build_engine
+from eva_train.train.loop import run_loop
+from eva_train.train.metrics import MetricsSink
 from eva_train.train.plots import draw_run_plots_safely
+from eva_train.train.preemption import PreemptionHandler
+from eva_train.train.watchdog import SAVE_TIMEOUT_S, StallWatchdog
 
 log = logging.getLogger(__name__)
-SAVE_TIMEOUT_S = 3600.0  # watchdog budget for one checkpoint save (EVA-g optimizer state is ~12 GB)
 
 
 @dataclass
 class Run:
+    """Everything one training process runs with, built once by `build_run`; the loop reads it."""
     cfg: Config
     world: WorldInfo
     device: torch.device
-    trainer: Any
-    engine: Any
-    loader: Any
-    sampler: Any
-    ckpt: Any
+    trainer: Trainer
+    engine: "deepspeed.DeepSpeedEngine"
+    loader: SignalSafeLoader
+    sampler: ResumableSampler
+    ckpt: CheckpointManager
     total_steps: int
     start_step: int
+    warmup_steps: int
     flops_per_image: float
     peak_flops: Optional[float]
-    val_loader: Any = None
-    knn: Any = None
-    client_rng: Optional[dict] = None
-    bad_samples: Tuple[int, int] = (0, 0)  # (replaced, seen) by the run this one resumes
+    ds_config: Dict[str, Any]
+    kernels: Dict[str, Any]                    # backend, Triton version, the self-check's verdicts (config.json)
+    val_loader: Optional[SignalSafeLoader] = None
+    knn: Optional[KnnMonitor] = None
+    client_rng: Optional[dict] = None          # RNG state of the checkpoint resumed from
+    health: Optional[dict] = None              # the divergence guard's state in that checkpoint
+    bad_samples: Tuple[int, int] = (0, 0)      # (replaced, seen) by the run this one resumes
     grad_accum: int = 1
     code_version: str = ""
-    extras: Dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(cfg: Config) -> None:
     """The demo generates its data on first use (every rank may call: a file lock serializes them)."""
     if cfg.data.index or not cfg.data.demo_root:
         return
-    from eva_train.data.demo import ensure_demo_data
-
     train_index, val_index = ensure_demo_data(cfg.data.demo_root, img_size=cfg.model.img_size)
     cfg.data.index = [train_index]
     cfg.data.val_index = cfg.data.val_index or [val_index]
@@ -56,9 +75,6 @@ def prepare_data(cfg: Config) -> None:
 
 
 def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=None):
-    from eva_train.data.loader import build_loader
-    from eva_train.models.variants import VARIANTS
-
     return build_loader(cfg.data, cfg.mask, index_paths=paths, img_size=cfg.model.img_size,
                         patch_size=VARIANTS[cfg.model.variant].patch_size, micro_batch_size=cfg.train.micro_batch_size,
                         rank=world.rank, world_size=world.world_size, seed=cfg.train.seed, train=train,
@@ -66,25 +82,14 @@ def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=Non
 
 
 def _flops_per_image(cfg: Config, teacher) -> float:
-    from eva_train.data.masking import scaled_patch_count
-    from eva_train.models.flops import train_flops_per_image
-    from eva_train.models.variants import VARIANTS
-
     grid = cfg.model.img_size // VARIANTS[cfg.model.variant].patch_size
     num_masked = scaled_patch_count(cfg.mask.num_masking_patches, (grid, grid))
     return train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim, num_masked)
 
 
-def _knn_monitor(cfg: Config, world: WorldInfo):
+def _knn_monitor(cfg: Config, world: WorldInfo) -> Optional[KnnMonitor]:
     if cfg.eval.knn_every_steps <= 0:
         return None
-    try:
-        from eva_train.eval.knn_monitor import KnnMonitor
-    except ImportError as error:
-        log.warning("kNN monitor unavailable (%s); continuing without it", error)
-        return None
-    from eva_train.models.variants import VARIANTS
-
     return KnnMonitor(cfg.eval, cfg.model.img_size, VARIANTS[cfg.model.variant].patch_size, world.rank,
                       world.world_size)
 
@@ -96,8 +101,6 @@ def _autotune_kernels(cfg: Config, grid: int, device: torch.device) -> dict:
     """On a GPU, every rank checks our Triton kernels at this run's shapes against the PyTorch references and
     times both (one collective: all ranks take the same path); `auto` keeps ours only where correct and faster.
     Shapes not covered here (e.g. MAE's visible-token encoder) take the PyTorch path under torch.distributed."""
-    import eva_kernels
-
     if device.type != "cuda" and eva_kernels.backend() != "triton":  # CPU: auto takes PyTorch, nothing to check
         return {}
     variant = VARIANTS[cfg.model.variant]
@@ -109,14 +112,6 @@ def _autotune_kernels(cfg: Config, grid: int, device: torch.device) -> dict:
 
 
 def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
-    import eva_kernels
-    from eva_train.train.checkpoint import CheckpointManager
-    from eva_train.train.engine import Trainer, build_ds_config, build_engine
-    from eva_train.train.metrics import peak_flops
-    from eva_train.models.teacher import build_teacher
-    from eva_train.models.variants import VARIANTS
-    from eva_train.optim.schedule import lr_at_step, plan_steps
-
     prepare_data(cfg)
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     eva_kernels.set_backend(cfg.model.kernels or None)
@@ -144,14 +139,12 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     trainer = Trainer(engine, teacher, optimizer, device, cfg.train.precision, lr_fn)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return Run(cfg=cfg, world=world, device=device, trainer=trainer, engine=engine, loader=loader, sampler=sampler,
-               ckpt=ckpt, total_steps=total, start_step=int(client.get("step", 0)),
+               ckpt=ckpt, total_steps=total, start_step=int(client.get("step", 0)), warmup_steps=warmup,
                flops_per_image=_flops_per_image(cfg, teacher), peak_flops=peak_flops(device_name, cfg.train.precision),
+               ds_config=ds_config, kernels={**eva_kernels.describe(), "selfcheck": kernel_decisions},
                val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
-               bad_samples=tuple(client.get("bad_samples", (0, 0))),
-               grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version,
-               extras={"ds_config": ds_config, "warmup_steps": warmup,
-                       "kernels": {**eva_kernels.describe(), "selfcheck": kernel_decisions},
-                       "health": client.get("health")})
+               health=client.get("health"), bad_samples=tuple(client.get("bad_samples", (0, 0))),
+               grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version)
 
 
 def write_run_config(run: Run) -> None:
@@ -160,20 +153,15 @@ def write_run_config(run: Run) -> None:
         return
     record = run.cfg.to_dict()
     record["run"] = {"world_size": run.world.world_size, "gradient_accumulation_steps": run.grad_accum,
-                     "total_steps": run.total_steps, "warmup_steps": run.extras["warmup_steps"],
-                     "kernels": run.extras["kernels"], "code_version": run.code_version,
-                     "deepspeed": run.extras["ds_config"], "device": str(run.device)}
+                     "total_steps": run.total_steps, "warmup_steps": run.warmup_steps,
+                     "kernels": run.kernels, "code_version": run.code_version,
+                     "deepspeed": run.ds_config, "device": str(run.device)}
     atomic_write_text(Path(run.cfg.train.output_dir) / "config.json", json.dumps(record, indent=2))
 
 
 def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     """Build, resume, loop; 0 when finished or cleanly stopped (preemption, max_steps_this_run), 1 when
     the divergence guard stopped the run."""
-    from eva_train.train.metrics import MetricsSink
-    from eva_train.train.preemption import PreemptionHandler
-    from eva_train.train.loop import run_loop
-    from eva_train.train.watchdog import StallWatchdog
-
     # before the slow build: a signal then still ends cleanly; never uninstalled, so a late signal is only recorded
     preemption = PreemptionHandler(cfg.train.save_signals).install()
     watchdog = StallWatchdog(cfg.train.stall_timeout_s, world.rank).start()
@@ -186,7 +174,7 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
         raise
     sink = MetricsSink(cfg.train.output_dir, cfg.logging, cfg.to_dict(), world.rank, run.total_steps, run.start_step)
     try:
-        outcome = run_loop(run, sink, preemption, watchdog)
+        outcome, last_step = run_loop(run, sink, preemption, watchdog)
         if outcome == "finished":
             _final_report(run)
     finally:
@@ -194,9 +182,7 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
         watchdog.stop()
         if world.rank == 0:
             draw_run_plots_safely(cfg.train.output_dir)
-    log.info("run %s at step %s", outcome, run.extras.get("last_step"))
-    import deepspeed
-
+    log.info("run %s at step %s", outcome, last_step)
     deepspeed.comm.barrier()
     if outcome == "preempted" and world.rank == 0:
         preemption.requeue()  # last: SLURM kills the job at once, so logs and wandb are closed by now
@@ -212,10 +198,5 @@ def _final_report(run: Run) -> None:
         # checked here, not at start-up: a training run must not die at its end over a report
         log.warning("eval.final_report skipped: it needs a labeled train/val pair (eval.knn_train_index and "
                     "eval.knn_val_index, or data.val_index)")
-        return
-    try:
-        from eva_train.eval.demo_report import final_report
-    except ImportError as error:
-        log.warning("eval.final_report is set but the report is unavailable (%s); skipped", error)
         return
     final_report(run.cfg, run.engine.module, rank=run.world.rank, world_size=run.world.world_size)

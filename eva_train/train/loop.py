@@ -1,13 +1,17 @@
 """The step loop: data -> step -> (val, kNN) -> log -> checkpoint -> preemption, deterministic across resume."""
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from eva_train.data import BadSampleMonitor
+from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 from eva_train.train.checkpoint import newest_healthy
 from eva_train.train.health import DivergenceGuard, Verdict
 from eva_train.train.metrics import ThroughputMeter, memory_gib, trim_after
+from eva_train.train.watchdog import SAVE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +21,6 @@ def _next_micro_batches(run, batches) -> List[Dict[str, torch.Tensor]]:
 
 
 def client_state(run, step: int, monitor, guard: Optional[DivergenceGuard] = None) -> Dict[str, Any]:
-    from eva_train.runtime.rng import capture_rng_state
-
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
     return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
             "bad_samples": [monitor.bad_samples, monitor.seen_samples],  # whole run, all ranks
@@ -50,7 +52,6 @@ def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int, gu
 
 
 def _save(run, step: int, watchdog, monitor, guard) -> None:
-    from eva_train.train.build import SAVE_TIMEOUT_S
 
     if not guard.may_save():  # never from non-finite or spiking state: the last checkpoint stays the resume point
         if run.world.rank == 0:
@@ -85,8 +86,6 @@ def _divergence_message(run, step: int, guard: DivergenceGuard, result) -> str:
 def _reload_target(run, spike_start: int) -> Optional[str]:
     """Rank 0 picks, every rank gets the same answer: the newest healthy checkpoint older than the
     weights the first spike step ran from (those may be the cause)."""
-    import torch.distributed as dist
-
     found = [None]
     if run.world.rank == 0:
         path = newest_healthy(run.ckpt.root, before_step=spike_start - 1)
@@ -99,9 +98,6 @@ def _reload_target(run, spike_start: int) -> Optional[str]:
 def _reload_after_spike(run, step: int, guard: DivergenceGuard, sink, watchdog, batches):
     """Collective. (step to continue from, batch iterator) after loading the last good checkpoint and
     skipping the samples consumed since it; unchanged when there is none."""
-    from eva_train.runtime.rng import restore_rng_state
-    from eva_train.train.build import SAVE_TIMEOUT_S
-
     spike_start = guard.streak_start
     guard.spike_handled()
     target = _reload_target(run, spike_start)
@@ -135,16 +131,14 @@ def _stop_reason(run, step: int, preempted: bool) -> str:
     return "max_steps" if limit > 0 and step - run.start_step >= limit else ""
 
 
-def run_loop(run, sink, preemption, watchdog) -> str:
-    """Steps start_step..total_steps-1; returns finished / preempted / max_steps / diverged (nothing saved)."""
-    from eva_train.data import BadSampleMonitor
-    from eva_train.runtime.rng import restore_rng_state
-
+def run_loop(run, sink, preemption, watchdog) -> Tuple[str, int]:
+    """Steps start_step..total_steps-1; returns (finished / preempted / max_steps / diverged (nothing saved), the
+    last step taken)."""
     batches = iter(run.loader)  # before the RNG restore: creating the iterator draws from torch's RNG
     if run.client_rng is not None:
         restore_rng_state(run.client_rng)
     monitor = BadSampleMonitor(run.cfg.data.bad_sample_threshold, run.cfg.data.bad_sample_min_count, *run.bad_samples)
-    guard = DivergenceGuard(run.cfg.train, run.extras.get("health"))
+    guard = DivergenceGuard(run.cfg.train, run.health)
     meter = ThroughputMeter()
     run.engine.train()
     reason, step = _stop_reason(run, run.start_step, False), run.start_step
@@ -182,5 +176,4 @@ def run_loop(run, sink, preemption, watchdog) -> str:
             meter.reset()
         if run.ckpt.due(step) or reason:
             _save(run, step, watchdog, monitor, guard)
-    run.extras["last_step"] = step
-    return reason
+    return reason, step

@@ -21,6 +21,7 @@ import traceback
 from typing import Optional, TextIO, Tuple
 
 STALL_EXIT_CODE = 75
+SAVE_TIMEOUT_S = 3600.0  # budget for one checkpoint save or reload (EVA-g's optimizer state is ~12 GB)
 
 
 class StallWatchdog:
