@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 import tomllib
 
 from eva_train.errors import ConfigError  # noqa: F401 - re-exported: callers import it from here
+from eva_train.models import check_model_config  # torch-free: the variants table and the model section's checks
+from eva_train.models.variants import VARIANTS
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -331,7 +333,6 @@ def check_section_choices(target: Any, section: str) -> None:
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Cheap checks that must pass before anything expensive starts."""
-    from eva_train.models.variants import VARIANTS  # light import: a dict of configs
 
     check_choices(cfg)
     check_ranges(cfg)
@@ -342,7 +343,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.img_size % patch:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by the patch size {patch} of "
                           f"{m.variant}; use a multiple of {patch} (e.g. {patch * (max(m.img_size, patch) // patch)})")
-    from eva_train.models import check_model_config  # torch-free checks of the model section
 
     try:
         check_model_config(m)

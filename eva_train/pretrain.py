@@ -71,7 +71,7 @@ def check_config(cfg: Config, world_size: int) -> None:
     validate(cfg, world_size)
     # Imported only now (measured: torch + open_clip + deepspeed take 7-25 s to import on 2 busy cores),
     # so a bad value on the command line fails in a fraction of a second.
-    from eva_train.train.checkpoint import check_checkpoint_config
+    from eva_train.runtime.checkpoint import check_checkpoint_config
     from eva_train.train.engine import build_ds_config
     from eva_train.train.preflight import check_run_inputs
 

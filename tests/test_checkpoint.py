@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eva_train.train.checkpoint import (CheckpointError, CheckpointManager, check_checkpoint_config, newest_complete,
+from eva_train.runtime.checkpoint import (CheckpointError, CheckpointManager, check_checkpoint_config, newest_complete,
                                   resolve_checkpoint_path, retained_steps, step_of_tag, tag_for_step)
 from eva_train.config import CheckpointConfig
 from eva_train.runtime.rng import capture_rng_state, restore_rng_state

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_train.train.checkpoint import newest_complete, read_complete
+from eva_train.runtime.checkpoint import newest_complete, read_complete
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "eva_train" / "pretrain.py"

@@ -10,7 +10,7 @@ import torch
 
 from eva_train.config import CheckpointConfig, ConfigError, TrainConfig, build_config
 from eva_train.data.sampler import ResumableSampler
-from eva_train.train.checkpoint import COMPLETE_FILE, CheckpointManager, newest_complete, newest_healthy, read_complete
+from eva_train.runtime.checkpoint import COMPLETE_FILE, CheckpointManager, newest_complete, newest_healthy, read_complete
 from eva_train.train.engine import _nan_unless_finite, build_ds_config
 from eva_train.train.faults import FaultPlan, parse
 from eva_train.train.health import DivergenceGuard

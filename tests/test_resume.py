@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eva_train.train.checkpoint import read_complete, step_of_tag
+from eva_train.runtime.checkpoint import read_complete, step_of_tag
 from tests.helpers.procs import kill_all, launch_ranks, metric_lines, wait_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[1]

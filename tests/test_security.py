@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_train.export import torch_zip
+from eva_train.runtime import torch_zip
 from eva_train.runtime.rng import load_rng_file
 
 REPO = Path(__file__).resolve().parents[1]

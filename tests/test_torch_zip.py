@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eva_train.export import torch_zip
+from eva_train.runtime import torch_zip
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

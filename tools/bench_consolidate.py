@@ -153,14 +153,14 @@ from eva_train.export.consolidate import consolidate
 consolidate(sys.argv[1], sys.argv[2], progress=False)
 """
 
-# The same consolidation with torch's own reader in place of eva_train.export.torch_zip: torch.load
+# The same consolidation with torch's own reader in place of eva_train.runtime.torch_zip: torch.load
 # with mmap=True, weights_only=True and DeepSpeed's classes allow-listed as the same inert placeholders
 # (no DeepSpeed import), tensors handed on as numpy views of the map (bf16 as BF16Array bit patterns).
 _TORCH_LOAD = """
 import sys
 import numpy as np
 import torch
-from eva_train.export import torch_zip
+from eva_train.runtime import torch_zip
 from eva_train.export.consolidate import consolidate
 SAFE = [(torch_zip.ALLOWED_GLOBALS[key], ".".join(key)) for key in torch_zip._DEEPSPEED_OBJECTS]
 def as_numpy(obj):

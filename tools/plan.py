@@ -14,6 +14,7 @@ Any other argument is a recipe override, as for pretrain.py (--section.key=value
 import argparse
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -136,7 +137,11 @@ def validate_memory_model() -> int:
     import plan_measure  # tools/plan_measure.py: launches the real DeepSpeed ranks
 
     on_gpu = torch.cuda.is_available()
-    rows = plan_measure.validate(gpu=on_gpu)
+    try:
+        rows = plan_measure.validate(gpu=on_gpu)
+    except (RuntimeError, subprocess.TimeoutExpired) as error:  # a measuring rank failed: its log's tail
+        print(f"error: the measurement runs failed: {error}", file=sys.stderr)
+        return 1
     method = "torch.cuda.max_memory_allocated" if on_gpu else "torch.profiler CPU allocations"
     print(plan_measure.format_rows(rows, method))
     return 0 if all(abs(r["error"]) <= plan_measure.TOLERANCE for r in rows) else 1

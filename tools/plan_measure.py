@@ -94,6 +94,16 @@ def measure(cfg, world, device) -> int:
     return cpu_peak_bytes(cfg, world, device)
 
 
+def measure_run(run: dict, world, out: Path) -> None:
+    os.environ["MASTER_PORT"] = str(run["port"])
+    device = init_process_group(world, 1800)
+    cfg = build_config(run["recipe"], run["overrides"])
+    cfg.teacher.random_init = True  # the tower's shape is what costs memory; its weights do not matter
+    peak = measure(cfg, world, device)
+    method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations"
+    (out / f"run{run['index']}_rank{world.rank}.json").write_text(json.dumps({"peak_bytes": peak, "method": method}))
+
+
 def measure_in_child(run: dict, world, out: Path) -> int:
     """Measure one run in a forked child: every run starts from a fresh heap and process group (runs in
     one process inflate each other's peaks by up to 50% here), without paying the imports again."""
@@ -101,14 +111,7 @@ def measure_in_child(run: dict, world, out: Path) -> int:
     if pid == 0:
         code = 1
         try:
-            os.environ["MASTER_PORT"] = str(run["port"])
-            device = init_process_group(world, 1800)
-            cfg = build_config(run["recipe"], run["overrides"])
-            cfg.teacher.random_init = True  # the tower's shape is what costs memory; its weights do not matter
-            peak = measure(cfg, world, device)
-            method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations"
-            (out / f"run{run['index']}_rank{world.rank}.json").write_text(json.dumps({"peak_bytes": peak,
-                                                                                      "method": method}))
+            measure_run(run, world, out)
             code = 0
         finally:
             sys.stdout.flush()
@@ -119,15 +122,19 @@ def measure_in_child(run: dict, world, out: Path) -> int:
 
 def main(argv=None) -> int:
     """argv: OUT RUNS.json, RUNS.json = [{"index", "recipe", "overrides", "port"}, ...]; this rank
-    measures each run in turn, each in its own forked child."""
+    measures each run in turn, each in its own forked child; a single run (the GPU's way: CUDA cannot
+    be used in a child forked after the parent touched it) in this process."""
+    out, runs_file = (Path(a) for a in (sys.argv[1:] if argv is None else argv))
+    world, runs = world_from_env(), json.loads(runs_file.read_text())
+    if len(runs) == 1:
+        measure_run(runs[0], world, out)
+        return 0
     import deepspeed  # noqa: F401 - imported once here, before the forks, so each child starts warm
 
     from eva_train.models import teacher  # noqa: F401 - open_clip, likewise
     from eva_train.train import engine  # noqa: F401
 
-    out, runs_file = (Path(a) for a in (sys.argv[1:] if argv is None else argv))
-    world = world_from_env()
-    for run in json.loads(runs_file.read_text()):
+    for run in runs:
         code = measure_in_child(run, world, out)
         if code:
             return code
@@ -159,15 +166,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(runs: Sequence[tuple[str, list[str]]], world: int, out: Path, timeout_s: float) -> list[int]:
-    """Measured peak bytes per run (the largest over ranks): one process per rank, a fork per run."""
+def launch(runs: Sequence[tuple[str, list[str]]], world: int, out: Path, timeout_s: float,
+           fork: bool = True) -> list[int]:
+    """Measured peak bytes per run (the largest over ranks): one process per rank, a fork per run
+    (fork=False: a process per run)."""
     spec = [{"index": i, "recipe": recipe, "overrides": overrides, "port": free_port()}
             for i, (recipe, overrides) in enumerate(runs)]
+    for group in [spec] if fork else [[run] for run in spec]:
+        start_ranks(group, world, out, timeout_s)
+    return [max(json.loads((out / f"run{i}_rank{r}.json").read_text())["peak_bytes"] for r in range(world))
+            for i in range(len(runs))]
+
+
+def start_ranks(spec: list[dict], world: int, out: Path, timeout_s: float) -> None:
     (out / "runs.json").write_text(json.dumps(spec))
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec[0]["port"]))
     procs = [subprocess.Popen([sys.executable, __file__, str(out), str(out / "runs.json")], cwd=REPO,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=open(out / f"log_rank{r}.txt", "w")) for r in range(world)]
+                              stderr=open(out / f"log_rank{r}.txt", "a")) for r in range(world)]
     try:
         codes = [p.wait(timeout=timeout_s) for p in procs]
     finally:
@@ -177,8 +193,6 @@ def launch(runs: Sequence[tuple[str, list[str]]], world: int, out: Path, timeout
     if codes != [0] * world:
         tail = (out / "log_rank0.txt").read_text()[-2000:]
         raise RuntimeError(f"measurement ranks exited with {codes}:\n{tail}")
-    return [max(json.loads((out / f"run{i}_rank{r}.json").read_text())["peak_bytes"] for r in range(world))
-            for i in range(len(runs))]
 
 
 def compare(runs, world: int, measured: list[int], on_gpu: bool) -> list[dict]:
@@ -203,7 +217,7 @@ def validate(gpu: bool = False, timeout_s: float = 900.0) -> list[dict]:
     runs, world = (gpu_runs(), 1) if gpu else (None, CPU_WORLD)
     with tempfile.TemporaryDirectory(prefix="plan_validate_") as tmp:
         runs = runs or cpu_runs(Path(tmp))
-        measured = launch(runs, world, Path(tmp), timeout_s)
+        measured = launch(runs, world, Path(tmp), timeout_s, fork=not gpu)
         return compare(runs, world, measured, on_gpu=gpu)
 
 

@@ -2,7 +2,7 @@
 
 A task (see linear_probe.py / finetune.py) supplies the trained module, its batches, loss and
 evaluation; this file owns the process group, DeepSpeed engine, lr schedule, per-epoch
-top-1/top-5 report, resumable checkpoints (one per epoch, via eva_train.train.checkpoint: tag
+top-1/top-5 report, resumable checkpoints (one per epoch, via eva_train.runtime.checkpoint: tag
 `step_{epoch:08d}` holds the state after that many epochs) and the final classifier file.
 """
 import json
@@ -21,6 +21,7 @@ from eva_train.config import CheckpointConfig
 from eva_train.eval.checkpoints import save_classifier
 from eva_train.eval.optim import build_optimizer, param_groups, protocol_lr, set_lr
 from eva_train.eval.protocol_config import ProtocolConfig, validate_protocol
+from eva_train.runtime.checkpoint import CheckpointManager
 from eva_train.runtime.distributed import init_process_group, world_from_env
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ def _resume(ckpt, engine, cfg: ProtocolConfig, task):
 def run_protocol(cfg: ProtocolConfig, make_task) -> List[Dict]:
     """Train `make_task(cfg, rank, world_size, device, dtype)`'s module; per-epoch history."""
     import deepspeed  # 2.3 s to import (measured): the tools' exit-2 config checks run before it
-    # lazy: eva_train.train imports eval (the kNN monitor); the checkpoint manager belongs below both
-    from eva_train.train.checkpoint import CheckpointManager
 
     rank, world_size, device = setup_distributed()
     grad_accum = validate_protocol(cfg, world_size)

@@ -1,6 +1,6 @@
 """ZeRO-1/2/3 checkpoint -> one safetensors file, streaming one rank's shard at a time.
 
-Each rank's optimizer file is memory-mapped and unpickled by `eva_train.export.torch_zip` (numpy views;
+Each rank's optimizer file is memory-mapped and unpickled by `eva_train.runtime.torch_zip` (numpy views;
 neither torch nor DeepSpeed is imported: that alone took longer than the data here): only its fp32
 master partitions are read (the Adam moments' storages are never touched, so never paged in), and every
 partition slice is written straight to its place in the output (`StreamingSafetensorsWriter`).
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from eva_train.export import torch_zip
+from eva_train.runtime import torch_zip
 from eva_train.export.layouts import LayoutPlan, plan_layout
 from eva_train.export.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
 

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from safetensors import safe_open
 
-from eva_train.export.torch_zip import BF16Array, float32_to_bf16, to_float32
+from eva_train.runtime.torch_zip import BF16Array, float32_to_bf16, to_float32
 from eva_train.runtime.fsio import fsync_path
 
 WRITEBACK_BYTES = 64 << 20

@@ -25,7 +25,7 @@ from eva_train.optim.schedule import lr_at_step, plan_steps
 from eva_train.plan.gpus import peak_flops
 from eva_train.runtime.distributed import WorldInfo, init_process_group
 from eva_train.runtime.fsio import atomic_write_text
-from eva_train.train.checkpoint import CheckpointManager
+from eva_train.runtime.checkpoint import CheckpointManager
 from eva_train.train.engine import Trainer, build_ds_config, build_engine
 from eva_train.train.loop import run_loop
 from eva_train.train.metrics import MetricsSink

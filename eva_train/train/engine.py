@@ -97,8 +97,8 @@ def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any], init
     loaded from `init_from` (model.init_from, skipped by the caller when resuming) if given."""
     import deepspeed
 
-    from eva_train.models import build_model
     from eva_train.export.weights import init_from as load_init_weights
+    from eva_train.models import build_model
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank and in every run
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):

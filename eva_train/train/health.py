@@ -13,7 +13,7 @@ Checkpoints are written only while no bad or spike streak is open. Huge but fini
 FROM them. So a checkpoint is `confirmed` by the first step after it that is applied with a finite
 loss and norm (skipped steps leave its weights as they were, so that step ran from them), and is
 marked `healthy: false` when the run stops for divergence before any such step; retention never
-deletes the newest confirmed one (eva_train.train.checkpoint). One bad batch after a save thus
+deletes the newest confirmed one (eva_train.runtime.checkpoint). One bad batch after a save thus
 costs the checkpoint nothing.
 
 Loss spikes (off unless `train.spike_factor > 0`): the loss is a negative cosine (>= -1), so the

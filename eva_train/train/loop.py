@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from eva_train.data import BadSampleMonitor
 from eva_train.runtime.rng import capture_rng_state, restore_rng_state
-from eva_train.train.checkpoint import newest_healthy
+from eva_train.runtime.checkpoint import newest_healthy
 from eva_train.train.health import DivergenceGuard, Verdict
 from eva_train.train.metrics import ThroughputMeter, memory_gib, trim_after
 from eva_train.train.watchdog import SAVE_TIMEOUT_S

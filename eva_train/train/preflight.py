@@ -14,7 +14,7 @@ from eva_train.export.weights import check_init_from
 from eva_train.models import build_model
 from eva_train.models.teacher import check_teacher_weights, teacher_out_dim
 from eva_train.runtime.weights_file import read_state_dict
-from eva_train.train.checkpoint import CheckpointError, read_complete, resolve_checkpoint_path
+from eva_train.runtime.checkpoint import CheckpointError, read_complete, resolve_checkpoint_path
 
 
 def check_run_inputs(cfg: Config) -> None:

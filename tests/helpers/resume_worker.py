@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from eva_train.config import CheckpointConfig
 from eva_train.runtime.rng import capture_rng_state, restore_rng_state
-from eva_train.train.checkpoint import CheckpointManager
+from eva_train.runtime.checkpoint import CheckpointManager
 
 GLOBAL_BATCH = 8
 IN_DIM, HIDDEN_DIM, OUT_DIM = 12, 24, 5  # odd sizes: ZeRO partitions get padding

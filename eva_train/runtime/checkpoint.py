@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from eva_train.config import CheckpointConfig
 from eva_train.errors import ConfigError, disk_full_error
-from eva_train.export import torch_zip
+from eva_train.runtime import torch_zip
 from eva_train.runtime.fsio import atomic_write_text, fsync_path
 from eva_train.runtime.rng import load_rng_file
 
