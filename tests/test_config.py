@@ -1,5 +1,7 @@
 """Config parsing (recipe <- overrides), recipes, and the one-line errors of validate / the DeepSpeed JSON."""
 import json
+import os
+import subprocess
 
 import pytest
 
@@ -116,16 +118,45 @@ def test_every_literal_field_refuses_an_unknown_value_from_the_command_line_and_
         validate(cfg)
 
 
-def test_missing_teacher_file_and_unwritable_output(tmp_path):
+def test_missing_teacher_file(tmp_path):
     cfg = demo("--teacher.random_init=false", f"--teacher.checkpoint={tmp_path}/clip.pt", tmp_path=tmp_path)
     with pytest.raises(ConfigError, match="does not exist; download"):
         validate(cfg)
+
+
+def test_output_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match="which is not a folder"):
+        validate(demo(f"--train.output_dir={tmp_path}/taken/run"))
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody may write, root included (CI runs as root, which chmod does not stop): a read-only bind
+    mount of it, or, where mounting is not allowed, chmod 500 for a non-root user."""
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    cfg = demo(f"--train.output_dir={locked}/run")
-    if not __import__("os").access(locked, __import__("os").W_OK):  # root may write anywhere
-        with pytest.raises(ConfigError, match="not writable"):
-            validate(cfg)
+    locked.mkdir()
+    if os.geteuid() != 0:
+        locked.chmod(0o500)
+        yield locked
+        locked.chmod(0o700)
+        return
+    bind = subprocess.run(["mount", "--bind", str(locked), str(locked)], capture_output=True, text=True)
+    if bind.returncode != 0:
+        pytest.skip(f"root without mount rights here: {bind.stderr.strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", str(locked)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {remount.stderr.strip()}")
+        yield locked
+    finally:
+        subprocess.run(["umount", str(locked)], check=True)
+
+
+def test_unwritable_output_dir_is_refused(read_only_dir):
+    assert not os.access(read_only_dir, os.W_OK)  # the fixture really denies writing, also to root
+    with pytest.raises(ConfigError, match="not writable"):
+        validate(demo(f"--train.output_dir={read_only_dir}/run"))
 
 
 def test_grad_accumulation_is_derived_from_the_recipe():
