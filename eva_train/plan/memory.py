@@ -151,7 +151,7 @@ def state_bytes(s: StudentShape, z: ZeroSettings, world: int, dtype_bytes: int) 
     grads = {1: b * p + 4.0 * p / n, 2: (b + 4.0) * p / n, 3: 0.0 if z.offload_optimizer else 4.0 * p / n}[z.stage]
     copies = 2 if (z.overlap_comm and z.stage < 3) else 1
     bucket_dtype = 4 if z.stage == 1 else b          # ZeRO-1 reduces into fp32, 2 and 3 in the compute dtype
-    buckets = copies * min(z.reduce_bucket_size, p) * bucket_dtype
+    buckets = copies * z.reduce_bucket_size * bucket_dtype  # allocated whole, even for a smaller model
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "buckets": buckets}
 
 
