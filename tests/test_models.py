@@ -12,6 +12,7 @@ from eva_train.config import ModelConfig
 from eva_train.models import build_backbone, build_model, check_model_config
 from eva_train.models.pos_embed import resize_pos_embed
 from eva_train.models.variants import VARIANTS
+from eva_train.optim.weight_decay import skips_weight_decay
 
 
 def num_params(module: torch.nn.Module) -> int:
@@ -276,8 +277,9 @@ def test_bad_inputs_raise_clear_errors():
         model.set_grad_checkpointing(1.5)
 
 
-def test_no_weight_decay_names_cover_norms_biases_and_tokens():
-    names = set(build_model(ModelConfig(variant="eva_debug_p4", img_size=16), 8).no_weight_decay_names())
+def test_weight_decay_rule_skips_norms_biases_and_tokens_of_the_model():
+    model = build_model(ModelConfig(variant="eva_debug_p4", img_size=16), 8)
+    names = {name for name, p in model.named_parameters() if skips_weight_decay(name, p.shape)}
     assert {"cls_token", "pos_embed", "mask_token", "norm.weight", "blocks.0.attn.q_bias", "lm_head.bias"} <= names
     assert "blocks.0.attn.qkv.weight" not in names and "lm_head.weight" not in names
 

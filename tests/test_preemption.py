@@ -141,17 +141,22 @@ def test_agree_stops_all_ranks_at_the_same_step(tmp_path):
     assert [r["requested"] for r in results] == [False, True]
 
 
-def test_install_replaces_and_uninstall_restores_handlers():
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """A handler installed by a test must not outlive it (the process is pytest's)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_install_replaces_the_handlers():
     before = signal.getsignal(signal.SIGUSR1)
     handler = PreemptionHandler().install()
-    try:
-        assert signal.getsignal(signal.SIGUSR1) != before
-        os.kill(os.getpid(), signal.SIGUSR1)
-        wait_for(lambda: handler.requested, timeout_s=5)
-        assert handler.agree() is True  # no process group: this rank's own flag
-    finally:
-        handler.uninstall()
-    assert signal.getsignal(signal.SIGUSR1) == before
+    assert signal.getsignal(signal.SIGUSR1) != before
+    os.kill(os.getpid(), signal.SIGUSR1)
+    wait_for(lambda: handler.requested, timeout_s=5)
+    assert handler.agree() is True  # no process group: this rank's own flag
 
 
 def test_slurm_job_summary():
@@ -170,7 +175,6 @@ def test_configured_signal_set_only():
         wait_for(lambda: handler.requested, timeout_s=5)
         assert handler.agree() and handler.agreed_signals == ["SIGUSR1"]
     finally:
-        handler.uninstall()
         signal.signal(signal.SIGHUP, previous)
     assert parse_signals(["TERM", "sigusr1"]) == (signal.SIGTERM, signal.SIGUSR1)
     with pytest.raises(ValueError, match="SIGKILL"):

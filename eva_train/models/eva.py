@@ -4,7 +4,7 @@ State-dict names equal timm's `Eva` (num_classes=0, global_pool='token'), so a t
 same dims loads our backbone with strict=True; MIM-only tensors are `mask_token` and `lm_head.*`,
 as in official EVA-01 checkpoints.
 """
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -183,11 +183,6 @@ class EVA(nn.Module):
             del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-    def no_weight_decay_names(self) -> List[str]:
-        """Parameter names that take no weight decay: biases, norms, tokens and position tables."""
-        return [name for name, p in self.named_parameters()
-                if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))]
 
 
 def _is_rope_table(name: str) -> bool:

@@ -30,7 +30,7 @@ from eva_train.train.engine import Trainer, build_ds_config, build_engine
 from eva_train.train.loop import run_loop
 from eva_train.train.metrics import MetricsSink
 from eva_train.train.plots import draw_run_plots_safely
-from eva_train.train.preemption import PreemptionHandler
+from eva_train.train.preemption import PreemptionHandler, slurm_job_summary
 from eva_train.train.watchdog import SAVE_TIMEOUT_S, StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
     try:
         run = build_run(cfg, world, code_version)
         write_run_config(run)
+        if slurm_job_summary():
+            log.info(slurm_job_summary())  # which job, which restart, which task: the requeue history in the log
     except BaseException:  # e.g. a teacher file that broke after the start-up check: pretrain.main says it
         watchdog.stop()    # in one line; the watchdog must not dump stacks meanwhile
         raise

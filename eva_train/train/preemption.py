@@ -59,7 +59,6 @@ class PreemptionHandler:
         self.signals = parse_signals([s if isinstance(s, str) else signal.Signals(s).name for s in signals])
         self.received: List[str] = []       # names of the signals that arrived on this rank, in order
         self.agreed_signals: List[str] = []  # names that arrived on any rank (after agree() said True)
-        self._previous: Dict[int, object] = {}
         self._agreed = False
 
     def install(self) -> "PreemptionHandler":
@@ -68,20 +67,14 @@ class PreemptionHandler:
             raise RuntimeError("PreemptionHandler.install() must run in the main thread (Python only "
                                "delivers signals there); call it from the training entry point")
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            signal.signal(signum, self._on_signal)
         return self
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
     def ignore_from_now(self) -> None:
         """The run is over: ignore the signals until the process is gone. (Python puts back the default,
         fatal action of a handled signal while it shuts down, but leaves an ignored one ignored; a late
         USR1 would otherwise kill the rank with 138 and make the batch shell requeue a finished run.)"""
         for signum in self.signals:
-            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, signal.SIG_IGN)
 
     def _on_signal(self, signum: int, frame) -> None:
