@@ -72,7 +72,9 @@ def gpu_spec(args):
 
 
 def measured_throughput(path: str, gpu, variant: str) -> Throughput:
-    """MFU of our implementation's row in a tools/bench_step.py CSV, taken on the card planned for."""
+    """MFU of our implementation's row in a tools/bench_step.py CSV, taken on the card planned for.
+    bench_step times the student's step without the teacher; its MFU is applied to the whole step
+    (teacher forward included: the same dense bf16 matmuls, so about the same utilisation)."""
     try:
         rows = list(csv.DictReader(open(path, newline="")))
     except OSError as error:
