@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_helpers import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
+from tests.helpers.kernels import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import reference

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from kernel_helpers import kernels_runnable  # noqa: F401 (autouse fixture)
+from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_train.models import build_backbone

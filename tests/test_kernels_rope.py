@@ -1,7 +1,7 @@
 """Triton 2D RoPE against float64 and timm's EVA-02 layout, under the interpreter on CPU (-m gpu: on CUDA)."""
 import pytest
 import torch
-from kernel_helpers import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
+from tests.helpers.kernels import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 
 import eva_kernels

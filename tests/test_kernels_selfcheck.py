@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from kernel_helpers import kernels_runnable  # noqa: F401 (autouse fixture)
+from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import __main__ as eva_kernels_cli
