@@ -1,6 +1,6 @@
 """Typed configuration: dataclass defaults <- recipe file (TOML) <- `--section.key=value` overrides.
 
-Defaults are the EVA-01 recipe (see DESIGN.md); a recipe states only what differs. Everything is
+Defaults are the EVA-01 recipe (the paper's pretraining settings); a recipe states only what differs. Everything is
 validated once by `validate()`, before any process group, model or data worker exists, and each
 error is one line naming the problem and the fix.
 """

@@ -3,7 +3,7 @@
 # 8 minutes on one H100/H200, one summary table last:
 #   1. selfcheck      python -m eva_kernels: each Triton kernel checked against the float64 reference
 #                     and raced against PyTorch at EVA-g and EVA-02-L shapes (what `auto` picks)
-#   2. gpu_tests      pytest -m gpu: the kernels against float64 on the card, their self-check
+#   2. gpu_tests      pytest -m "gpu and not slow": the kernels against float64 on the card, their self-check
 #   3. bench_kernels  tools/bench_kernels.py at EVA-g and EVA-02-L shapes: ours vs eager, torch.compile,
 #                     every SDPA backend, apex/liger where importable (each checked before timed)
 #   4. bench_step     tools/bench_step.py: the EVA-g/14 bf16 step with activation checkpointing,
@@ -158,7 +158,7 @@ fi
 if [[ -f kernels/__main__.py ]]; then
     step selfcheck 45 "$PY" -m eva_kernels --preset eva_g eva02_l --batch 32 --json "$OUT_DIR/selfcheck.json"
 fi
-step gpu_tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/
+step gpu_tests 90 "$PY" -m pytest -q -m "gpu and not slow" -p no:cacheprovider tests/
 step bench_kernels 140 "$PY" tools/bench_kernels.py --batches 8 32 --rep-ms 40 --out-dir "$OUT_DIR"
 if has_option tools/bench_step.py --impls; then  # one process: our kernels, our model on torch's, timm's Eva
     STEP_CSV=$OUT_DIR/bench_step.csv

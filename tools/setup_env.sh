@@ -15,7 +15,8 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   "${pip[@]}" "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
-if ! "$VENV/bin/python" -c "import eva_train, eva_kernels, deepspeed, timm, open_clip, pytest" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import eva_train, eva_kernels, deepspeed, timm, open_clip, matplotlib, pytest, png" \
+    2>/dev/null || [ ! -x "$VENV/bin/ruff" ]; then
   "${pip[@]}" -e ".[dev]"
 fi
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"

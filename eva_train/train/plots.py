@@ -88,6 +88,8 @@ def _draw_curves(ax, series: Dict[str, Series], figure, resumes: List[int]) -> b
         ax.axvline(step, color="gray", linestyle="--", linewidth=1)
     if resumes:
         ax.plot([], [], color="gray", linestyle="--", label="resume")
+    if ylabel == "count":  # cumulative counts: a flat zero line sits at the bottom, not mid-axis
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
