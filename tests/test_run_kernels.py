@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,20 @@ def test_forced_triton_run_records_a_passed_check_per_shape_class(tmp_path):
             "--train.global_batch_size=2", "--train.total_steps=1", "--data.num_workers=0", "--data.val_index=",
             "--logging.wandb=false", "--logging.progress_bar=false", "--eval.final_report=false",
             "--eval.knn_every_steps=0", "--deepspeed_config", "ds_configs/zero1.json"]
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # config.json is written (atomically) once the run is built, before the first step: the check is done by then,
+    # and the steps that would follow under the interpreter cost minutes, so the run is stopped there.
+    log = open(tmp_path / "run.log", "w")  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    config = out / "config.json"
+    try:
+        deadline = time.time() + 900
+        while not config.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert config.exists(), (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
     kernels = json.loads((out / "config.json").read_text())["run"]["kernels"]
     assert kernels["backend"] == "triton"
     checked = kernels["selfcheck"]
