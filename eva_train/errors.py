@@ -5,10 +5,10 @@ exit code 2, and the message names the problem and the fix. RunError: the run fa
 reason outside the input (a full disk, ...); exit code 1, the message names what and where.
 Anything else is a bug and keeps its traceback.
 """
+
 import errno
 import os
 from pathlib import Path
-from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
 
 
-def disk_full_error(error: BaseException, path: os.PathLike) -> Optional[RunError]:
+def disk_full_error(error: BaseException, path: os.PathLike) -> RunError | None:
     """A RunError saying "No space left on device" with the path, when `error` (raised while writing
     under `path`) came from a full disk or an exhausted quota; None for anything else."""
     if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
@@ -40,11 +40,13 @@ def disk_full_error(error: BaseException, path: os.PathLike) -> Optional[RunErro
             return None
     else:
         return None
-    return RunError(f"{reason} while writing {where}; free space there or point train.output_dir "
-                    f"elsewhere, then resume (the last complete checkpoint is intact)")
+    return RunError(
+        f"{reason} while writing {where}; free space there or point train.output_dir "
+        f"elsewhere, then resume (the last complete checkpoint is intact)"
+    )
 
 
-def _probe_write(path: Path) -> Optional[str]:
+def _probe_write(path: Path) -> str | None:
     """Write 1 MiB next to `path`: the errno's text when that fails for lack of space, else None."""
     folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
     probe = folder / f".space-probe-{os.getpid()}"

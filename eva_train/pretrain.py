@@ -8,6 +8,7 @@ Also `python eva_train/pretrain.py ...` (one process) and one process per task u
 recipe it runs `demo`: a tiny EVA on procedural images it generates itself, on CPU in minutes.
 Exit codes: 0 finished (or stopped cleanly after a preemption save), 2 bad configuration, else error.
 """
+
 import sys
 from pathlib import Path
 
@@ -22,7 +23,6 @@ import logging
 import os
 import subprocess
 import warnings
-from typing import List, Optional, Tuple
 
 from eva_train.config import Config, ConfigError, build_config, derived_grad_accum, validate
 from eva_train.errors import DISK_FULL_ERRNOS, RunError, disk_full_error
@@ -40,20 +40,30 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}; see --help")
 
 
-def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                                     epilog="any other argument: --section.key=value overrides, e.g. --optim.lr=5e-4")
-    parser.add_argument("--recipe", default=None, help="recipe name in eva_train/recipes or a .toml path (default demo)")
-    parser.add_argument("--deepspeed_config", default=None, help="ZeRO/precision JSON (batch sizes come from the recipe)")
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = OneLineParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="any other argument: --section.key=value overrides, e.g. --optim.lr=5e-4",
+    )
+    parser.add_argument(
+        "--recipe", default=None, help="recipe name in eva_train/recipes or a .toml path (default demo)"
+    )
+    parser.add_argument(
+        "--deepspeed_config", default=None, help="ZeRO/precision JSON (batch sizes come from the recipe)"
+    )
     parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--resume", default=None, help="auto (latest complete checkpoint in output_dir), none, or a path")
+    parser.add_argument(
+        "--resume", default=None, help="auto (latest complete checkpoint in output_dir), none, or a path"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print the plan, exit (no process group, no model)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate, print the plan, exit (no process group, no model)"
+    )
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return parser.parse_known_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, overrides: List[str]) -> Config:
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> Config:
     cfg = build_config(args.recipe, overrides)
     if args.output_dir is not None:
         cfg.train.output_dir = args.output_dir
@@ -80,7 +90,7 @@ def check_config(cfg: Config, world_size: int) -> None:
     check_run_inputs(cfg)
 
 
-def dataset_size(cfg: Config) -> Tuple[int, str]:
+def dataset_size(cfg: Config) -> tuple[int, str]:
     """(train samples per epoch, where the number comes from); opens and checks the index files."""
     if cfg.data.index:
         from eva_train.data.index import check_index
@@ -93,20 +103,35 @@ def plan(cfg: Config, world_size: int) -> dict:
     from eva_train.optim.schedule import plan_steps
 
     size, source = dataset_size(cfg)
-    total, warmup = plan_steps(total_steps=cfg.train.total_steps, epochs=cfg.train.epochs,
-                               warmup_steps=cfg.optim.warmup_steps, warmup_epochs=cfg.optim.warmup_epochs,
-                               dataset_size=size, global_batch_size=cfg.train.global_batch_size)
-    return {"recipe": cfg.recipe, "world_size": world_size, "micro_batch_size": cfg.train.micro_batch_size,
-            "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
-            "global_batch_size": cfg.train.global_batch_size, "dataset_size": size, "dataset": source,
-            "total_steps": total, "warmup_steps": warmup, "deepspeed_config": cfg.train.deepspeed_config,
-            "precision": cfg.train.precision, "output_dir": cfg.train.output_dir}
+    total, warmup = plan_steps(
+        total_steps=cfg.train.total_steps,
+        epochs=cfg.train.epochs,
+        warmup_steps=cfg.optim.warmup_steps,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        dataset_size=size,
+        global_batch_size=cfg.train.global_batch_size,
+    )
+    return {
+        "recipe": cfg.recipe,
+        "world_size": world_size,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
+        "global_batch_size": cfg.train.global_batch_size,
+        "dataset_size": size,
+        "dataset": source,
+        "total_steps": total,
+        "warmup_steps": warmup,
+        "deepspeed_config": cfg.train.deepspeed_config,
+        "precision": cfg.train.precision,
+        "output_dir": cfg.train.output_dir,
+    }
 
 
 def code_version() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -119,11 +144,14 @@ def code_version() -> str:
 def setup_logging(rank: int) -> None:
     # torch.distributed's renamed-collective FutureWarnings come from DeepSpeed on every step: noise
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
-def exit_code(error: BaseException) -> Optional[int]:
+def exit_code(error: BaseException) -> int | None:
     """2 for bad input, 1 for a run-time failure the user can act on, None for a bug (traceback)."""
     if isinstance(error, ConfigError):  # also DataError, CheckpointError, LayoutError, TeacherLoadError
         return 2
@@ -145,7 +173,7 @@ def report_error(error: BaseException, rank: int) -> None:
         print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
 
 
-def start(argv: Optional[List[str]]) -> int:
+def start(argv: list[str] | None) -> int:
     try:
         args, overrides = parse_args(argv)
         cfg = resolve_config(args, overrides)
@@ -171,7 +199,7 @@ def start(argv: Optional[List[str]]) -> int:
     return train(cfg, world, code_version())
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The one place errors become exit codes: the config checks and the whole run go through it."""
     try:
         return start(argv)

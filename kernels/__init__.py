@@ -19,6 +19,7 @@ The public functions share names with their submodules (`layer_norm`, `attention
 submodule's internals with `from eva_kernels.attention import AttentionFunction`, not
 `import eva_kernels.attention as m` (that binds the public function).
 """
+
 import functools
 import os
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ try:  # the submodules are bound here, before the public functions below take th
     from . import attention as _triton_attention
     from . import layer_norm as _triton_layer_norm
     from . import rope as _triton_rope
+
     TRITON_IMPORT_ERROR: str | None = None
 except ImportError as error:  # no Triton on this platform: the references serve every backend but "triton"
     _triton_attention = _triton_layer_norm = _triton_rope = None
@@ -68,7 +70,8 @@ def _triton_mode(*tensors) -> str | None:
     if name == "triton":
         if TRITON_IMPORT_ERROR is not None:
             raise RuntimeError(
-                f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch")
+                f"EVA_KERNELS=triton but Triton does not import ({TRITON_IMPORT_ERROR}); use auto or torch"
+            )
         if not all(t.is_cuda for t in tensors if t is not None) and not _interpreting():
             raise RuntimeError("EVA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1; use auto or torch on CPU")
         return "triton"
@@ -108,21 +111,35 @@ def describe() -> dict:
     triton_version = None
     if TRITON_IMPORT_ERROR is None:
         import triton
+
         triton_version = triton.__version__
-    return {"backend": backend(), "triton": triton_version, "interpreter": _interpreting(),
-            "apex_layer_norm": apex_layer_norm() is not None}
+    return {
+        "backend": backend(),
+        "triton": triton_version,
+        "interpreter": _interpreting(),
+        "apex_layer_norm": apex_layer_norm() is not None,
+    }
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-6, residual=None):
     """LayerNorm over the last dim. With `residual`: returns `(norm(x + residual), x + residual)`."""
-    if backend() == "apex" and x.is_cuda and apex_layer_norm() is not None and weight is not None \
-            and bias is not None and weight.dtype == x.dtype:
+    if (
+        backend() == "apex"
+        and x.is_cuda
+        and apex_layer_norm() is not None
+        and weight is not None
+        and bias is not None
+        and weight.dtype == x.dtype
+    ):
         summed = x if residual is None else x + residual
         y = apex_layer_norm()(summed, weight, bias, summed.shape[-1:], eps)
         return y if residual is None else (y, summed)
     mode = _triton_mode(x, weight, bias, residual)
-    if mode and _triton_layer_norm.supports(x, weight, bias, residual) \
-            and selfcheck.use_triton(selfcheck.layer_norm_shape(x, residual), mode):
+    if (
+        mode
+        and _triton_layer_norm.supports(x, weight, bias, residual)
+        and selfcheck.use_triton(selfcheck.layer_norm_shape(x, residual), mode)
+    ):
         return _triton_layer_norm.layer_norm(x, weight, bias, eps, residual)
     return reference.layer_norm(x, weight, bias, eps, residual)
 
@@ -136,8 +153,11 @@ def rope_2d(q, k, sin, cos, num_prefix_tokens: int = 1):
     See `reference.rope_2d`.
     """
     mode = _triton_mode(q, k, sin, cos)
-    if mode and _triton_rope.supports(q, k, sin, cos, num_prefix_tokens) \
-            and selfcheck.use_triton(selfcheck.rope_shape(q, sin), mode):
+    if (
+        mode
+        and _triton_rope.supports(q, k, sin, cos, num_prefix_tokens)
+        and selfcheck.use_triton(selfcheck.rope_shape(q, sin), mode)
+    ):
         return _triton_rope.rope_2d(q, k, sin, cos, num_prefix_tokens)
     return reference.rope_2d(q, k, sin, cos, num_prefix_tokens)
 

@@ -7,6 +7,7 @@ Per shape class: the path taken (triton / torch) and why (check result, forward+
 both). Exit 0 when every kernel the backend would use passed; 1 when backend "triton" met a wrong
 kernel; 2 on a usage error.
 """
+
 import argparse
 import json
 import os
@@ -18,9 +19,9 @@ import eva_kernels
 
 # name -> (tokens, width, heads, rope, extra LayerNorm widths): the ViT towers the project trains
 PRESETS = {
-    "eva_g": (257, 1408, 16, False, ()),        # EVA-g/14 at 224 px (EVA-01 recipe: no RoPE)
+    "eva_g": (257, 1408, 16, False, ()),  # EVA-g/14 at 224 px (EVA-01 recipe: no RoPE)
     "eva02_l": (257, 1024, 16, True, (2730,)),  # EVA-02-L/14 at 224 px: RoPE, SwiGLU's inner LayerNorm
-    "tiny": (17, 176, 2, True, ()),             # head dim 88 at interpreter-sized shapes
+    "tiny": (17, 176, 2, True, ()),  # head dim 88 at interpreter-sized shapes
 }
 
 
@@ -52,8 +53,16 @@ def main(argv=None) -> int:
     shapes = []
     for name in args.preset:
         tokens, width, heads, rope, extra = PRESETS[name]
-        shapes += eva_kernels.vit_shapes(args.batch, tokens, width, heads, getattr(torch, args.dtype), rope=rope,
-                                         device=args.device, extra_norm_widths=extra)
+        shapes += eva_kernels.vit_shapes(
+            args.batch,
+            tokens,
+            width,
+            heads,
+            getattr(torch, args.dtype),
+            rope=rope,
+            device=args.device,
+            extra_norm_widths=extra,
+        )
     try:
         record = eva_kernels.autotune(shapes)
         failed = None
@@ -66,8 +75,10 @@ def main(argv=None) -> int:
     for d in decided:
         print(f"{d['key']:44} {d['use']:6} {d['reason']}")
     on_triton = sum(d["use"] == "triton" for d in decided)
-    print(f"self-check ({record['backend']}): {on_triton} of {len(decided)} shape classes on Triton, "
-          f"{sum(d['status'] == 'failed' for d in decided)} failed")
+    print(
+        f"self-check ({record['backend']}): {on_triton} of {len(decided)} shape classes on Triton, "
+        f"{sum(d['status'] == 'failed' for d in decided)} failed"
+    )
     if failed:
         print(failed, file=sys.stderr)
     return 1 if failed else 0

@@ -6,6 +6,7 @@ twice the error of PyTorch's own eager implementation at the same precision, plu
 per-dtype atol (it covers inputs where PyTorch happens to be exact). A gradient that sums over
 rows (LayerNorm's dW, dB) gets the atol times the row count.
 """
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,8 +25,9 @@ def max_error(ours: torch.Tensor, ref64: torch.Tensor) -> float:
     return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
-def tolerance_problem(name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor,
-                      ref64: torch.Tensor, atol: float) -> str | None:
+def tolerance_problem(
+    name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor, ref64: torch.Tensor, atol: float
+) -> str | None:
     """None when ours' error vs ref64 <= 2 x torch's own same-precision error + atol, else why not."""
     if ours.shape != ref64.shape:
         return f"{name}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
@@ -44,15 +46,20 @@ def as_tuple(result) -> tuple:
     return result if isinstance(result, tuple) else (result,)
 
 
-def grads_of(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-             upstream: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def grads_of(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], upstream: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """Gradients of sum(out * g) over the outputs with respect to the inputs, in float64 math."""
     loss = sum((o.double() * g.double()).sum() for o, g in zip(outputs, upstream))
     return torch.autograd.grad(loss, inputs)
 
 
-def outputs_and_grads(fn: Callable, grad_inputs: Sequence[torch.Tensor], constants: Sequence[torch.Tensor],
-                      upstream: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def outputs_and_grads(
+    fn: Callable,
+    grad_inputs: Sequence[torch.Tensor],
+    constants: Sequence[torch.Tensor],
+    upstream: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
     """fn(*grad_inputs, *constants)'s outputs followed by the gradients of its grad_inputs."""
     outputs = as_tuple(fn(*grad_inputs, *constants))
     return list(outputs) + list(grads_of(outputs, grad_inputs, upstream))

@@ -14,6 +14,7 @@ stored. Arithmetic is fp32 (statistics, accumulators); on a GPU the dots take bf
 operands on the tensor cores. In the Triton interpreter (CPU) bf16 dots are wrong, so there
 (and for fp32 inputs) operands are upcast and the dots run in exact fp32.
 """
+
 import math
 
 import torch
@@ -53,8 +54,7 @@ def _load_rows(base, rows, stride_row, n_rows, col0, head_dim, COLS: tl.constexp
 def _store_rows(base, value, rows, stride_row, n_rows, col0, head_dim, COLS: tl.constexpr):
     cols = col0 + tl.arange(0, COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < head_dim)
-    tl.store(base + rows[:, None].to(tl.int64) * stride_row + cols[None, :],
-             value.to(base.dtype.element_ty), mask=mask)
+    tl.store(base + rows[:, None].to(tl.int64) * stride_row + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -66,17 +66,44 @@ def _head_base(ptr, bh, heads, stride_b, stride_h):
 def _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim, sqb, sqh, skb, skh, svb, svh):
     """(bh, q, k, v head bases, offset of the head in the contiguous (B*heads, N, hd) tensors)."""
     bh = tl.program_id(1)
-    return (bh, _head_base(q_ptr, bh, heads, sqb, sqh), _head_base(k_ptr, bh, heads, skb, skh),
-            _head_base(v_ptr, bh, heads, svb, svh), bh.to(tl.int64) * n_tokens * head_dim)
+    return (
+        bh,
+        _head_base(q_ptr, bh, heads, sqb, sqh),
+        _head_base(k_ptr, bh, heads, skb, skh),
+        _head_base(v_ptr, bh, heads, svb, svh),
+        bh.to(tl.int64) * n_tokens * head_dim,
+    )
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale_log2,
-                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, n_tokens, head_dim,
-                     D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
-                                                             sqb, sqh, skb, skh, svb, svh)
+def _attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    qk_scale_log2,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    heads,
+    n_tokens,
+    head_dim,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    bh, q_base, k_base, v_base, head_offset = _program_bases(
+        q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim, sqb, sqh, skb, skh, svb, svh
+    )
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     q0 = _load_rows(q_base, rows, sqn, n_tokens, 0, head_dim, D0)
     acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
@@ -109,8 +136,9 @@ def _attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale_log2,
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim,
-                           D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr
+):
     # o and do are contiguous (B*heads, N, hd): delta = rowsum(dO * O) in fp32
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,13 +154,39 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, qk_scale_log2, scale,
-                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, n_tokens, head_dim,
-                          D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    dk_ptr,
+    dv_ptr,
+    lse_ptr,
+    delta_ptr,
+    qk_scale_log2,
+    scale,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    heads,
+    n_tokens,
+    head_dim,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # one key block: dV = sum_q P^T dO, dK = scale * sum_q dS^T Q, built transposed (keys x queries)
-    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
-                                                             sqb, sqh, skb, skh, svb, svh)  # do, dk, dv: contiguous
+    bh, q_base, k_base, v_base, head_offset = _program_bases(
+        q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim, sqb, sqh, skb, skh, svb, svh
+    )  # do, dk, dv: contiguous
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_offset = bh.to(tl.int64) * n_tokens
     k0 = _load_rows(k_base, keys, skn, n_tokens, 0, head_dim, D0)
@@ -176,14 +230,39 @@ def _attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, 
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, qk_scale_log2, scale,
-                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, heads, n_tokens, head_dim,
-                        D0: tl.constexpr, D1: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    dq_ptr,
+    lse_ptr,
+    delta_ptr,
+    qk_scale_log2,
+    scale,
+    sqb,
+    sqh,
+    sqn,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    heads,
+    n_tokens,
+    head_dim,
+    D0: tl.constexpr,
+    D1: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # one query block: dQ = scale * sum_k dS K, dS = P * (dO V^T - delta)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh, q_base, k_base, v_base, head_offset = _program_bases(q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim,
-                                                             sqb, sqh, skb, skh, svb, svh)
+    bh, q_base, k_base, v_base, head_offset = _program_bases(
+        q_ptr, k_ptr, v_ptr, heads, n_tokens, head_dim, sqb, sqh, skb, skh, svb, svh
+    )
     in_seq = rows < n_tokens
     lse = tl.load(lse_ptr + bh.to(tl.int64) * n_tokens + rows, mask=in_seq, other=0.0)
     delta = tl.load(delta_ptr + bh.to(tl.int64) * n_tokens + rows, mask=in_seq, other=0.0)
@@ -260,9 +339,25 @@ def attention_fwd(q, k, v, scale: float):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch * heads, n_tokens, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(n_tokens, block_m), batch * heads)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E, *_strides(q, k, v), heads, n_tokens, head_dim,
-                           D0=d0, D1=d1, UPCAST=_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n,
-                           num_warps=warps, num_stages=stages)
+    _attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        scale * LOG2E,
+        *_strides(q, k, v),
+        heads,
+        n_tokens,
+        head_dim,
+        D0=d0,
+        D1=d1,
+        UPCAST=_upcast(q),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return o, lse
 
 
@@ -274,15 +369,15 @@ def attention_bwd(do, q, k, v, o, lse, scale: float):
     do = do.contiguous()
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(n_tokens, block_m), batch * heads)](
-        o, do, delta, n_tokens, head_dim, D0=d0, D1=d1, BLOCK_M=block_m)
+        o, do, delta, n_tokens, head_dim, D0=d0, D1=d1, BLOCK_M=block_m
+    )
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    common = dict(D0=d0, D1=d1, UPCAST=_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n,
-                  num_warps=warps, num_stages=stages)
+    common = dict(D0=d0, D1=d1, UPCAST=_upcast(q), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     args = (scale * LOG2E, scale, *_strides(q, k, v), heads, n_tokens, head_dim)
     _attn_bwd_dkdv_kernel[(triton.cdiv(n_tokens, block_n), batch * heads)](
-        q, k, v, do, dk, dv, lse, delta, *args, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(n_tokens, block_m), batch * heads)](
-        q, k, v, do, dq, lse, delta, *args, **common)
+        q, k, v, do, dk, dv, lse, delta, *args, **common
+    )
+    _attn_bwd_dq_kernel[(triton.cdiv(n_tokens, block_m), batch * heads)](q, k, v, do, dq, lse, delta, *args, **common)
     return dq, dk, dv
 
 

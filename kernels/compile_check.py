@@ -7,6 +7,7 @@ Run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Prints
 kernel configuration (the launch configurations the host functions use) and exits non-zero on
 the first failure.
 """
+
 import argparse
 import os
 import sys
@@ -39,18 +40,24 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
         if name.endswith("_ptr"):
             return "*fp32" if name in FP32_POINTERS else f"*{dtype}"
         return "fp32" if name in FP32_SCALARS else "i32"
+
     return {name: arg_type(name) for name in fn.arg_names}
 
 
 def compile_kernel(fn, dtype: str, constexprs: dict, target: GPUTarget, **options) -> str:
     start = time.perf_counter()
-    kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
-                            target=target, options=options)
+    kernel = triton.compile(
+        ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs), target=target, options=options
+    )
     if kernel.metadata.shared > MAX_SHARED_BYTES.get(target.arch, MAX_SHARED_BYTES[90]):
-        raise RuntimeError(f"{fn.__name__} {dtype} {constexprs}: {kernel.metadata.shared} B of shared memory "
-                           f"exceed sm_{target.arch}'s per-block limit; use smaller blocks in launch_config")
-    return (f"ok {fn.__name__:23} {dtype:5} {constexprs} shared={kernel.metadata.shared}B "
-            f"warps={kernel.metadata.num_warps} ({time.perf_counter() - start:.1f}s)")
+        raise RuntimeError(
+            f"{fn.__name__} {dtype} {constexprs}: {kernel.metadata.shared} B of shared memory "
+            f"exceed sm_{target.arch}'s per-block limit; use smaller blocks in launch_config"
+        )
+    return (
+        f"ok {fn.__name__:23} {dtype:5} {constexprs} shared={kernel.metadata.shared}B "
+        f"warps={kernel.metadata.num_warps} ({time.perf_counter() - start:.1f}s)"
+    )
 
 
 def attention_configs(head_dims, dtypes, n_tokens=257):
@@ -60,12 +67,20 @@ def attention_configs(head_dims, dtypes, n_tokens=257):
             d0, d1 = head_dim_chunks(head_dim)
             common = dict(D0=d0, D1=d1, UPCAST=dtype == "fp32")
             block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, True, backward=False)
-            yield _attn_fwd_kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, \
-                dict(num_warps=warps, num_stages=stages)
+            yield (
+                _attn_fwd_kernel,
+                dtype,
+                {**common, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                dict(num_warps=warps, num_stages=stages),
+            )
             block_m, block_n, warps, stages = launch_config(head_dim, n_tokens, True, backward=True)
             for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
-                yield kernel, dtype, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, \
-                    dict(num_warps=warps, num_stages=stages)
+                yield (
+                    kernel,
+                    dtype,
+                    {**common, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                    dict(num_warps=warps, num_stages=stages),
+                )
             yield _attn_bwd_delta_kernel, dtype, dict(D0=d0, D1=d1, BLOCK_M=block_m), dict(num_warps=4)
 
 
@@ -90,8 +105,10 @@ def main(argv=None) -> int:
     if args.quick:
         configs = [*attention_configs([88], ["bf16"]), *norm_and_rope_configs([1408], ["bf16"])]
     else:
-        configs = [*attention_configs([64, 88, 96, 128], ["bf16", "fp16", "fp32"]),
-                   *norm_and_rope_configs([1024, 1408, 8192], ["bf16", "fp16", "fp32"])]
+        configs = [
+            *attention_configs([64, 88, 96, 128], ["bf16", "fp16", "fp32"]),
+            *norm_and_rope_configs([1024, 1408, 8192], ["bf16", "fp16", "fp32"]),
+        ]
     for kernel, dtype, constexprs, options in configs:
         print(compile_kernel(kernel, dtype, constexprs, target, **options), flush=True)
     print(f"all {len(configs)} configurations compiled for sm_{args.arch}")

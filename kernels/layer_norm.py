@@ -18,8 +18,20 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _ln_fwd_kernel(x_ptr, res_ptr, sum_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
-                   hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+def _ln_fwd_kernel(
+    x_ptr,
+    res_ptr,
+    sum_ptr,
+    y_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     in_row = cols < hidden
@@ -41,8 +53,22 @@ def _ln_fwd_kernel(x_ptr, res_ptr, sum_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_
 
 
 @triton.jit
-def _ln_bwd_kernel(x_ptr, w_ptr, mean_ptr, rstd_ptr, dy_ptr, dsum_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                   rows, hidden, rows_per_program, HAS_DSUM: tl.constexpr, BLOCK_H: tl.constexpr):
+def _ln_bwd_kernel(
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dy_ptr,
+    dsum_ptr,
+    dx_ptr,
+    dw_part_ptr,
+    db_part_ptr,
+    rows,
+    hidden,
+    rows_per_program,
+    HAS_DSUM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     in_row = cols < hidden
@@ -86,8 +112,7 @@ def _num_warps(block_h: int) -> int:
     return min(16, max(1, block_h // 256))
 
 
-def layer_norm_fwd(x2d: torch.Tensor, res2d: torch.Tensor | None, weight: torch.Tensor,
-                   bias: torch.Tensor, eps: float):
+def layer_norm_fwd(x2d: torch.Tensor, res2d: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """x2d, res2d: (rows, hidden) contiguous -> (y, summed or None, mean, rstd)."""
     rows, hidden = x2d.shape
     block_h = triton.next_power_of_2(hidden)
@@ -95,9 +120,21 @@ def layer_norm_fwd(x2d: torch.Tensor, res2d: torch.Tensor | None, weight: torch.
     summed = torch.empty_like(x2d) if res2d is not None else None
     mean = torch.empty(rows, dtype=torch.float32, device=x2d.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x2d.device)
-    _ln_fwd_kernel[(rows,)](x2d, res2d if res2d is not None else x2d, summed if summed is not None else y,
-                            y, weight, bias, mean, rstd, hidden, eps,
-                            HAS_RESIDUAL=res2d is not None, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+    _ln_fwd_kernel[(rows,)](
+        x2d,
+        res2d if res2d is not None else x2d,
+        summed if summed is not None else y,
+        y,
+        weight,
+        bias,
+        mean,
+        rstd,
+        hidden,
+        eps,
+        HAS_RESIDUAL=res2d is not None,
+        BLOCK_H=block_h,
+        num_warps=_num_warps(block_h),
+    )
     return y, summed, mean, rstd
 
 
@@ -116,9 +153,23 @@ def layer_norm_bwd(dy2d, dsum2d, x_norm_in, weight, mean, rstd):
     dx = torch.empty_like(x_norm_in)
     dw_part = torch.empty(programs, hidden, dtype=torch.float32, device=x_norm_in.device)
     db_part = torch.empty(programs, hidden, dtype=torch.float32, device=x_norm_in.device)
-    _ln_bwd_kernel[(programs,)](x_norm_in, weight, mean, rstd, dy2d, dsum2d if dsum2d is not None else dy2d,
-                                dx, dw_part, db_part, rows, hidden, rows_per_program,
-                                HAS_DSUM=dsum2d is not None, BLOCK_H=block_h, num_warps=_num_warps(block_h))
+    _ln_bwd_kernel[(programs,)](
+        x_norm_in,
+        weight,
+        mean,
+        rstd,
+        dy2d,
+        dsum2d if dsum2d is not None else dy2d,
+        dx,
+        dw_part,
+        db_part,
+        rows,
+        hidden,
+        rows_per_program,
+        HAS_DSUM=dsum2d is not None,
+        BLOCK_H=block_h,
+        num_warps=_num_warps(block_h),
+    )
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
@@ -146,8 +197,9 @@ class LayerNormFunction(torch.autograd.Function):
         return dx, dw, db, None, (dx if ctx.has_residual else None)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
-               residual: torch.Tensor | None = None):
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+):
     """Triton LayerNorm over the last dim; with `residual`: `(norm(x + residual), x + residual)`.
     Callers check `supports(...)` first (`eva_kernels.layer_norm` does)."""
     return LayerNormFunction.apply(x, weight, bias, eps, residual)

@@ -27,8 +27,13 @@ def layer_norm(
     `(normalized, x + residual)` (the pre-LN block's fused "add then norm")."""
     summed = x if residual is None else x + residual
     wide = _wide(summed)
-    y = F.layer_norm(wide, wide.shape[-1:], None if weight is None else weight.to(wide.dtype),
-                     None if bias is None else bias.to(wide.dtype), eps).to(x.dtype)
+    y = F.layer_norm(
+        wide,
+        wide.shape[-1:],
+        None if weight is None else weight.to(wide.dtype),
+        None if bias is None else bias.to(wide.dtype),
+        eps,
+    ).to(x.dtype)
     return y if residual is None else (y, summed)
 
 
@@ -82,10 +87,12 @@ def layer_norm_same_precision(x, weight, bias, eps: float = 1e-6, residual=None)
 
 def rope_2d_same_precision(q, k, sin, cos, num_prefix_tokens: int = 1):
     """`rope_2d` with every product in q's dtype (tables cast to it)."""
+
     def rotate(x):
         patches = x[..., num_prefix_tokens:, :]
         s, c = sin.to(x.dtype), cos.to(x.dtype)
         return torch.cat([x[..., :num_prefix_tokens, :], patches * c + rotate_pairs(patches) * s], -2)
+
     return rotate(q), rotate(k)
 
 

@@ -16,8 +16,22 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _rotate_tile(x_ptr, out_ptr, sin_ptr, cos_ptr, sb, sh, sn, heads, tokens, n_prefix,
-                 head_dim, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotate_tile(
+    x_ptr,
+    out_ptr,
+    sin_ptr,
+    cos_ptr,
+    sb,
+    sh,
+    sn,
+    heads,
+    tokens,
+    n_prefix,
+    head_dim,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One (BLOCK_T tokens x head_dim) tile of one (batch, head) of x; out is contiguous."""
     bh = tl.program_id(0)
     b = bh // heads
@@ -43,14 +57,34 @@ def _rotate_tile(x_ptr, out_ptr, sin_ptr, cos_ptr, sb, sh, sn, heads, tokens, n_
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, sin_ptr, cos_ptr,
-                 qsb, qsh, qsn, ksb, ksh, ksn, heads, tokens, n_prefix, head_dim,
-                 BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    sin_ptr,
+    cos_ptr,
+    qsb,
+    qsh,
+    qsn,
+    ksb,
+    ksh,
+    ksn,
+    heads,
+    tokens,
+    n_prefix,
+    head_dim,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # q and k share the table loads' addresses: one launch, both tensors per program
-    _rotate_tile(q_ptr, q_out_ptr, sin_ptr, cos_ptr, qsb, qsh, qsn, heads, tokens, n_prefix, head_dim,
-                 BACKWARD, BLOCK_T, BLOCK_D)
-    _rotate_tile(k_ptr, k_out_ptr, sin_ptr, cos_ptr, ksb, ksh, ksn, heads, tokens, n_prefix, head_dim,
-                 BACKWARD, BLOCK_T, BLOCK_D)
+    _rotate_tile(
+        q_ptr, q_out_ptr, sin_ptr, cos_ptr, qsb, qsh, qsn, heads, tokens, n_prefix, head_dim, BACKWARD, BLOCK_T, BLOCK_D
+    )
+    _rotate_tile(
+        k_ptr, k_out_ptr, sin_ptr, cos_ptr, ksb, ksh, ksn, heads, tokens, n_prefix, head_dim, BACKWARD, BLOCK_T, BLOCK_D
+    )
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix_tokens: int) -> bool:
@@ -81,9 +115,28 @@ def rope_launch(q, k, sin, cos, num_prefix_tokens: int, backward: bool):
     block_d = triton.next_power_of_2(head_dim)
     block_t = max(1, min(64, 4096 // block_d, triton.next_power_of_2(tokens)))
     grid = (batch * heads, triton.cdiv(tokens, block_t))
-    _rope_kernel[grid](q, k, q_out, k_out, sin, cos, q.stride(0), q.stride(1), q.stride(2),
-                       k.stride(0), k.stride(1), k.stride(2), heads, tokens, num_prefix_tokens, head_dim,
-                       BACKWARD=backward, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    _rope_kernel[grid](
+        q,
+        k,
+        q_out,
+        k_out,
+        sin,
+        cos,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        heads,
+        tokens,
+        num_prefix_tokens,
+        head_dim,
+        BACKWARD=backward,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return q_out, k_out
 
 
@@ -103,8 +156,9 @@ class Rope2dFunction(torch.autograd.Function):
         return dq, dk, None, None, None
 
 
-def rope_2d(q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor,
-            num_prefix_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d(
+    q: torch.Tensor, k: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, num_prefix_tokens: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton 2D RoPE; same signature and result as `reference.rope_2d`.
     Callers check `supports(...)` first (`eva_kernels.rope_2d` does)."""
     return Rope2dFunction.apply(q, k, sin, cos, num_prefix_tokens)

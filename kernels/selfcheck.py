@@ -33,6 +33,7 @@ on CUDA are never checked lazily (the CPU interpreter is for tests; they call `a
 Test hook: `set_test_hook(fn)` wraps each implementation a check builds, `fn(op, provider, impl)
 -> impl` with provider "triton" or "torch"; the tests inject wrong and slow kernels with it.
 """
+
 import dataclasses
 import importlib
 import json
@@ -49,8 +50,8 @@ from . import reference
 from .accuracy import as_tuple, atol_for, leaf_copies, outputs_and_grads, tolerance_problem
 
 OPS = ("layer_norm", "add_layer_norm", "rope_2d", "attention")
-MAX_SHAPES = 32        # entries of the one all-reduce: its size must not depend on the caller
-ACCURACY_SAMPLES = 2   # attention, RoPE: samples judged in float64 (it is slow); LayerNorm: rows
+MAX_SHAPES = 32  # entries of the one all-reduce: its size must not depend on the caller
+ACCURACY_SAMPLES = 2  # attention, RoPE: samples judged in float64 (it is slow); LayerNorm: rows
 ACCURACY_ROWS = 512
 LAYER_NORM_EPS = 1e-6  # the model's (EVA: 1e-6)
 _log = logging.getLogger("eva_kernels")
@@ -59,10 +60,11 @@ _log = logging.getLogger("eva_kernels")
 @dataclasses.dataclass(frozen=True)
 class KernelShape:
     """One kind of call the model makes: op, the concrete shape to check and time, dtype, device."""
+
     op: str
     shape: tuple[int, ...]  # layer norms: (rows, hidden); rope_2d, attention: (batch, heads, tokens, head_dim)
     dtype: torch.dtype = torch.bfloat16
-    device: str = "cuda"    # a device type: the check runs on this process's current device of it
+    device: str = "cuda"  # a device type: the check runs on this process's current device of it
     prefix_tokens: int = 1  # rope_2d: leading tokens without a table row (cls)
 
     def __post_init__(self):
@@ -70,7 +72,8 @@ class KernelShape:
             raise ValueError(f"unknown kernel op {self.op!r}; choose one of {', '.join(OPS)}")
         if len(self.shape) != (2 if "layer_norm" in self.op else 4):
             raise ValueError(
-                f"{self.op} shape {self.shape}: expected (rows, hidden) or (batch, heads, tokens, head_dim)")
+                f"{self.op} shape {self.shape}: expected (rows, hidden) or (batch, heads, tokens, head_dim)"
+            )
 
     def shape_class(self) -> str:
         pow2 = lambda n: 1 << max(0, n - 1).bit_length()  # noqa: E731
@@ -86,22 +89,32 @@ class KernelShape:
 class Decision:
     key: str
     checked_shape: list[int]
-    status: str                        # passed | failed | unsupported | not checked
-    use: str                           # triton | torch
+    status: str  # passed | failed | unsupported | not checked
+    use: str  # triton | torch
     reason: str
     triton_ms: float | None = None  # forward + backward, median
     torch_ms: float | None = None
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def vit_shapes(batch: int, tokens: int, width: int, heads: int, dtype: torch.dtype = torch.bfloat16,
-               rope: bool = False, prefix_tokens: int = 1, device: str = "cuda",
-               extra_norm_widths: Sequence[int] = ()) -> list[KernelShape]:
+def vit_shapes(
+    batch: int,
+    tokens: int,
+    width: int,
+    heads: int,
+    dtype: torch.dtype = torch.bfloat16,
+    rope: bool = False,
+    prefix_tokens: int = 1,
+    device: str = "cuda",
+    extra_norm_widths: Sequence[int] = (),
+) -> list[KernelShape]:
     """The kernel calls of a pre-LN ViT block stack (plus LayerNorms of other widths, e.g. SwiGLU's)."""
     rows, head_dim = batch * tokens, width // heads
-    shapes = [KernelShape("layer_norm", (rows, width), dtype, device),
-              KernelShape("add_layer_norm", (rows, width), dtype, device),
-              KernelShape("attention", (batch, heads, tokens, head_dim), dtype, device)]
+    shapes = [
+        KernelShape("layer_norm", (rows, width), dtype, device),
+        KernelShape("add_layer_norm", (rows, width), dtype, device),
+        KernelShape("attention", (batch, heads, tokens, head_dim), dtype, device),
+    ]
     if rope:
         shapes.append(KernelShape("rope_2d", (batch, heads, tokens, head_dim), dtype, device, prefix_tokens))
     return shapes + [KernelShape("layer_norm", (rows, w), dtype, device) for w in extra_norm_widths]
@@ -141,10 +154,18 @@ def decisions(mode: str) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- the ops, uniformly
-_INPUT_NAMES = {"layer_norm": ("x", "weight", "bias"), "add_layer_norm": ("x", "weight", "bias", "residual"),
-                "rope_2d": ("q", "k"), "attention": ("q", "k", "v")}
-_OUTPUT_NAMES = {"layer_norm": ("y",), "add_layer_norm": ("y", "sum"), "rope_2d": ("q_rot", "k_rot"),
-                 "attention": ("o",)}
+_INPUT_NAMES = {
+    "layer_norm": ("x", "weight", "bias"),
+    "add_layer_norm": ("x", "weight", "bias", "residual"),
+    "rope_2d": ("q", "k"),
+    "attention": ("q", "k", "v"),
+}
+_OUTPUT_NAMES = {
+    "layer_norm": ("y",),
+    "add_layer_norm": ("y", "sum"),
+    "rope_2d": ("q_rot", "k_rot"),
+    "attention": ("o",),
+}
 
 
 def _triton_module(op: str):
@@ -157,18 +178,24 @@ def _functions(spec: KernelShape, module) -> dict[str, Callable]:
     """triton / torch (the path auto falls back to) / same_precision / reference, each taking
     (*grad_inputs, *constants), plus supports."""
     if "layer_norm" in spec.op:
+
         def bind(fn):
             return lambda x, w, b, r=None: fn(x, w, b, LAYER_NORM_EPS, r)
+
         fns = (module.layer_norm, reference.layer_norm, reference.layer_norm_same_precision, reference.layer_norm)
         supports = module.supports
     elif spec.op == "rope_2d":
+
         def bind(fn):
             return lambda q, k, sin, cos: fn(q, k, sin, cos, spec.prefix_tokens)
+
         fns = (module.rope_2d, reference.rope_2d, reference.rope_2d_same_precision, reference.rope_2d)
         supports = lambda q, k, sin, cos: module.supports(q, k, sin, cos, spec.prefix_tokens)  # noqa: E731
     else:
+
         def bind(fn):
             return lambda q, k, v: fn(q, k, v)
+
         fns = (module.attention, reference.sdpa_attention, reference.attention_same_precision, reference.attention)
         supports = module.supports
     named = dict(zip(("triton", "torch", "same_precision", "reference"), map(bind, fns)))
@@ -211,8 +238,9 @@ def _one_line(error: Exception) -> str:
 def _accuracy_problems(spec: KernelShape, fns: dict[str, Callable]) -> tuple[list[str], list[str]]:
     """(ours' problems, the PyTorch path's problems) under the accuracy rule, outputs and gradients."""
     grad_inputs, constants, upstream = _inputs(spec, accuracy=True)
-    ref = outputs_and_grads(fns["reference"], leaf_copies(grad_inputs, torch.float64),
-                            [c.double() for c in constants], upstream)
+    ref = outputs_and_grads(
+        fns["reference"], leaf_copies(grad_inputs, torch.float64), [c.double() for c in constants], upstream
+    )
     same = outputs_and_grads(fns["same_precision"], leaf_copies(grad_inputs), constants, upstream)
     names = list(_OUTPUT_NAMES[spec.op]) + [f"d{name}" for name in _INPUT_NAMES[spec.op]]
     rows = grad_inputs[0].numel() // grad_inputs[0].shape[-1]
@@ -223,9 +251,12 @@ def _accuracy_problems(spec: KernelShape, fns: dict[str, Callable]) -> tuple[lis
             got = outputs_and_grads(fns[provider], leaf_copies(grad_inputs), constants, upstream)
         except Exception as error:  # a kernel that cannot run here has failed its check
             return [f"raised {_one_line(error)}"]
-        found = [tolerance_problem(n, g, s, r, atol_for(spec.dtype, summed.get(n, 1)))
-                 for n, g, s, r in zip(names, got, same, ref)]
+        found = [
+            tolerance_problem(n, g, s, r, atol_for(spec.dtype, summed.get(n, 1)))
+            for n, g, s, r in zip(names, got, same, ref)
+        ]
         return [p for p in found if p] or ([] if len(got) == len(ref) else [f"{len(got)} results, not {len(ref)}"])
+
     return problems_of("triton"), problems_of("torch")
 
 
@@ -256,6 +287,7 @@ def _fwd_bwd_ms(fn: Callable, spec: KernelShape, warmup: int, reps: int) -> floa
 
     def run():
         torch.autograd.grad(as_tuple(fn(*grad_inputs, *constants)), grad_inputs, upstream)
+
     return median_ms(run, torch.device(spec.device), warmup, reps)
 
 
@@ -265,8 +297,9 @@ def _check(spec: KernelShape, mode: str, warmup: int, reps: int) -> Decision:
     try:
         module = _triton_module(spec.op)
     except ImportError as error:
-        return Decision(spec.key(), shape, "failed", "torch", f"Triton does not import ({error})",
-                        problems=[str(error)])
+        return Decision(
+            spec.key(), shape, "failed", "torch", f"Triton does not import ({error})", problems=[str(error)]
+        )
     fns = _functions(spec, module)
     grad_inputs, constants, _ = _inputs(spec, accuracy=True)
     if not fns["supports"](*grad_inputs, *constants):
@@ -284,8 +317,11 @@ def _check(spec: KernelShape, mode: str, warmup: int, reps: int) -> Decision:
         faster = triton_ms < torch_ms
         timing = f"{triton_ms:.3f} ms vs PyTorch {torch_ms:.3f} ms forward+backward"
         use = "triton" if faster or mode == "triton" else "torch"
-        reason = (f"passed and faster: {timing}" if faster else f"passed but slower: {timing}"
-                  + ("; used anyway: backend triton" if mode == "triton" else ""))
+        reason = (
+            f"passed and faster: {timing}"
+            if faster
+            else f"passed but slower: {timing}" + ("; used anyway: backend triton" if mode == "triton" else "")
+        )
     return Decision(spec.key(), shape, "passed", use, reason, triton_ms, torch_ms, problems=theirs)
 
 
@@ -303,13 +339,15 @@ def _agree_across_ranks(flags: list[bool], fingerprint: int) -> list[bool]:
     device = torch.device("cuda", torch.cuda.current_device()) if on_nccl else torch.device("cpu")
     vector = torch.zeros(2 + MAX_SHAPES, dtype=torch.int64, device=device)
     vector[0], vector[1] = fingerprint, -fingerprint  # MIN of both gives min and max of the fingerprints
-    vector[2:2 + len(flags)] = torch.tensor(flags, dtype=torch.int64)
+    vector[2 : 2 + len(flags)] = torch.tensor(flags, dtype=torch.int64)
     dist.all_reduce(vector, op=dist.ReduceOp.MIN)
     lowest, highest = int(vector[0]), -int(vector[1])
     if lowest != highest:
-        raise RuntimeError("eva_kernels.autotune: ranks asked about different kernel shapes or backends; call it "
-                           "with the same shapes on every rank (from the model build), after set_backend")
-    return [bool(flag) for flag in vector[2:2 + len(flags)].tolist()]
+        raise RuntimeError(
+            "eva_kernels.autotune: ranks asked about different kernel shapes or backends; call it "
+            "with the same shapes on every rank (from the model build), after set_backend"
+        )
+    return [bool(flag) for flag in vector[2 : 2 + len(flags)].tolist()]
 
 
 def _merge(local: Decision, agreed: bool) -> Decision:
@@ -324,8 +362,11 @@ def _forced_failures(decided: Iterable[Decision]) -> str | None:
     bad = [d for d in decided if d.status == "failed" or (d.status == "passed" and d.use != "triton")]
     if not bad:
         return None
-    return "EVA_KERNELS=triton but the Triton kernel failed its self-check: " + "; ".join(
-        f"{d.key}: {d.reason}" for d in bad) + ". Use EVA_KERNELS=auto (or torch) until it is fixed."
+    return (
+        "EVA_KERNELS=triton but the Triton kernel failed its self-check: "
+        + "; ".join(f"{d.key}: {d.reason}" for d in bad)
+        + ". Use EVA_KERNELS=auto (or torch) until it is fixed."
+    )
 
 
 def _log_decision(mode: str, decision: Decision) -> None:
@@ -333,8 +374,9 @@ def _log_decision(mode: str, decision: Decision) -> None:
     _log.log(level, "eva_kernels[%s] %s -> %s (%s)", mode, decision.key, decision.use, decision.reason)
 
 
-def autotune(shapes: Iterable[KernelShape], mode: str, warmup: int | None = None,
-             reps: int | None = None) -> dict[str, Decision]:
+def autotune(
+    shapes: Iterable[KernelShape], mode: str, warmup: int | None = None, reps: int | None = None
+) -> dict[str, Decision]:
     """Decide every shape's path under backend `mode` ('auto', 'triton', 'torch'): local checks,
     then one collective when torch.distributed is initialized. Cached; returns {key: Decision}."""
     unique = {spec.key(): spec for spec in shapes}
@@ -364,8 +406,12 @@ def _decide_locally(spec: KernelShape, mode: str, warmup: int | None, reps: int 
         return Decision(spec.key(), list(spec.shape), "not checked", "torch", "no CUDA device in this process")
     on_cuda = spec.device == "cuda"
     try:  # whatever goes wrong is a failed check: a rank must never skip the collective that follows
-        return _check(spec, mode, warmup if warmup is not None else (5 if on_cuda else 1),
-                      reps if reps is not None else (20 if on_cuda else 3))
+        return _check(
+            spec,
+            mode,
+            warmup if warmup is not None else (5 if on_cuda else 1),
+            reps if reps is not None else (20 if on_cuda else 3),
+        )
     except Exception as error:
         why = f"the check raised {_one_line(error)}"
         return Decision(spec.key(), list(spec.shape), "failed", "torch", why, problems=[why])
@@ -378,8 +424,13 @@ def use_triton(spec: KernelShape, mode: str) -> bool:
         if spec.device != "cuda":
             return mode == "triton"  # the CPU interpreter: tests check it; auto never picks it unasked
         if mode == "auto" and _distributed():
-            decision = Decision(spec.key(), list(spec.shape), "not checked", "torch",
-                                "not autotuned: under torch.distributed only eva_kernels.autotune may pick Triton")
+            decision = Decision(
+                spec.key(),
+                list(spec.shape),
+                "not checked",
+                "torch",
+                "not autotuned: under torch.distributed only eva_kernels.autotune may pick Triton",
+            )
             _log.warning("eva_kernels[auto] %s -> torch (%s)", decision.key, decision.reason)
             _STATE.decisions[(mode, spec.key())] = decision
             return False
@@ -394,8 +445,9 @@ def use_triton(spec: KernelShape, mode: str) -> bool:
 # ---------------------------------------------------------------- shapes of live calls
 def layer_norm_shape(x: torch.Tensor, residual: torch.Tensor | None) -> KernelShape:
     hidden = x.shape[-1]
-    return KernelShape("layer_norm" if residual is None else "add_layer_norm", (x.numel() // hidden, hidden),
-                       x.dtype, x.device.type)
+    return KernelShape(
+        "layer_norm" if residual is None else "add_layer_norm", (x.numel() // hidden, hidden), x.dtype, x.device.type
+    )
 
 
 def rope_shape(q: torch.Tensor, sin: torch.Tensor) -> KernelShape:

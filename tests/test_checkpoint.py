@@ -1,5 +1,6 @@
 """Fast checks of the checkpoint bookkeeping (no DeepSpeed): resume resolution, retention, config
 errors, RNG round trip. The real saves/kills/resumes are in tests/test_resume.py."""
+
 import json
 import random
 
@@ -7,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from eva_train.runtime.checkpoint import (CheckpointError, CheckpointManager, check_checkpoint_config, newest_complete,
-                                  resolve_checkpoint_path, retained_steps, step_of_tag, tag_for_step)
 from eva_train.config import CheckpointConfig
+from eva_train.runtime.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_checkpoint_config,
+    newest_complete,
+    resolve_checkpoint_path,
+    retained_steps,
+    step_of_tag,
+    tag_for_step,
+)
 from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 
 
@@ -29,12 +38,15 @@ def test_tag_names_round_trip():
     assert step_of_tag("latest") is None
 
 
-@pytest.mark.parametrize("steps, keep_last, keep_every, expected", [
-    ([2, 4, 6, 8], 2, 0, [6, 8]),
-    ([2, 4, 6, 8], 2, 4, [4, 6, 8]),
-    ([1000, 2000, 3000, 4000, 5000], 1, 2000, [2000, 4000, 5000]),
-    ([5], 3, 0, [5]),
-])
+@pytest.mark.parametrize(
+    "steps, keep_last, keep_every, expected",
+    [
+        ([2, 4, 6, 8], 2, 0, [6, 8]),
+        ([2, 4, 6, 8], 2, 4, [4, 6, 8]),
+        ([1000, 2000, 3000, 4000, 5000], 1, 2000, [2000, 4000, 5000]),
+        ([5], 3, 0, [5]),
+    ],
+)
 def test_retention_rule(steps, keep_last, keep_every, expected):
     assert retained_steps(steps, keep_last, keep_every) == expected
 
@@ -108,12 +120,15 @@ def test_load_refuses_an_unfinished_save_before_touching_the_engine(tmp_path):
         manager.load(engine=None, path=str(tag))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("keep_last", 0, "keep_last=0"),
-    ("every_steps", -1, "every_steps=-1"),
-    ("keep_every", -5, "keep_every=-5"),
-    ("resume", "/no/such/checkpoint", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("keep_last", 0, "keep_last=0"),
+        ("every_steps", -1, "every_steps=-1"),
+        ("keep_every", -5, "keep_every=-5"),
+        ("resume", "/no/such/checkpoint", "does not exist"),
+    ],
+)
 def test_bad_checkpoint_config_is_one_line_error(field, value, message):
     cfg = CheckpointConfig(**{field: value})
     with pytest.raises(CheckpointError, match=message) as err:

@@ -1,4 +1,5 @@
 """Config parsing (recipe <- overrides), recipes, and the one-line errors of validate / the DeepSpeed JSON."""
+
 import json
 import os
 import subprocess
@@ -25,31 +26,49 @@ def test_all_recipes_exist_and_parse():
 def test_eva_g_recipe_is_the_eva01_recipe():
     cfg = build_config("eva_g_p14_m30m")
     assert (cfg.model.variant, cfg.model.img_size, cfg.model.drop_path_rate) == ("eva_g_p14", 224, 0.1)
-    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.grad_clip) == \
-        (1e-3, (0.9, 0.98), 1e-6, 0.05, 3.0)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay, cfg.optim.grad_clip) == (
+        1e-3,
+        (0.9, 0.98),
+        1e-6,
+        0.05,
+        3.0,
+    )
     assert (cfg.train.global_batch_size, cfg.train.epochs, cfg.mask.num_masking_patches) == (4096, 150.0, 105)
 
 
 def test_mae_recipe_differs_where_mae_differs():
     cfg = build_config("eva_mae_b16")
-    assert (cfg.model.mode, cfg.model.variant, cfg.mask.strategy, cfg.optim.betas) == \
-        ("mae", "eva_mae_b16", "random", (0.9, 0.95))
+    assert (cfg.model.mode, cfg.model.variant, cfg.mask.strategy, cfg.optim.betas) == (
+        "mae",
+        "eva_mae_b16",
+        "random",
+        (0.9, 0.95),
+    )
 
 
 def test_overrides_are_typed_and_win_over_the_recipe():
-    cfg = demo("--optim.lr=2e-4", "--train.total_steps", "7", "--optim.betas=0.8,0.9",
-               "--logging.wandb=false", "--data.index=a.arrow,b.arrow")
+    cfg = demo(
+        "--optim.lr=2e-4",
+        "--train.total_steps",
+        "7",
+        "--optim.betas=0.8,0.9",
+        "--logging.wandb=false",
+        "--data.index=a.arrow,b.arrow",
+    )
     assert cfg.optim.lr == 2e-4 and cfg.train.total_steps == 7 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.logging.wandb is False and cfg.data.index == ["a.arrow", "b.arrow"]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--model.nope=1", "unknown key 'model.nope'"),
-    ("--nosection.x=1", "unknown section 'nosection'"),
-    ("--train.total_steps=2.5", "expected int"),
-    ("--logging.wandb=maybe", "expected true/false"),
-    ("positional", "unrecognised argument"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--model.nope=1", "unknown key 'model.nope'"),
+        ("--nosection.x=1", "unknown section 'nosection'"),
+        ("--train.total_steps=2.5", "expected int"),
+        ("--logging.wandb=maybe", "expected true/false"),
+        ("positional", "unrecognised argument"),
+    ],
+)
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
         demo(override)
@@ -64,26 +83,29 @@ def test_demo_validates(tmp_path):
     validate(demo(tmp_path=tmp_path), world_size=2)
 
 
-@pytest.mark.parametrize("override,world_size,message", [
-    ("--model.variant=eva_zz", 1, "model.variant 'eva_zz' is unknown"),
-    ("--model.img_size=60", 1, "not divisible by the patch size 8"),
-    ("--train.micro_batch_size=24", 2, "not a multiple of"),
-    ("--train.precision=fp8", 1, "train.precision 'fp8' is unknown; use one of bf16, fp16, fp32"),
-    ("--mask.strategy=typo", 1, "mask.strategy 'typo' is unknown; use one of block, random"),
-    ("--optim.lr=-1", 1, r"optim.lr=-1.0 is out of range: it must be > 0"),
-    ("--optim.lr=0", 1, r"optim.lr=0.0 is out of range"),
-    ("--optim.lr=nan", 1, r"optim.lr=nan is out of range"),
-    ("--optim.warmup_steps=-1", 1, r"optim.warmup_steps=-1 is out of range: it must be >= 0"),
-    ("--optim.betas=0.9,1.0", 1, r"optim.betas=\(0.9, 1.0\) is out of range: it must be \[0, 1\)"),
-    ("--train.micro_batch_size=0", 1, r"train.micro_batch_size=0 is out of range: it must be > 0"),
-    ("--train.global_batch_size=-64", 1, r"train.global_batch_size=-64 is out of range"),
-    ("--train.epochs=-1", 1, r"train.epochs=-1.0 is out of range"),
-    ("--mask.num_masking_patches=256", 1, r"mask.num_masking_patches=256 must lie in \(0, 256\)"),
-    ("--optim.min_lr=1", 1, "optim.min_lr=1.0 is above optim.lr"),
-    ("--teacher.random_init=false", 1, "teacher.checkpoint is empty"),
-    ("--data.demo_root=", 1, "data.index is empty"),
-    ("--data.index=/nonexistent/train.arrow", 1, "does not exist; build it"),
-])
+@pytest.mark.parametrize(
+    "override,world_size,message",
+    [
+        ("--model.variant=eva_zz", 1, "model.variant 'eva_zz' is unknown"),
+        ("--model.img_size=60", 1, "not divisible by the patch size 8"),
+        ("--train.micro_batch_size=24", 2, "not a multiple of"),
+        ("--train.precision=fp8", 1, "train.precision 'fp8' is unknown; use one of bf16, fp16, fp32"),
+        ("--mask.strategy=typo", 1, "mask.strategy 'typo' is unknown; use one of block, random"),
+        ("--optim.lr=-1", 1, r"optim.lr=-1.0 is out of range: it must be > 0"),
+        ("--optim.lr=0", 1, r"optim.lr=0.0 is out of range"),
+        ("--optim.lr=nan", 1, r"optim.lr=nan is out of range"),
+        ("--optim.warmup_steps=-1", 1, r"optim.warmup_steps=-1 is out of range: it must be >= 0"),
+        ("--optim.betas=0.9,1.0", 1, r"optim.betas=\(0.9, 1.0\) is out of range: it must be \[0, 1\)"),
+        ("--train.micro_batch_size=0", 1, r"train.micro_batch_size=0 is out of range: it must be > 0"),
+        ("--train.global_batch_size=-64", 1, r"train.global_batch_size=-64 is out of range"),
+        ("--train.epochs=-1", 1, r"train.epochs=-1.0 is out of range"),
+        ("--mask.num_masking_patches=256", 1, r"mask.num_masking_patches=256 must lie in \(0, 256\)"),
+        ("--optim.min_lr=1", 1, "optim.min_lr=1.0 is above optim.lr"),
+        ("--teacher.random_init=false", 1, "teacher.checkpoint is empty"),
+        ("--data.demo_root=", 1, "data.index is empty"),
+        ("--data.index=/nonexistent/train.arrow", 1, "does not exist; build it"),
+    ],
+)
 def test_validate_errors_are_one_line_with_a_fix(tmp_path, override, world_size, message):
     with pytest.raises(ConfigError, match=message) as info:
         validate(demo(override, tmp_path=tmp_path), world_size)
@@ -95,14 +117,25 @@ def literal_fields():
     from typing import Literal, get_args, get_origin, get_type_hints
 
     cfg = demo()
-    return [(f"{section}.{key}", get_args(hint)) for section in cfg.to_dict() if section != "recipe"
-            for key, hint in get_type_hints(type(getattr(cfg, section))).items() if get_origin(hint) is Literal]
+    return [
+        (f"{section}.{key}", get_args(hint))
+        for section in cfg.to_dict()
+        if section != "recipe"
+        for key, hint in get_type_hints(type(getattr(cfg, section))).items()
+        if get_origin(hint) is Literal
+    ]
 
 
 def test_enumerated_fields_are_declared_literal():
     names = {name for name, _ in literal_fields()}
-    assert {"mask.strategy", "model.mode", "model.kernels", "train.precision", "teacher.precision",
-            "teacher.input_transform"} <= names
+    assert {
+        "mask.strategy",
+        "model.mode",
+        "model.kernels",
+        "train.precision",
+        "teacher.precision",
+        "teacher.input_transform",
+    } <= names
 
 
 @pytest.mark.parametrize("name,choices", literal_fields())
@@ -167,20 +200,27 @@ def test_grad_accumulation_is_derived_from_the_recipe():
 def test_ds_config_is_completed_from_the_recipe():
     cfg = demo()
     ds = build_ds_config(cfg, world_size=2)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 32, 1)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        64,
+        32,
+        1,
+    )
     assert ds["gradient_clipping"] == 3.0 and ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
     ds = build_ds_config(demo("--train.precision=fp16", "--train.deepspeed_config=ds_configs/zero1.json"), 1)
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["zero_optimization"]["stage"] == 1
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"train_batch_size": 128}, "train_batch_size=128 but the recipe implies 64"),
-    ({"gradient_clipping": 1.0}, "gradient_clipping"),
-    ({"bf16": {"enabled": True}}, r"\[bf16\] sets enabled=True"),
-    ({"optimizer": {"type": "AdamW"}}, "has an 'optimizer' block"),
-    ({"zero_optimization": {"stage": 4}}, "stage=4"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"train_batch_size": 128}, "train_batch_size=128 but the recipe implies 64"),
+        ({"gradient_clipping": 1.0}, "gradient_clipping"),
+        ({"bf16": {"enabled": True}}, r"\[bf16\] sets enabled=True"),
+        ({"optimizer": {"type": "AdamW"}}, "has an 'optimizer' block"),
+        ({"zero_optimization": {"stage": 4}}, "stage=4"),
+    ],
+)
 def test_contradicting_ds_config_is_a_clear_error(tmp_path, extra, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **extra}))
@@ -190,8 +230,11 @@ def test_contradicting_ds_config_is_a_clear_error(tmp_path, extra, message):
 
 def test_agreeing_and_auto_ds_values_are_accepted(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto",
-                                "zero_optimization": {"stage": 2}}))
+    path.write_text(
+        json.dumps(
+            {"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+        )
+    )
     assert build_ds_config(demo(f"--train.deepspeed_config={path}"), 2)["train_micro_batch_size_per_gpu"] == 32
 
 

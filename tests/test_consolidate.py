@@ -1,4 +1,5 @@
 """Consolidation of real ZeRO-1/2/3 checkpoints (2 DeepSpeed CPU ranks) against zero_to_fp32."""
+
 import importlib.util
 import json
 import os
@@ -19,9 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _make(out: Path, model: str, stages: str, precision: str, port: int) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "tools/bench_consolidate.py"), "make", "--model", model, "--stages", stages,
-           "--precision", precision, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(REPO / "tools/bench_consolidate.py"),
+        "make",
+        "--model",
+        model,
+        "--stages",
+        stages,
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -71,23 +88,33 @@ def test_equals_zero_to_fp32(toy_ckpts, tmp_path, stage):
 @pytest.mark.slow
 def test_consolidation_imports_neither_torch_nor_deepspeed(toy_ckpts, tmp_path):
     """Importing them costs more than the data here; a login node without DeepSpeed can consolidate."""
-    code = ("import sys; from eva_train.export.consolidate import consolidate; "
-            f"consolidate({str(toy_ckpts / 'zero3')!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')))")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; from eva_train.export.consolidate import consolidate; "
+        f"consolidate({str(toy_ckpts / 'zero3')!r}, {str(tmp_path / 'o.safetensors')!r}, progress=False); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
-    assert torch.equal(load_file(tmp_path / "o.safetensors")["emb.weight"],
-                       _zero_to_fp32(toy_ckpts / "zero3" / "checkpoints")["emb.weight"])
+    assert torch.equal(
+        load_file(tmp_path / "o.safetensors")["emb.weight"],
+        _zero_to_fp32(toy_ckpts / "zero3" / "checkpoints")["emb.weight"],
+    )
 
 
 @pytest.mark.slow
 def test_bf16_output_and_metadata(toy_ckpts, tmp_path):
     ckpt_dir = toy_ckpts / "zero3" / "checkpoints"
     fp32 = load_file(consolidate(str(ckpt_dir), str(tmp_path / "a.safetensors"), progress=False).path)
-    path = consolidate(str(ckpt_dir / "step_00000001"), str(tmp_path / "b.safetensors"), dtype="bf16",
-                       progress=False).path
+    path = consolidate(
+        str(ckpt_dir / "step_00000001"), str(tmp_path / "b.safetensors"), dtype="bf16", progress=False
+    ).path
     bf16 = load_file(path)
     assert bf16["emb.weight"].dtype == torch.bfloat16 and bf16["step_count"].dtype == torch.int64
     assert torch.equal(bf16["emb.weight"], fp32["emb.weight"].to(torch.bfloat16))

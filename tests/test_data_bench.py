@@ -1,5 +1,6 @@
 """tools/bench_data.py smoke test at a small size: every section runs and prints its table rows
 (timings are not asserted: only that they are there and sane)."""
+
 import importlib.util
 import re
 from pathlib import Path

@@ -1,11 +1,11 @@
 """Demo data (idempotent, safe under concurrent callers) and the tar-shard helper for engine tests."""
+
 import json
 import multiprocessing as mp
 import os
 
 import pytest
 import torch
-from tests.helpers.data import write_tar_shards
 
 from eva_train.config import DataConfig, MaskConfig
 from eva_train.data.build import build_index
@@ -14,6 +14,7 @@ from eva_train.data.errors import DataError
 from eva_train.data.index import check_index, open_index
 from eva_train.data.loader import build_loader
 from eva_train.data.procedural import NUM_CLASSES
+from tests.helpers.data import write_tar_shards
 
 SMALL = dict(img_size=32, num_train=60, num_val=20, seed=1)
 
@@ -61,8 +62,17 @@ def test_tar_shards_feed_two_ranks_equally(tmp_path):
     assert len(reader) == 30 and reader.record(0).caption.startswith("a ")
     seen = []
     for rank in range(2):
-        loader, sampler = build_loader(DataConfig(num_workers=0), MaskConfig(), index_paths=[index], img_size=32,
-                                       patch_size=8, micro_batch_size=5, rank=rank, world_size=2, seed=0)
+        loader, sampler = build_loader(
+            DataConfig(num_workers=0),
+            MaskConfig(),
+            index_paths=[index],
+            img_size=32,
+            patch_size=8,
+            micro_batch_size=5,
+            rank=rank,
+            world_size=2,
+            seed=0,
+        )
         batches = [b for b, _ in zip(loader, range(3))]
         assert all(b["images"].shape == (5, 3, 32, 32) for b in batches)
         seen.append(torch.cat([b["index"] for b in batches]).tolist())
@@ -76,8 +86,18 @@ def test_val_loader_is_one_ordered_pass_with_equal_counts(tmp_path):
     _, val = ensure_demo_data(tmp_path / "demo", **SMALL)  # 20 val images
     passes = []
     for rank in range(3):
-        loader, sampler = build_loader(DataConfig(num_workers=0), MaskConfig(), index_paths=[val], img_size=32,
-                                       patch_size=8, micro_batch_size=4, rank=rank, world_size=3, seed=0, train=False)
+        loader, sampler = build_loader(
+            DataConfig(num_workers=0),
+            MaskConfig(),
+            index_paths=[val],
+            img_size=32,
+            patch_size=8,
+            micro_batch_size=4,
+            rank=rank,
+            world_size=3,
+            seed=0,
+            train=False,
+        )
         assert len(sampler) == 6 and len(loader) == 2
         batches = list(loader)
         passes.append(torch.cat([b["index"] for b in batches]).tolist())

@@ -1,4 +1,5 @@
 """Index building from every source kind, exact round trip, merge weights, atomicity, checks, CLI."""
+
 import io
 import json
 import os
@@ -82,8 +83,10 @@ def test_flat_folder_unlabeled(tmp_path):
 
 def test_tar_shards_offsets_captions_json_labels(tmp_path):
     images = [jpeg(value=i) for i in range(5)]
-    samples = [{"jpg": img, "txt": f"caption {i}".encode(), "json": json.dumps({"i": i}).encode(),
-                "cls": str(i % 3).encode()} for i, img in enumerate(images)]
+    samples = [
+        {"jpg": img, "txt": f"caption {i}".encode(), "json": json.dumps({"i": i}).encode(), "cls": str(i % 3).encode()}
+        for i, img in enumerate(images)
+    ]
     samples[2].pop("txt"), samples[3].pop("json")
     samples.append({"txt": b"no image here"})  # a key without an image is not a sample
     (tmp_path / "shards").mkdir()
@@ -104,16 +107,33 @@ def test_tar_shards_offsets_captions_json_labels(tmp_path):
 
 def test_parquet_with_bytes_and_with_paths(tmp_path):
     images = [jpeg(value=i) for i in range(4)]
-    pq.write_table(pa.table({"jpg": images, "caption": ["a", None, "c", "d"], "key": ["k0", "k1", "k2", "k3"],
-                             "width": [20] * 4, "height": [12] * 4}), tmp_path / "bytes.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "jpg": images,
+                "caption": ["a", None, "c", "d"],
+                "key": ["k0", "k1", "k2", "k3"],
+                "width": [20] * 4,
+                "height": [12] * 4,
+            }
+        ),
+        tmp_path / "bytes.parquet",
+        row_group_size=2,
+    )
     (tmp_path / "pics").mkdir()
     for i in range(2):
         (tmp_path / "pics" / f"{i}.jpg").write_bytes(images[i])
-    pq.write_table(pa.table({"path": ["pics/0.jpg", "pics/gone.jpg", "pics/1.jpg"], "label": [7, 9, 8]}),
-                   tmp_path / "paths.parquet")
+    pq.write_table(
+        pa.table({"path": ["pics/0.jpg", "pics/gone.jpg", "pics/1.jpg"], "label": [7, 9, 8]}),
+        tmp_path / "paths.parquet",
+    )
     report = SkipReport()
-    out = build_index([str(tmp_path / "bytes.parquet"), str(tmp_path / "paths.parquet")], str(tmp_path / "i.arrow"),
-                      num_workers=1, skips=report)
+    out = build_index(
+        [str(tmp_path / "bytes.parquet"), str(tmp_path / "paths.parquet")],
+        str(tmp_path / "i.arrow"),
+        num_workers=1,
+        skips=report,
+    )
     reader = open_index(out)
     assert len(reader) == 6 and report.counts == {"missing file": 1} and "gone.jpg" in report.summary()
     for row in range(4):
@@ -129,11 +149,18 @@ def test_parquet_with_bytes_and_with_paths(tmp_path):
 def test_mixed_sources_with_weights(tmp_path):
     root = make_folder(tmp_path / "imgs")
     make_tar(tmp_path / "s.tar", [{"jpg": jpeg(value=i)} for i in range(4)])
-    out = build_index([str(root), str(tmp_path / "s.tar")], str(tmp_path / "i.arrow"), weights=[1.0, 2.5],
-                      names=["folder", "shards"], num_workers=1)
+    out = build_index(
+        [str(root), str(tmp_path / "s.tar")],
+        str(tmp_path / "i.arrow"),
+        weights=[1.0, 2.5],
+        names=["folder", "shards"],
+        num_workers=1,
+    )
     reader = open_index(out)
     assert [(s.name, s.start_row, s.num_rows, s.weight) for s in reader.sources] == [
-        ("folder", 0, 6, 1.0), ("shards", 6, 4, 2.5)]
+        ("folder", 0, 6, 1.0),
+        ("shards", 6, 4, 2.5),
+    ]
     assert [reader.record(r).source for r in range(10)] == [0] * 6 + [1] * 4
     assert reader.epoch_length == 6 + 10
     for epoch in (0, 1):
@@ -178,6 +205,7 @@ def test_incremental_reads_only_new_shards(tmp_path, monkeypatch):
     build_index([str(shards)], out, num_workers=1)
     make_tar(shards / "b.tar", [{"jpg": jpeg(value=9)}])
     from eva_train.data import build as build_mod
+
     seen = []
     real = build_mod.run_unit
     monkeypatch.setattr(build_mod, "run_unit", lambda unit: seen.append(unit.path) or real(unit))
@@ -193,7 +221,10 @@ def test_check_index_errors_are_one_line_with_fix(tmp_path):
     (tmp_path / "junk.arrow").write_bytes(b"not arrow")
     with pytest.raises(DataError, match="not a readable Arrow IPC file"):
         check_index([str(tmp_path / "junk.arrow")])
-    with pa.OSFile(str(tmp_path / "other.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("x", pa.int32())])) as w:
+    with (
+        pa.OSFile(str(tmp_path / "other.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, pa.schema([("x", pa.int32())])) as w,
+    ):
         w.write_table(pa.table({"x": pa.array([1], pa.int32())}))
     with pytest.raises(DataError, match="lacks column path"):
         check_index([str(tmp_path / "other.arrow")])
@@ -221,25 +252,47 @@ def test_cli_builds_and_checks(tmp_path):
     root = make_folder(tmp_path / "imgs")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     out = tmp_path / "cli.arrow"
-    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), str(root), "--out", str(out),
-                          "--workers", "1"], capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/build_index.py"), str(root), "--out", str(out), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr
     assert "6 rows" in run.stdout and len(open_index(str(out))) == 6
-    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), "--check", str(tmp_path / "nope.arrow")],
-                         capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/build_index.py"), "--check", str(tmp_path / "nope.arrow")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert run.returncode == 2 and "does not exist" in run.stderr
-    (tmp_path / "a_folder.arrow").mkdir()   # a folder where the output file should go: fails as root too
-    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), str(root), "--out",
-                          str(tmp_path / "a_folder.arrow"), "--workers", "1"], capture_output=True, text=True, env=env)
+    (tmp_path / "a_folder.arrow").mkdir()  # a folder where the output file should go: fails as root too
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/build_index.py"),
+            str(root),
+            "--out",
+            str(tmp_path / "a_folder.arrow"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert run.returncode == 2 and run.stderr.startswith("error: --out") and run.stderr.count("\n") == 1, run.stderr
-    assert "is a folder; pass a file path" in run.stderr   # said before any indexing (no progress bar)
+    assert "is a folder; pass a file path" in run.stderr  # said before any indexing (no progress bar)
 
 
 def test_labels_array_matches_rows(tmp_path):
     a = build_index([str(make_folder(tmp_path / "a"))], str(tmp_path / "a.arrow"), num_workers=1)
     reader = open_index([a, a])
     labels = reader.labels()
-    assert labels.dtype == np.int64 and labels.tolist() == [reader.label(r) for r in range(12)] == [0, 0, 0, 1, 1, 1] * 2
+    assert (
+        labels.dtype == np.int64 and labels.tolist() == [reader.label(r) for r in range(12)] == [0, 0, 0, 1, 1, 1] * 2
+    )
 
 
 def test_unreadable_entries_are_skipped_with_a_summary(tmp_path):
@@ -258,42 +311,67 @@ def test_unreadable_entries_are_skipped_with_a_summary(tmp_path):
     truncated = make_tar(shards / "a_truncated.tar", [{"jpg": jpeg(value=i), "cls": b"1"} for i in range(3)])
     with tarfile.open(truncated) as tar:
         last = tar.getmember("sub/0002.jpg")
-    os.truncate(truncated, last.offset_data + 10)   # the shard ends inside its last image
+    os.truncate(truncated, last.offset_data + 10)  # the shard ends inside its last image
     corrupt = make_tar(shards / "b_corrupt.tar", [{"jpg": jpeg(value=10 + i)} for i in range(3)])
     with tarfile.open(corrupt) as tar:
         second = tar.getmember("sub/0001.jpg")
-    with open(corrupt, "r+b") as f:                 # garbage over the second member's header
+    with open(corrupt, "r+b") as f:  # garbage over the second member's header
         f.seek(second.offset)
         f.write(b"\xff" * 512)
     (shards / "c_junk.tar").write_bytes(b"this is not a tar file" * 100)
     out = tmp_path / "i.arrow"
-    run = subprocess.run([sys.executable, str(REPO / "tools/build_index.py"), str(root), str(shards),
-                          "--out", str(out), "--workers", "2"], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/build_index.py"),
+            str(root),
+            str(shards),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    summary = {reason: line for line in lines for reason in (
-        "dangling symlink", "symlink loop", "not a regular file", "empty file", "tar member runs past the end",
-        "corrupt tar data", "unreadable shard") if reason in line}
+    summary = {
+        reason: line
+        for line in lines
+        for reason in (
+            "dangling symlink",
+            "symlink loop",
+            "not a regular file",
+            "empty file",
+            "tar member runs past the end",
+            "corrupt tar data",
+            "unreadable shard",
+        )
+        if reason in line
+    }
     assert len(summary) == 7, run.stdout
     assert "gone.jpg" in summary["dangling symlink"] and "loop.jpg" in summary["symlink loop"]
     assert "fifo.jpg" in summary["not a regular file"] and "empty.jpg" in summary["empty file"]
     assert "a_truncated.tar:sub/0002.jpg" in summary["tar member runs past the end"]
     assert f"b_corrupt.tar@{second.offset}" in summary["corrupt tar data"]
     assert "c_junk.tar" in summary["unreadable shard"]
-    assert all(line.split()[0] == "1" for line in summary.values()), summary   # one of each
+    assert all(line.split()[0] == "1" for line in summary.values()), summary  # one of each
     assert "skipped 7 entries" in run.stdout
     reader = open_index(str(out))
-    assert len(reader) == 6 + 2 + 1                # folder images, truncated shard's first two, corrupt's first
-    want = [jpeg(10 + i, 8 + c, i) for c in range(2) for i in range(3)] + [jpeg(value=0), jpeg(value=1),
-                                                                            jpeg(value=10)]
+    assert len(reader) == 6 + 2 + 1  # folder images, truncated shard's first two, corrupt's first
+    want = [jpeg(10 + i, 8 + c, i) for c in range(2) for i in range(3)] + [jpeg(value=0), jpeg(value=1), jpeg(value=10)]
     assert [read_image(reader, r) for r in range(len(reader))] == want
     assert [reader.label(r) for r in range(6, 9)] == [1, 1, -1]
-    assert len(reader.containers) == 1 + 2        # the unreadable shard adds no container
+    assert len(reader.containers) == 1 + 2  # the unreadable shard adds no container
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file; the FIFO and loop cases above "
-                                               "cover unreadable files as root")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root reads a chmod 000 file; the FIFO and loop cases above cover unreadable files as root",
+)
 def test_permission_denied_is_skipped(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "dog" / "locked.jpg").write_bytes(jpeg())

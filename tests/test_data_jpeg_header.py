@@ -1,5 +1,6 @@
 """The JPEG header fast path: EXIF orientation read from bytes agrees with Pillow, in both byte
 orders, as SHORT or LONG, next to other APP segments; XMP-only orientation goes to Pillow."""
+
 import io
 import struct
 
@@ -57,9 +58,11 @@ def test_only_the_first_exif_segment_counts():
 
 @pytest.mark.skipif(simplejpeg is None, reason="simplejpeg is not installed")
 def test_xmp_only_orientation_is_left_to_pillow():
-    xmp = (b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf="
-           b"'http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description xmlns:tiff="
-           b"'http://ns.adobe.com/tiff/1.0/' tiff:Orientation='6'/></rdf:RDF></x:xmpmeta>")
+    xmp = (
+        b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf="
+        b"'http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description xmlns:tiff="
+        b"'http://ns.adobe.com/tiff/1.0/' tiff:Orientation='6'/></rdf:RDF></x:xmpmeta>"
+    )
     data = with_segments(plain_jpeg(), b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp)
     assert jpeg_orientation(data) is None
     header = read_header(data, 10**6, "simplejpeg")

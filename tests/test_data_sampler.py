@@ -1,4 +1,5 @@
 """Sampler properties: coverage, equal counts, determinism, exact resume (also on another world size)."""
+
 import itertools
 
 import numpy as np
@@ -13,8 +14,10 @@ def take(sampler, n):
 
 def global_stream(length, world, seed, steps_per_rank, state=None):
     """Interleave ranks' keys by global position (rank r at position p*world + r)."""
-    per_rank = [take(ResumableSampler(length, rank=r, world_size=world, seed=seed, state=state), steps_per_rank)
-                for r in range(world)]
+    per_rank = [
+        take(ResumableSampler(length, rank=r, world_size=world, seed=seed, state=state), steps_per_rank)
+        for r in range(world)
+    ]
     return [per_rank[r][i] for i in range(steps_per_rank) for r in range(world)]
 
 
@@ -66,7 +69,7 @@ def test_exact_continuation_after_mid_epoch_stop(new_world):
     epoch1_ref = [k for k in full if k[0] == 1]
     assert first_run[96:] == epoch1_ref[:24]
     usable = ((length - 24) // new_world) * new_world
-    assert resumed[:min(usable, len(resumed))] == epoch1_ref[24:24 + min(usable, len(resumed))]
+    assert resumed[: min(usable, len(resumed))] == epoch1_ref[24 : 24 + min(usable, len(resumed))]
 
 
 def test_state_after_across_epochs_then_resume_continues_the_same_stream():

@@ -1,5 +1,6 @@
 """Samples: decoding (modes, EXIF, draft), crops, masks, bad-sample replacement and the abort,
 determinism across worker counts and on resume."""
+
 import io
 import logging
 from pathlib import Path
@@ -13,8 +14,16 @@ from eva_train.config import DataConfig, MaskConfig
 from eva_train.data import BadSampleMonitor, DataError
 from eva_train.data.build import build_index
 from eva_train.data.dataset import MaskedImageDataset, SampleSpec
-from eva_train.data.decode import (DEFAULT_JPEG_DECODER, BadImageError, dct_factor, decode_crop, exif_orientation,
-                                   open_image, read_header, simplejpeg)
+from eva_train.data.decode import (
+    DEFAULT_JPEG_DECODER,
+    BadImageError,
+    dct_factor,
+    decode_crop,
+    exif_orientation,
+    open_image,
+    read_header,
+    simplejpeg,
+)
 from eva_train.data.index import open_index
 from eva_train.data.loader import build_loader
 from eva_train.data.masking import BlockMaskGenerator, RandomMaskGenerator, build_mask_generator
@@ -45,13 +54,16 @@ def decode_whole(data: bytes, out=16, flip=False, decoder=DEFAULT_JPEG_DECODER) 
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("mode,fmt,color,expected", [
-    ("L", "JPEG", 128, (128, 128, 128)),
-    ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0)),
-    ("P", "PNG", None, (10, 200, 30)),
-    ("RGBA", "PNG", (0, 0, 255, 0), (255, 255, 255)),   # fully transparent -> white background
-    ("LA", "PNG", (50, 255), (50, 50, 50)),
-])
+@pytest.mark.parametrize(
+    "mode,fmt,color,expected",
+    [
+        ("L", "JPEG", 128, (128, 128, 128)),
+        ("CMYK", "JPEG", (0, 255, 255, 0), (255, 0, 0)),
+        ("P", "PNG", None, (10, 200, 30)),
+        ("RGBA", "PNG", (0, 0, 255, 0), (255, 255, 255)),  # fully transparent -> white background
+        ("LA", "PNG", (50, 255), (50, 50, 50)),
+    ],
+)
 def test_modes_become_rgb(mode, fmt, color, expected, decoder):
     if mode == "P":
         img = Image.new("RGB", (24, 24), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE)
@@ -65,20 +77,23 @@ def test_modes_become_rgb(mode, fmt, color, expected, decoder):
 RAMP_16 = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (256, 1))  # 0 -> 65535 along x
 
 
-@pytest.mark.parametrize("mode,fmt,array,expected", [
-    # independent expectations: 16-bit integers scale by 255 / 65535, floats in [0, 1] by 255, rounded
-    ("I;16", "PNG", RAMP_16, np.round(RAMP_16.astype(float) * 255 / 65535)),
-    ("I;16B", "TIFF", RAMP_16.astype(">u2"), np.round(RAMP_16.astype(float) * 255 / 65535)),
-    ("I", "TIFF", RAMP_16.astype(np.int32), np.round(RAMP_16.astype(float) * 255 / 65535)),
-    ("F", "TIFF", (RAMP_16 / 65535).astype(np.float32), np.round(RAMP_16 / 65535 * 255)),
-])
+@pytest.mark.parametrize(
+    "mode,fmt,array,expected",
+    [
+        # independent expectations: 16-bit integers scale by 255 / 65535, floats in [0, 1] by 255, rounded
+        ("I;16", "PNG", RAMP_16, np.round(RAMP_16.astype(float) * 255 / 65535)),
+        ("I;16B", "TIFF", RAMP_16.astype(">u2"), np.round(RAMP_16.astype(float) * 255 / 65535)),
+        ("I", "TIFF", RAMP_16.astype(np.int32), np.round(RAMP_16.astype(float) * 255 / 65535)),
+        ("F", "TIFF", (RAMP_16 / 65535).astype(np.float32), np.round(RAMP_16 / 65535 * 255)),
+    ],
+)
 def test_high_bit_depth_gray_is_scaled_not_clipped(mode, fmt, array, expected):
     """A 16-bit (or float) ramp written by Pillow decodes to an 8-bit ramp through the dataset's
     decode path, not to ~98% white as Pillow's convert("RGB") would give."""
     data = encode(Image.fromarray(array), fmt)
-    assert Image.open(io.BytesIO(data)).mode == mode   # the file really holds that mode
+    assert Image.open(io.BytesIO(data)).mode == mode  # the file really holds that mode
     out = decode_whole(data, out=256).astype(int)
-    assert out.shape == (256, 256, 3) and (out == out[..., :1]).all()   # gray
+    assert out.shape == (256, 256, 3) and (out == out[..., :1]).all()  # gray
     assert np.abs(out[..., 0] - expected).max() <= 1
     assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255 and (np.diff(out[0, :, 0]) >= 0).all()
 
@@ -101,7 +116,7 @@ def test_sixteen_bit_rgb_png(tmp_path, alpha):
 def test_palette_transparency_becomes_white(decoder):
     img = Image.new("P", (16, 16), 0)
     img.putpalette([200, 20, 20, 0, 0, 255])
-    img.paste(1, (8, 0, 16, 16))   # right half: palette entry 1 (blue), marked transparent
+    img.paste(1, (8, 0, 16, 16))  # right half: palette entry 1 (blue), marked transparent
     data = encode(img, "PNG", transparency=1)
     out = decode_whole(data, decoder=decoder).astype(int)
     assert np.abs(out[:, :6] - (200, 20, 20)).max() <= 2 and np.abs(out[:, 10:] - 255).max() <= 2
@@ -115,7 +130,7 @@ def test_exif_orientation_is_applied():
     data = encode(raw, exif=exif.tobytes())
     for decoder in DECODERS:
         out = hwc(decode_crop(read_header(data, MAX_PIXELS, decoder), (1, 11, 19, 29), 16, False))
-        assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60    # top red
+        assert out[0, 8, 0] > 200 and out[0, 8, 2] < 60  # top red
         assert out[-1, 8, 2] > 200 and out[-1, 8, 0] < 60  # bottom blue
 
 
@@ -142,8 +157,10 @@ def test_simplejpeg_equals_pillow_for_every_orientation(orientation, subsampling
     assert (width, height) == ((72, 120) if orientation >= 5 else (120, 72))
     for box, out, flip in [((5, 9, 37, 50), 24, False), ((3, 1, width - 2, height - 4), 16, True)]:
         assert dct_factor(headers[0], box, out) == (1 if out == 24 else 4)
-        outs = [hwc(decode_crop(read_header(data, MAX_PIXELS, decoder), box, out, flip))
-                for decoder in ("pillow", "simplejpeg")]
+        outs = [
+            hwc(decode_crop(read_header(data, MAX_PIXELS, decoder), box, out, flip))
+            for decoder in ("pillow", "simplejpeg")
+        ]
         assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1
 
 
@@ -189,8 +206,8 @@ def test_random_mask_and_grid_scaling():
     rng = np.random.default_rng(0)
     assert RandomMaskGenerator((16, 16), 147)(rng).sum() == 147
     cfg = MaskConfig()
-    assert build_mask_generator(cfg, (4, 4))(rng).sum() == 7          # 105 * 16 / 256 rounded
-    assert build_mask_generator(cfg, (24, 24))(rng).sum() == 236      # 105 * 576 / 256 rounded
+    assert build_mask_generator(cfg, (4, 4))(rng).sum() == 7  # 105 * 16 / 256 rounded
+    assert build_mask_generator(cfg, (24, 24))(rng).sum() == 236  # 105 * 576 / 256 rounded
     cfg.strategy = "random"
     assert isinstance(build_mask_generator(cfg, (14, 14)), RandomMaskGenerator)
     cfg.strategy = "grid"
@@ -227,8 +244,19 @@ def broken_dir(tmp_path):
 
 def loader_for(index, workers=0, train=True, batch=4, state=None, threshold_pixels=MAX_PIXELS, img=32):
     data_cfg = DataConfig(num_workers=workers, max_image_pixels=threshold_pixels, prefetch_factor=2)
-    return build_loader(data_cfg, MaskConfig(), index_paths=[index], img_size=img, patch_size=8,
-                        micro_batch_size=batch, rank=0, world_size=1, seed=4, train=train, sampler_state=state)
+    return build_loader(
+        data_cfg,
+        MaskConfig(),
+        index_paths=[index],
+        img_size=img,
+        patch_size=8,
+        micro_batch_size=batch,
+        rank=0,
+        world_size=1,
+        seed=4,
+        train=train,
+        sampler_state=state,
+    )
 
 
 def test_broken_images_are_replaced_and_counted(broken_dir, caplog):
@@ -258,8 +286,11 @@ def test_bad_fraction_aborts_with_a_clear_report(broken_dir):
     index, _ = broken_dir
     loader, _ = loader_for(index, workers=0, train=False, batch=17)
     monitor = BadSampleMonitor(threshold=0.01, min_samples=10)
-    with pytest.raises(DataError, match=r"failed to read or decode, above data.bad_sample_threshold=1.00%.*"
-                                        r"--data.bad_sample_threshold"):
+    with pytest.raises(
+        DataError,
+        match=r"failed to read or decode, above data.bad_sample_threshold=1.00%.*"
+        r"--data.bad_sample_threshold",
+    ):
         for batch in loader:
             monitor.update(batch["bad"].sum(), len(batch["bad"]))
     quiet = BadSampleMonitor(threshold=0.5, min_samples=10)

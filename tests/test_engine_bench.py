@@ -1,5 +1,6 @@
 """tools/bench_step.py smoke test on CPU (a tiny variant): the implementations step, a table is printed, the CSV
 holds the same rows (what tools/plan.py --measured reads)."""
+
 import csv
 import importlib.util
 from pathlib import Path
@@ -18,9 +19,26 @@ def load_tool():
 
 def test_bench_step_times_ours_and_timm_and_prints_a_table(capsys, tmp_path):
     tool = load_tool()
-    args = ["--variant", "eva_debug_p4", "--micro_batch_size", "2", "--steps", "2", "--warmup_steps", "1",
-            "--precision", "fp32", "--kernels", "torch", "--baseline", "timm", "--device", "cpu",
-            "--csv", str(tmp_path / "bench.csv")]
+    args = [
+        "--variant",
+        "eva_debug_p4",
+        "--micro_batch_size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--precision",
+        "fp32",
+        "--kernels",
+        "torch",
+        "--baseline",
+        "timm",
+        "--device",
+        "cpu",
+        "--csv",
+        str(tmp_path / "bench.csv"),
+    ]
     assert tool.main(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-3].split()[:3] == ["impl", "kernels", "step"]
@@ -40,9 +58,28 @@ def test_bench_step_deepspeed_engine_steps_ours_and_the_torch_kernels(capsys, tm
     our model on our kernels and on torch's, and timm's Eva (built under zero.Init too)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("MASTER_PORT", str(__import__("tests.helpers.procs", fromlist=["free_port"]).free_port()))
-    args = ["--variant", "eva_debug_p4", "--micro_batch_size", "2", "--steps", "1", "--warmup_steps", "1",
-            "--precision", "fp32", "--engine", "deepspeed", "--checkpoint_fraction", "1",
-            "--impls", "eva_train,eva_train_torch,timm", "--device", "cpu", "--csv", str(tmp_path / "ds.csv")]
+    args = [
+        "--variant",
+        "eva_debug_p4",
+        "--micro_batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--precision",
+        "fp32",
+        "--engine",
+        "deepspeed",
+        "--checkpoint_fraction",
+        "1",
+        "--impls",
+        "eva_train,eva_train_torch,timm",
+        "--device",
+        "cpu",
+        "--csv",
+        str(tmp_path / "ds.csv"),
+    ]
     assert load_tool().main(args) == 0
     assert "DeepSpeed ZeRO-3" in capsys.readouterr().out
     rows = list(csv.DictReader(open(tmp_path / "ds.csv")))
@@ -59,9 +96,14 @@ def test_timm_baseline_has_our_parameter_count():
     assert timm == ours  # same dimensions: the ratio compares like with like
 
 
-@pytest.mark.parametrize("args,message", [(["--variant", "eva_nope"], "unknown"),
-                                          (["--variant", "eva_debug_p4", "--img_size", "18"], "not divisible"),
-                                          (["--impls", "eva_train,flash"], "unknown")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--variant", "eva_nope"], "unknown"),
+        (["--variant", "eva_debug_p4", "--img_size", "18"], "not divisible"),
+        (["--impls", "eva_train,flash"], "unknown"),
+    ],
+)
 def test_bench_step_rejects_bad_input(capsys, args, message):
     with pytest.raises(SystemExit):
         load_tool().parse_args(args)

@@ -1,13 +1,14 @@
 """The demo's closing report: pretrained vs random init, kNN and linear probe, table + json."""
+
 import json
 
 import pytest
 import torch
-from tests.helpers.data import write_class_folder
 
 from eva_train.config import build_config
 from eva_train.eval.demo_report import final_report
 from eva_train.models import build_backbone
+from tests.helpers.data import write_class_folder
 
 
 class MeanColor(torch.nn.Module):
@@ -16,18 +17,26 @@ class MeanColor(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))   # the report reads the device off a parameter
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the report reads the device off a parameter
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float().mean(dim=(2, 3))             # (B, 3)
+        return images.float().mean(dim=(2, 3))  # (B, 3)
 
 
 def test_report_compares_the_model_with_a_fixed_random_baseline(tmp_path, capsys):
     train = write_class_folder(tmp_path / "train", per_class=8, seed=0)
     val = write_class_folder(tmp_path / "val", per_class=3, seed=1)
-    cfg = build_config("demo", ["--model.variant=eva_debug_p4", "--model.img_size=16",
-                                f"--eval.knn_train_index={train}", f"--eval.knn_val_index={val}",
-                                "--eval.knn_k=5", f"--train.output_dir={tmp_path / 'out'}"])
+    cfg = build_config(
+        "demo",
+        [
+            "--model.variant=eva_debug_p4",
+            "--model.img_size=16",
+            f"--eval.knn_train_index={train}",
+            f"--eval.knn_val_index={val}",
+            "--eval.knn_k=5",
+            f"--train.output_dir={tmp_path / 'out'}",
+        ],
+    )
     report = final_report(cfg, MeanColor(), rank=0, world_size=1)
     assert report["num_classes"] == 3 and report["num_train"] == 24 and report["num_val"] == 9
     assert set(report["pretrained"]) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}

@@ -1,4 +1,5 @@
 """kNN math, top-k accuracy, LARS and the linear head."""
+
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from eva_train.eval.optim import build_optimizer, param_groups
 
 def _clusters(num_classes, per_class, dim, noise, seed):
     g = torch.Generator().manual_seed(seed)
-    centers = torch.eye(dim)[:num_classes]                              # orthogonal class directions
+    centers = torch.eye(dim)[:num_classes]  # orthogonal class directions
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     feats = centers[labels] + noise * torch.randn(len(labels), dim, generator=g)
     return feats, labels, centers
@@ -33,7 +34,7 @@ def test_knn_half_mislabeled_queries_give_half_top1():
     test = centers[torch.where(shifted, (test_y + 1) % 4, test_y)]
     acc = knn_accuracy(train, train_y, test, test_y, num_classes=4)
     assert acc["knn_top1"] == pytest.approx(50.0)
-    assert acc["knn_top5"] == 100.0   # 4 classes: the label is always among the top 5
+    assert acc["knn_top5"] == 100.0  # 4 classes: the label is always among the top 5
 
 
 def test_knn_temperature_weights_the_nearest_neighbour():
@@ -147,10 +148,18 @@ def test_lars_keeps_its_trust_ratio_inside_deepspeed_without_zero(precision):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                               "MASTER_PORT")}
-    run = subprocess.run([sys.executable, "-c", LARS_UNDER_DEEPSPEED, precision], capture_output=True, text=True,
-                         env=dict(env, DS_ACCELERATOR="cpu"), timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", LARS_UNDER_DEEPSPEED, precision],
+        capture_output=True,
+        text=True,
+        env=dict(env, DS_ACCELERATOR="cpu"),
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     # ||w|| = 6, ||g|| = 5 -> 0.001 * 6 / 5 * 2.5 = 0.003 off each weight; the bias takes the plain step

@@ -1,5 +1,6 @@
 """One evaluation preprocessing: the same JPEG gives the same input tensor in pretraining validation,
 the kNN monitor, the linear probe, fine-tune evaluation, `predict` and `extract_feat`."""
+
 import io
 
 import numpy as np
@@ -45,32 +46,61 @@ def labeled(tmp_path_factory):
 
 
 def pretraining_val(index):
-    loader, _ = build_loader(DataConfig(num_workers=0), MaskConfig(), index_paths=[index], img_size=SIZE,
-                             patch_size=4, micro_batch_size=6, rank=0, world_size=1, seed=0, train=False)
+    loader, _ = build_loader(
+        DataConfig(num_workers=0),
+        MaskConfig(),
+        index_paths=[index],
+        img_size=SIZE,
+        patch_size=4,
+        micro_batch_size=6,
+        rank=0,
+        world_size=1,
+        seed=0,
+        train=False,
+    )
     return next(iter(loader))["images"]
 
 
 def protocol_cfg(root, protocol):
     recipe = "linear_demo" if protocol == "linear" else "finetune_demo"
-    return build_protocol_config(recipe, ["--model.random_init=true", "--model.variant=eva_debug_p4",
-                                          f"--model.img_size={SIZE}", f"--data.train={root}", f"--data.val={root}",
-                                          "--data.num_workers=0", "--data.cache_features=false",
-                                          "--train.micro_batch_size=6", "--train.precision=fp32"])
+    return build_protocol_config(
+        recipe,
+        [
+            "--model.random_init=true",
+            "--model.variant=eva_debug_p4",
+            f"--model.img_size={SIZE}",
+            f"--data.train={root}",
+            f"--data.val={root}",
+            "--data.num_workers=0",
+            "--data.cache_features=false",
+            "--train.micro_batch_size=6",
+            "--train.precision=fp32",
+        ],
+    )
 
 
 def test_every_tool_sees_the_same_pixels(labeled):
     root, index, files = labeled
-    reference = pretraining_val(index)                                       # (6, 3, 16, 16) uint8
+    reference = pretraining_val(index)  # (6, 3, 16, 16) uint8
     assert reference.shape == (6, 3, SIZE, SIZE) and reference.dtype == torch.uint8
     # the upright image is 31 x 45 (EXIF 6 turns the stored 45 x 31): EvalTransform on torchvision's own
     # decode of the rotated file, written out as torchvision calls, is an independent check of the order
     upright = torch.from_numpy(np.array(Image.open(files[0]).rotate(-90, expand=True))).permute(2, 0, 1)
-    by_hand = torch.nn.functional.interpolate(upright[None].float(), size=(int(45 * 18 / 31), 18), mode="bicubic",
-                                              antialias=True, align_corners=False).round().clamp(0, 255)
+    by_hand = (
+        torch.nn.functional.interpolate(
+            upright[None].float(), size=(int(45 * 18 / 31), 18), mode="bicubic", antialias=True, align_corners=False
+        )
+        .round()
+        .clamp(0, 255)
+    )
     top, left = (by_hand.shape[2] - SIZE + 1) // 2, (by_hand.shape[3] - SIZE + 1) // 2
-    assert (by_hand[0, :, top:top + SIZE, left:left + SIZE] - reference[0].float()).abs().max() <= 3  # JPEG IDCT
-    for name, images in [("kNN monitor, folder", knn_val(root)), ("kNN monitor, index", knn_val(index)),
-                         ("predict", images_to_uint8(files, SIZE)), ("fine-tune eval", finetune_val(root))]:
+    assert (by_hand[0, :, top : top + SIZE, left : left + SIZE] - reference[0].float()).abs().max() <= 3  # JPEG IDCT
+    for name, images in [
+        ("kNN monitor, folder", knn_val(root)),
+        ("kNN monitor, index", knn_val(index)),
+        ("predict", images_to_uint8(files, SIZE)),
+        ("fine-tune eval", finetune_val(root)),
+    ]:
         assert torch.equal(images, reference), name
 
 
@@ -95,7 +125,7 @@ def test_features_of_probe_and_extract_feat_match_the_data_path(labeled):
     pixels = pretraining_val(index)
     torch.testing.assert_close(normalize_images(pixels), (pixels / 255.0 - mean) / std, rtol=0, atol=1e-5)
     with torch.no_grad():
-        expected = backbone(normalize_images(pixels))                        # (6, D) pooled
+        expected = backbone(normalize_images(pixels))  # (6, D) pooled
         tokens = backbone.forward_features(normalize_images(pixels))
     assert torch.equal(probe.val_feats, expected)
     feats = extract_feat(backbone, files)

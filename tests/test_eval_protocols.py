@@ -1,5 +1,6 @@
 """Linear probe, fine-tune and predict end to end on CPU (real DeepSpeed processes, tiny data),
 plus the protocol config, schedule and parameter groups."""
+
 import json
 import math
 import os
@@ -9,17 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.data import write_class_folder
 from safetensors.torch import save_file
-
 
 from eva_train.config import ConfigError
 from eva_train.eval.optim import layer_id, param_groups, protocol_lr
 from eva_train.eval.protocol_config import build_protocol_config, validate_protocol
+from tests.helpers.data import write_class_folder
 
 REPO = Path(__file__).parents[1]
-TINY = ["--model.variant=eva_debug_p4", "--model.img_size=16", "--train.global_batch_size=8",
-        "--train.micro_batch_size=8", "--data.num_workers=0"]
+TINY = [
+    "--model.variant=eva_debug_p4",
+    "--model.img_size=16",
+    "--train.global_batch_size=8",
+    "--train.micro_batch_size=8",
+    "--data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,11 @@ def tiny(tmp_path_factory):
     write_class_folder(root / "train", per_class=10, seed=0)
     write_class_folder(root / "val", per_class=4, seed=1)
     torch.manual_seed(0)
-    save_file(build_backbone("eva_debug_p4", 16).state_dict(), str(root / "backbone.safetensors"),
-              metadata={"variant": "eva_debug_p4", "img_size": "16"})
+    save_file(
+        build_backbone("eva_debug_p4", 16).state_dict(),
+        str(root / "backbone.safetensors"),
+        metadata={"variant": "eva_debug_p4", "img_size": "16"},
+    )
     return root
 
 
@@ -40,8 +48,14 @@ def _tool(name, *args):
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONPATH=str(REPO))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, str(REPO / "tools" / name), *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _history(out_dir):
@@ -49,8 +63,11 @@ def _history(out_dir):
 
 
 def _data(tiny):
-    return [f"--checkpoint={tiny / 'backbone.safetensors'}", f"--data.train={tiny / 'train'}",
-            f"--data.val={tiny / 'val'}"]
+    return [
+        f"--checkpoint={tiny / 'backbone.safetensors'}",
+        f"--data.train={tiny / 'train'}",
+        f"--data.val={tiny / 'val'}",
+    ]
 
 
 @pytest.mark.slow
@@ -67,10 +84,11 @@ def test_linear_probe_beats_chance_resumes_and_predicts(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = _history(out)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    assert history[-1]["top1"] > 100 / 3 + 20          # chance is 33%
+    assert history[-1]["top1"] > 100 / 3 + 20  # chance is 33%
     assert 0 <= history[-1]["top1"] <= history[-1]["top5"] == 100.0
 
     from eva_train.eval.predict import predict
+
     val_images = sorted(str(p) for p in (tiny / "val").rglob("*.png"))
     top = predict(val_images, str(out / "classifier.safetensors"), top_k=2)
     assert all(len(t) == 2 and t[0][1] >= t[1][1] for t in top)
@@ -84,18 +102,38 @@ def test_finetune_learns_two_classes_and_predict_names_them(tiny, tmp_path):
     write_class_folder(root / "train", per_class=12, num_classes=2, seed=2)
     write_class_folder(root / "val", per_class=3, num_classes=2, seed=3)
     out = tmp_path / "finetune"
-    proc = _tool("finetune.py", "--recipe", "finetune_demo", f"--checkpoint={tiny / 'backbone.safetensors'}",
-                 f"--data.train={root / 'train'}", f"--data.val={root / 'val'}", *TINY, f"--output_dir={out}",
-                 "--train.epochs=4", "--optim.lr=3e-3", "--optim.warmup_epochs=1", "--aug.ema_decay=0.5",
-                 "--aug.mixup=0.2", "--aug.cutmix=0")
+    proc = _tool(
+        "finetune.py",
+        "--recipe",
+        "finetune_demo",
+        f"--checkpoint={tiny / 'backbone.safetensors'}",
+        f"--data.train={root / 'train'}",
+        f"--data.val={root / 'val'}",
+        *TINY,
+        f"--output_dir={out}",
+        "--train.epochs=4",
+        "--optim.lr=3e-3",
+        "--optim.warmup_epochs=1",
+        "--aug.ema_decay=0.5",
+        "--aug.mixup=0.2",
+        "--aug.cutmix=0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = _history(out)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["top1"] == 100.0 and "ema_top1" in history[-1]
     assert (out / "classifier_ema.safetensors").exists()
 
-    proc = _tool("predict.py", str(root / "val" / "class_0" / "0.png"), str(root / "val" / "class_1" / "1.png"),
-                 "--checkpoint", str(out / "classifier.safetensors"), "--json", "--top_k", "1")
+    proc = _tool(
+        "predict.py",
+        str(root / "val" / "class_0" / "0.png"),
+        str(root / "val" / "class_1" / "1.png"),
+        "--checkpoint",
+        str(out / "classifier.safetensors"),
+        "--json",
+        "--top_k",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = [json.loads(line)["top_k"][0]["class"] for line in proc.stdout.splitlines()]
     assert answers == ["class_0", "class_1"]
@@ -113,8 +151,12 @@ def test_label_count_mismatch_is_a_one_line_error(tiny, tmp_path, capsys):
     from eva_train.eval.linear_probe import run_linear_probe
 
     write_class_folder(tmp_path / "val2", per_class=2, num_classes=2)
-    code = main(["--recipe", "linear_demo", *_data(tiny)[:2], f"--data.val={tmp_path / 'val2'}", *TINY],
-                "linear_demo", "linear", run_linear_probe)   # fails before any process group exists
+    code = main(
+        ["--recipe", "linear_demo", *_data(tiny)[:2], f"--data.val={tmp_path / 'val2'}", *TINY],
+        "linear_demo",
+        "linear",
+        run_linear_probe,
+    )  # fails before any process group exists
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: label count mismatch")
 
@@ -130,14 +172,16 @@ def test_config_errors_name_the_fix(tiny):
     cfg.model.checkpoint = str(tiny / "backbone.safetensors")
     cfg.train.global_batch_size = 48
     with pytest.raises(ConfigError, match="not a multiple"):
-        validate_protocol(cfg, world_size=4)      # 48 / (32 x 4)
+        validate_protocol(cfg, world_size=4)  # 48 / (32 x 4)
     for recipe in ("linear_vit_b16", "finetune_vit_b16"):
         bench = build_protocol_config(recipe)
         assert bench.train.epochs == 100 and bench.model.variant == "eva_mae_b16"
-    assert build_protocol_config("linear_vit_b16").peak_lr() == pytest.approx(6.4)   # 0.1 x 16384 / 256
-    lars_zero = build_protocol_config("linear_vit_b16", [f"--data.train={tiny}", f"--data.val={tiny}",
-                                                         f"--model.checkpoint={tiny / 'backbone.safetensors'}"])
-    validate_protocol(lars_zero, world_size=64)                  # the benchmark recipe: LARS without ZeRO
+    assert build_protocol_config("linear_vit_b16").peak_lr() == pytest.approx(6.4)  # 0.1 x 16384 / 256
+    lars_zero = build_protocol_config(
+        "linear_vit_b16",
+        [f"--data.train={tiny}", f"--data.val={tiny}", f"--model.checkpoint={tiny / 'backbone.safetensors'}"],
+    )
+    validate_protocol(lars_zero, world_size=64)  # the benchmark recipe: LARS without ZeRO
     for stage in (1, 2, 3):
         lars_zero.train.zero_stage = stage
         with pytest.raises(ConfigError, match="optim.name=lars with train.zero_stage"):
@@ -145,15 +189,23 @@ def test_config_errors_name_the_fix(tiny):
 
 
 def test_schedule_and_layer_decay_groups():
-    cfg = build_protocol_config("linear_demo", ["--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_epochs=2",
-                                                "--train.epochs=10"])
-    lrs = [protocol_lr(cfg, epoch, batch, 4) for epoch in range(10) for batch in range(4)]   # 40 steps, 8 warmup
-    assert lrs[:8] == pytest.approx([k / 8 for k in range(1, 9)])      # linear, peak at the last warmup step
-    assert lrs[8] == pytest.approx(1.0)                                 # cosine starts at the peak
-    assert lrs[8 + 16] == pytest.approx(0.1 + 0.9 * 0.5)                # half way through the 32 decay steps
+    cfg = build_protocol_config(
+        "linear_demo", ["--optim.lr=1.0", "--optim.min_lr=0.1", "--optim.warmup_epochs=2", "--train.epochs=10"]
+    )
+    lrs = [protocol_lr(cfg, epoch, batch, 4) for epoch in range(10) for batch in range(4)]  # 40 steps, 8 warmup
+    assert lrs[:8] == pytest.approx([k / 8 for k in range(1, 9)])  # linear, peak at the last warmup step
+    assert lrs[8] == pytest.approx(1.0)  # cosine starts at the peak
+    assert lrs[8 + 16] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the 32 decay steps
     assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 31 / 32)))
-    assert [layer_id(n, 12) for n in ("backbone.cls_token", "backbone.blocks.0.attn.qkv.weight",
-                                      "backbone.blocks.11.mlp.fc2.bias", "head.linear.weight")] == [0, 1, 12, 13]
+    assert [
+        layer_id(n, 12)
+        for n in (
+            "backbone.cls_token",
+            "backbone.blocks.0.attn.qkv.weight",
+            "backbone.blocks.11.mlp.fc2.bias",
+            "head.linear.weight",
+        )
+    ] == [0, 1, 12, 13]
     from eva_train.eval.heads import Classifier, LinearHead
     from eva_train.models import build_backbone
 
@@ -163,5 +215,5 @@ def test_schedule_and_layer_decay_groups():
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert scale_of[id(model.head.linear.weight)] == (1.0, 0.05)
     assert scale_of[id(model.head.linear.bias)] == (1.0, 0.0)
-    assert scale_of[id(model.backbone.cls_token)] == (0.125, 0.0)            # 0.5 ** 3, no decay
+    assert scale_of[id(model.backbone.cls_token)] == (0.125, 0.0)  # 0.5 ** 3, no decay
     assert scale_of[id(model.backbone.blocks[0].attn.proj.weight)] == (0.25, 0.05)

@@ -8,6 +8,7 @@
 - A timm-built EVA-g file saved at 224 px loads into the 336 recipe's model through the recipe's
   init path and computes what timm computes at 336.
 """
+
 import json
 import os
 import subprocess
@@ -27,14 +28,47 @@ from eva_train.models import build_backbone
 from tests.helpers.data import write_class_folder
 
 REPO = Path(__file__).parents[1]
-EVA_G = dict(variant="eva_g_p14", lr=3e-5, min_lr=0.0, weight_decay=0.05, layer_decay=0.95, warmup_epochs=2,
-             global_batch_size=512, micro_batch_size=16, zero_stage=1, drop_path_rate=0.4, checkpoint_fraction=1.0,
-             mixup=0.0, cutmix=0.0, label_smoothing=0.3, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.0,
-             min_crop_scale=0.08, eval_crop_pct=1.0, ema_decay=0.9999)
-EVA_L = dict(variant="eva_l_p14", lr=2e-4, min_lr=0.0, weight_decay=0.05, layer_decay=0.8, warmup_epochs=5,
-             global_batch_size=1024, zero_stage=1, drop_path_rate=0.2, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
-             rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, min_crop_scale=0.08, eval_crop_pct=1.0,
-             ema_decay=0.9999, epochs=50)
+EVA_G = dict(
+    variant="eva_g_p14",
+    lr=3e-5,
+    min_lr=0.0,
+    weight_decay=0.05,
+    layer_decay=0.95,
+    warmup_epochs=2,
+    global_batch_size=512,
+    micro_batch_size=16,
+    zero_stage=1,
+    drop_path_rate=0.4,
+    checkpoint_fraction=1.0,
+    mixup=0.0,
+    cutmix=0.0,
+    label_smoothing=0.3,
+    rand_augment="rand-m9-mstd0.5-inc1",
+    random_erasing=0.0,
+    min_crop_scale=0.08,
+    eval_crop_pct=1.0,
+    ema_decay=0.9999,
+)
+EVA_L = dict(
+    variant="eva_l_p14",
+    lr=2e-4,
+    min_lr=0.0,
+    weight_decay=0.05,
+    layer_decay=0.8,
+    warmup_epochs=5,
+    global_batch_size=1024,
+    zero_stage=1,
+    drop_path_rate=0.2,
+    mixup=0.8,
+    cutmix=1.0,
+    label_smoothing=0.1,
+    rand_augment="rand-m9-mstd0.5-inc1",
+    random_erasing=0.25,
+    min_crop_scale=0.08,
+    eval_crop_pct=1.0,
+    ema_decay=0.9999,
+    epochs=50,
+)
 EXPECTED = {
     "eva_g_p14_ft_in1k_336": {**EVA_G, "img_size": 336, "epochs": 10},
     "eva_g_p14_ft_in1k_560": {**EVA_G, "img_size": 560, "epochs": 15},
@@ -42,8 +76,12 @@ EXPECTED = {
     "eva_l_p14_ft_in1k_336": {**EVA_L, "img_size": 336},
 }
 # a small size with the recipe's patch size (the position table is still resized from the 224 file)
-TINY_SIZE = {"eva_g_p14_ft_in1k_336": 84, "eva_g_p14_ft_in1k_560": 140,
-             "eva_l_p14_ft_in1k_196": 56, "eva_l_p14_ft_in1k_336": 84}
+TINY_SIZE = {
+    "eva_g_p14_ft_in1k_336": 84,
+    "eva_g_p14_ft_in1k_560": 140,
+    "eva_l_p14_ft_in1k_196": 56,
+    "eva_l_p14_ft_in1k_336": 84,
+}
 
 
 def _flat(cfg) -> dict:
@@ -59,15 +97,17 @@ def test_recipe_holds_the_sources_values_and_cites_them(recipe):
     header = (RECIPE_DIR / f"{recipe}.toml").read_text().split("[model]")[0]
     assert "baaivision/EVA" in header and "the seed's row" in header
     if recipe.startswith("eva_l"):
-        assert "ASSUMED" in header          # what no official source states is said to be assumed
+        assert "ASSUMED" in header  # what no official source states is said to be assumed
 
 
 def test_recipe_options_are_checked_before_anything_runs(tmp_path):
     base = [f"--model.checkpoint={tmp_path}", "--data.train=x", "--data.val=y"]
-    for bad, needle in [("--aug.rand_augment=rand-x9", "aug.rand_augment"),
-                        ("--data.eval_crop_pct=1.5", "data.eval_crop_pct"),
-                        ("--model.checkpoint_fraction=2", "model.checkpoint_fraction"),
-                        ("--aug.random_erasing=-0.1", "aug.random_erasing")]:
+    for bad, needle in [
+        ("--aug.rand_augment=rand-x9", "aug.rand_augment"),
+        ("--data.eval_crop_pct=1.5", "data.eval_crop_pct"),
+        ("--model.checkpoint_fraction=2", "model.checkpoint_fraction"),
+        ("--aug.random_erasing=-0.1", "aug.random_erasing"),
+    ]:
         cfg = build_protocol_config("eva_g_p14_ft_in1k_336", [*base, bad])
         with pytest.raises(ConfigError, match=needle):
             validate_protocol(cfg, world_size=32)
@@ -77,8 +117,9 @@ def _run(code: str, *args: str):
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", PYTHONPATH=str(REPO))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, *code, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        [sys.executable, *code, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
 
 
 DRIVER = """
@@ -108,14 +149,30 @@ def tiny_runs(tmp_path_factory):
         start = root / f"{variant}_224.safetensors"
         if not start.exists():
             torch.manual_seed(0)
-            save_file(build_backbone(variant, 224, depth=1).state_dict(), str(start),
-                      metadata={"variant": variant, "img_size": "224"})
+            save_file(
+                build_backbone(variant, 224, depth=1).state_dict(),
+                str(start),
+                metadata={"variant": variant, "img_size": "224"},
+            )
         starts[recipe] = start
-        jobs.append([recipe, [f"--model.checkpoint={start}", "--model.depth=1",
-                              f"--model.img_size={TINY_SIZE[recipe]}", f"--data.train={root / 'train'}",
-                              f"--data.val={root / 'val'}", "--data.num_workers=0", "--train.global_batch_size=8",
-                              "--train.micro_batch_size=8", "--train.epochs=1",
-                              f"--train.output_dir={root / recipe}"], None])
+        jobs.append(
+            [
+                recipe,
+                [
+                    f"--model.checkpoint={start}",
+                    "--model.depth=1",
+                    f"--model.img_size={TINY_SIZE[recipe]}",
+                    f"--data.train={root / 'train'}",
+                    f"--data.val={root / 'val'}",
+                    "--data.num_workers=0",
+                    "--train.global_batch_size=8",
+                    "--train.micro_batch_size=8",
+                    "--train.epochs=1",
+                    f"--train.output_dir={root / recipe}",
+                ],
+                None,
+            ]
+        )
     first = root / jobs[0][0]
     moved = [str(first / "classifier_ema.safetensors"), str(first / "ema_run1.safetensors")]
     jobs.append([jobs[0][0], jobs[0][1], moved])
@@ -133,7 +190,7 @@ def test_recipe_runs_tiny_with_its_structure(tiny_runs, recipe):
     assert record["epoch"] == 1 and {"top1", "ema_top1", "train_loss"} <= set(record)
     live, ema = load_file(str(out / "classifier.safetensors")), load_file(str(out / "classifier_ema.safetensors"))
     start = load_file(str(starts[recipe]))
-    assert ema["backbone.pos_embed"].shape[1] == (TINY_SIZE[recipe] // 14) ** 2 + 1   # resized on load
+    assert ema["backbone.pos_embed"].shape[1] == (TINY_SIZE[recipe] // 14) ** 2 + 1  # resized on load
     # the engine trains in bf16; the EMA stays fp32 (a 1e-4 step would vanish in bf16 rounding)
     assert live["backbone.blocks.0.mlp.fc1.weight"].dtype == torch.bfloat16
     assert ema["backbone.blocks.0.mlp.fc1.weight"].dtype == torch.float32
@@ -146,8 +203,15 @@ def test_recipe_runs_tiny_with_its_structure(tiny_runs, recipe):
 
 
 def test_dry_run_prints_the_resolved_recipe():
-    proc = _run([str(REPO / "tools" / "finetune.py"), "--recipe", "eva_g_p14_ft_in1k_560", "--dry-run",
-                 "--train.micro_batch_size=8"])
+    proc = _run(
+        [
+            str(REPO / "tools" / "finetune.py"),
+            "--recipe",
+            "eva_g_p14_ft_in1k_560",
+            "--dry-run",
+            "--train.micro_batch_size=8",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
     cfg = json.loads(text[: text.rindex("}") + 1])
@@ -183,6 +247,6 @@ def test_resume_restores_the_ema(tiny_runs):
     root, _ = tiny_runs
     out = root / sorted(EXPECTED)[0]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in history] == [1]          # the second run trained nothing
+    assert [r["epoch"] for r in history] == [1]  # the second run trained nothing
     before, after = load_file(str(out / "ema_run1.safetensors")), load_file(str(out / "classifier_ema.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

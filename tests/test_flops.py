@@ -1,4 +1,5 @@
 """Analytic FLOPs: a hand count for one config, the seed table's numbers, the training formula."""
+
 import pytest
 
 from eva_train.config import ModelConfig, TeacherConfig
@@ -9,19 +10,27 @@ from eva_train.plan.gpus import mfu
 
 def test_debug_variant_matches_a_hand_count():
     # eva_debug_p4 at 16 px: 16 patches + cls = 17 tokens, D=32, MLP 128, depth 2, patch 4x4x3
-    patch = 16 * (4 * 4 * 3) * 32                      # 24,576 MACs
-    per_block = (17 * 32 * 96                          # qkv        52,224
-                 + 17 * 17 * 32 * 2                    # qk^T, av   18,496
-                 + 17 * 32 * 32                        # proj       17,408
-                 + 17 * 32 * 128 * 2)                  # fc1, fc2  139,264
-    head = 5 * 32 * 24                                 # lm_head on 5 masked patches -> 24-d
+    patch = 16 * (4 * 4 * 3) * 32  # 24,576 MACs
+    per_block = (
+        17 * 32 * 96  # qkv        52,224
+        + 17 * 17 * 32 * 2  # qk^T, av   18,496
+        + 17 * 32 * 32  # proj       17,408
+        + 17 * 32 * 128 * 2
+    )  # fc1, fc2  139,264
+    head = 5 * 32 * 24  # lm_head on 5 masked patches -> 24-d
     assert forward_flops("eva_debug_p4", 16) == 2 * (patch + 2 * per_block)
     assert forward_flops("eva_debug_p4", 16, num_masked_patches=5, teacher_dim=24) == 2 * (patch + 2 * per_block + head)
 
 
-@pytest.mark.parametrize("variant,img_size,seed_gmacs", [
-    ("eva_g_p14", 224, 267.17), ("eva_g_p16", 224, 203.52), ("eva_l_p14", 224, 81.08), ("eva_g_p14", 336, 620.64),
-])
+@pytest.mark.parametrize(
+    "variant,img_size,seed_gmacs",
+    [
+        ("eva_g_p14", 224, 267.17),
+        ("eva_g_p16", 224, 203.52),
+        ("eva_l_p14", 224, 81.08),
+        ("eva_g_p14", 336, 620.64),
+    ],
+)
 def test_backbone_flops_match_the_seed_table(variant, img_size, seed_gmacs):
     # mmpretrain's "Flops (G)" counts multiply-adds and also norms etc. (we skip them): within 0.1%
     assert forward_flops(variant, img_size) / 2e9 == pytest.approx(seed_gmacs, rel=1e-3)

@@ -1,4 +1,5 @@
 """Feature API: a consolidated file -> eval model -> patch and pooled features, from tensors or files."""
+
 import json
 import runpy
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_bad_inputs_are_clear_errors(mim_model, tmp_path):
 
 
 def test_tensors_of_any_size_run_as_they_are(mim_model, tmp_path):
-    model = get_model(_save(mim_model, tmp_path / "m.safetensors"))           # saved at 16x16
+    model = get_model(_save(mim_model, tmp_path / "m.safetensors"))  # saved at 16x16
     images = torch.randint(0, 256, (2, 3, 24, 12), dtype=torch.uint8)
     feats = extract_feat(model, images)
     assert feats["patch"].shape == (2, 18, 32) and feats["grid"].tolist() == [[6, 3], [6, 3]]
@@ -105,7 +106,7 @@ def test_tensors_of_any_size_run_as_they_are(mim_model, tmp_path):
         tokens = mim_model.forward_features(_normalize(images))
     torch.testing.assert_close(feats["pooled"], tokens[:, 0])
     torch.testing.assert_close(feats["patch"], tokens[:, 1:])
-    at_size = get_model(str(tmp_path / "m.safetensors"), img_size=(24, 12))   # table resampled on load
+    at_size = get_model(str(tmp_path / "m.safetensors"), img_size=(24, 12))  # table resampled on load
     assert at_size.img_size == (24, 12) and at_size.pos_embed.shape == (1, 1 + 18, 32)
     torch.testing.assert_close(extract_feat(at_size, images)["pooled"], feats["pooled"])
 
@@ -119,16 +120,16 @@ def _png(path, height, width, seed):
 
 def test_keep_aspect_runs_each_image_at_its_own_aspect(mim_model, tmp_path):
     model = get_model(_save(mim_model, tmp_path / "m.safetensors"))
-    wide, wide_px = _png(tmp_path / "wide.png", 16, 26, seed=0)      # shorter side already 16: 26 -> 24 (crop 1 | 1)
-    tall, tall_px = _png(tmp_path / "tall.png", 20, 16, seed=1)      # 20 -> 20: nothing to do
-    big, _ = _png(tmp_path / "big.png", 32, 52, seed=2)              # -> 16 x 26 -> 16 x 24
+    wide, wide_px = _png(tmp_path / "wide.png", 16, 26, seed=0)  # shorter side already 16: 26 -> 24 (crop 1 | 1)
+    tall, tall_px = _png(tmp_path / "tall.png", 20, 16, seed=1)  # 20 -> 20: nothing to do
+    big, _ = _png(tmp_path / "big.png", 32, 52, seed=2)  # -> 16 x 26 -> 16 x 24
     feats = extract_feat(model, [wide, tall, big, wide], keep_aspect=True, batch_size=1)
     assert feats["grid"].tolist() == [[4, 6], [5, 4], [4, 6], [4, 6]]
     assert [p.shape for p in feats["patch"]] == [(24, 32), (20, 32), (24, 32), (24, 32)]
     by_tensor = [extract_feat(model, wide_px[None, :, :, 1:25]), extract_feat(model, tall_px[None])]
     torch.testing.assert_close(feats["pooled"][:2], torch.cat([f["pooled"] for f in by_tensor]))
     torch.testing.assert_close(feats["patch"][1], by_tensor[1]["patch"][0])
-    torch.testing.assert_close(feats["pooled"][3], feats["pooled"][0])   # order kept across size groups
+    torch.testing.assert_close(feats["pooled"][3], feats["pooled"][0])  # order kept across size groups
     larger = extract_feat(model, [wide], img_size=32, keep_aspect=True)  # shorter side 32: 16x26 -> 32x52 -> 32x52
     assert larger["grid"].tolist() == [[8, 13]]
 
@@ -148,10 +149,15 @@ def test_predict_tool_writes_any_size_features(mim_model, tmp_path, capsys):
     assert load_file(out)["grid"].tolist() == [[6, 3]]
     capsys.readouterr()
     assert predict_tool["main"]([wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "18"]) == 2
-    assert capsys.readouterr().err == ("error: --img_size 18: give N or HxW in multiples of eva02_debug_p4's "
-                                       "patch size 4\n")
-    assert predict_tool["main"]([wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "16x8",
-                                 "--keep_aspect"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --img_size 18: give N or HxW in multiples of eva02_debug_p4's patch size 4\n"
+    )
+    assert (
+        predict_tool["main"](
+            [wide, "--checkpoint", checkpoint, "--features", out, "--img_size", "16x8", "--keep_aspect"]
+        )
+        == 2
+    )
     assert "one N (the shorter side)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         predict_tool["main"]([wide, "--checkpoint", checkpoint, "--img_size", "big"])
@@ -167,7 +173,7 @@ def test_predict_classifies_at_any_size_and_aspect(tmp_path):
     classifier = Classifier(backbone, LinearHead(32, 3, batch_norm=False, init_std=1.0)).eval()
     path = str(tmp_path / "classifier.safetensors")
     save_classifier(path, classifier, {"variant": "eva02_debug_p4", "img_size": 16}, ["a", "b", "c"], "finetune")
-    wide, wide_px = _png(tmp_path / "wide.png", 16, 26, seed=0)   # keep_aspect: cropped to 16 x 24, not resized
+    wide, wide_px = _png(tmp_path / "wide.png", 16, 26, seed=0)  # keep_aspect: cropped to 16 x 24, not resized
     top = predict([wide, wide], path, top_k=3, keep_aspect=True)
     with torch.no_grad():
         probs = classifier(_normalize(wide_px[None, :, :, 1:25])).softmax(dim=-1)[0]
@@ -179,7 +185,7 @@ def test_predict_classifies_at_any_size_and_aspect(tmp_path):
 
 def test_get_model_without_a_size_builds_at_the_files_own_size(tmp_path):
     torch.manual_seed(0)
-    source = build_backbone("eva02_debug_p4", 24)                       # a 6x6 table, no eva-train metadata
+    source = build_backbone("eva02_debug_p4", 24)  # a 6x6 table, no eva-train metadata
     path = str(tmp_path / "timm24.safetensors")
     save_file({k: v.contiguous() for k, v in to_layout(source.state_dict(), "timm").items()}, path)
     model = get_model(path, variant="eva02_debug_p4")

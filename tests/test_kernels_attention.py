@@ -1,14 +1,21 @@
 """Triton flash attention against float64, under the interpreter on CPU (-m gpu: on CUDA)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.kernels import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.attention import attention as triton_attention
 from eva_kernels.attention import head_dim_chunks
+from tests.helpers.kernels import (  # noqa: F401 (autouse fixture)
+    DEVICES,
+    assert_close_like_torch,
+    kernels_runnable,
+    poisoned_outputs,
+    skip_cpu_on_gpu_host,
+)
 
 
 def check_attention(q, k, v, scale=None):
@@ -23,21 +30,25 @@ def check_attention(q, k, v, scale=None):
         outs, grads = run(triton_attention, leaf_copies([q, k, v]))
     ref_outs, ref_grads = run(reference.attention, leaf_copies([q, k, v], torch.float64))
     torch_outs, torch_grads = run(reference.attention_same_precision, leaf_copies([q, k, v]))
-    for name, o, t, r in zip(("o", "dq", "dk", "dv"), outs + list(grads), torch_outs + list(torch_grads),
-                             ref_outs + list(ref_grads)):
+    for name, o, t, r in zip(
+        ("o", "dq", "dk", "dv"), outs + list(grads), torch_outs + list(torch_grads), ref_outs + list(ref_grads)
+    ):
         assert o.dtype == dtype and o.shape == q.shape
         assert_close_like_torch(name, o, t, r, ATOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch, heads, tokens, head_dim, dtype", [
-    (1, 1, 257, 88, torch.bfloat16),   # EVA-g: 256 patches + cls, masked tail, split head dim
-    (3, 1, 70, 88, torch.float16),
-    (1, 2, 45, 64, torch.float32),
-    (1, 1, 33, 96, torch.bfloat16),
-    (2, 1, 40, 128, torch.float16),
-    (1, 1, 1, 64, torch.float32),       # a single token
-])
+@pytest.mark.parametrize(
+    "batch, heads, tokens, head_dim, dtype",
+    [
+        (1, 1, 257, 88, torch.bfloat16),  # EVA-g: 256 patches + cls, masked tail, split head dim
+        (3, 1, 70, 88, torch.float16),
+        (1, 2, 45, 64, torch.float32),
+        (1, 1, 33, 96, torch.bfloat16),
+        (2, 1, 40, 128, torch.float16),
+        (1, 1, 1, 64, torch.float32),  # a single token
+    ],
+)
 def test_attention_matches_float64(batch, heads, tokens, head_dim, dtype, device):
     skip_cpu_on_gpu_host(device)
     torch.manual_seed(tokens * head_dim)

@@ -1,5 +1,6 @@
 """tools/bench_kernels.py: the benchmark's plumbing on CPU (checks, timing, CSV, PNG, tables), and its
 accuracy gate, which must keep a wrong or broken provider out of the timings."""
+
 import csv
 import os
 import runpy
@@ -20,11 +21,28 @@ def _load_tool() -> types.SimpleNamespace:
 
 
 def test_bench_kernels_cpu_smoke_writes_csv_png_and_table(tmp_path):
-    cmd = [sys.executable, TOOL, "--cpu-smoke", "--ops", "add_layer_norm",
-           "attention", "--modes", "fwd+bwd", "--batches", "1", "--providers", "ours", "torch", "sdpa_math",
-           "sdpa_cudnn", "--out-dir", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": REPO})
+    cmd = [
+        sys.executable,
+        TOOL,
+        "--cpu-smoke",
+        "--ops",
+        "add_layer_norm",
+        "attention",
+        "--modes",
+        "fwd+bwd",
+        "--batches",
+        "1",
+        "--providers",
+        "ours",
+        "torch",
+        "sdpa_math",
+        "sdpa_cudnn",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "bench_kernels.csv") as f:
         rows = list(csv.DictReader(f))
@@ -38,8 +56,13 @@ def test_bench_kernels_cpu_smoke_writes_csv_png_and_table(tmp_path):
     last_lines = result.stdout.strip().splitlines()
     assert last_lines[-1].startswith("attention") and "measured copy" in result.stdout
 
-    summary = subprocess.run([sys.executable, TOOL, "--summary-from", str(tmp_path / "bench_kernels.csv")],
-                             capture_output=True, text=True, timeout=120, cwd=REPO)
+    summary = subprocess.run(
+        [sys.executable, TOOL, "--summary-from", str(tmp_path / "bench_kernels.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert summary.returncode == 0, summary.stderr[-2000:]
     lines = summary.stdout.strip().splitlines()
     assert len(lines) == 1 + 4 + 1  # header, one row per (op, shape) at batch 1, the verdict
@@ -77,8 +100,11 @@ def test_accuracy_gate_rejects_a_wrong_output_or_gradient_and_reports_a_broken_p
 
     def broken(q, k, v):
         raise RuntimeError("no kernel image for this device\nsecond line")
-    assert bench.check_provider("attention", broken, inputs) == \
-        "unavailable: RuntimeError: no kernel image for this device"
+
+    assert (
+        bench.check_provider("attention", broken, inputs)
+        == "unavailable: RuntimeError: no kernel image for this device"
+    )
 
 
 def test_accuracy_gate_scales_the_atol_of_summed_layer_norm_gradients():
@@ -92,6 +118,7 @@ def test_accuracy_gate_scales_the_atol_of_summed_layer_norm_gradients():
 
     def drifting_dbias(x, w, b, r):  # the output is exact; dbias comes back times `scale`
         return eager(x, w, b.detach() + (b - b.detach()) * scale, r)
+
     # |dbias| ~ 5 here, so ~3e-5 of error: over the fp32 atol of 1e-5, under its 21-row sum of 2.1e-4
     scale = 1 + 0.6e-5
     assert bench.check_provider("add_layer_norm", drifting_dbias, inputs) is None
@@ -102,7 +129,10 @@ def test_accuracy_gate_scales_the_atol_of_summed_layer_norm_gradients():
 def test_kernel_verdict_puts_wrong_numerics_before_speed():
     bench = _load_tool()
     speedups = [(1.3, "attention eva_g_p14 b32 vs sdpa_flash"), (0.8, "rope_2d eva_g_p14 b8 vs torch")]
-    assert bench.kernel_verdict(speedups, []) == \
-        "ours >= best peer in 1/2 cases; worst 0.80x (rope_2d eva_g_p14 b8 vs torch)"
+    assert (
+        bench.kernel_verdict(speedups, [])
+        == "ours >= best peer in 1/2 cases; worst 0.80x (rope_2d eva_g_p14 b8 vs torch)"
+    )
     assert bench.kernel_verdict(speedups, ["attention eva_g_p14 b8: WRONG: grad 0"]).startswith(
-        "ours FAILED the accuracy check in 1 case(s)")
+        "ours FAILED the accuracy check in 1 case(s)"
+    )

@@ -1,6 +1,7 @@
 """tools/gpu_check.sh and tools/fetch_gpu_wheels.sh on a machine without CUDA: the scripts parse (bash -n,
 shellcheck where installed), refuse bad arguments with one line and exit 2, and the GPU check lists what
 it would run and exits 0 (offline wheels installed from a folder when asked), so a broken script fails CI."""
+
 import csv
 import os
 import shutil
@@ -58,20 +59,39 @@ def test_gpu_check_installs_offline_wheels_from_a_folder(tmp_path):
     package = tmp_path / "pkg"
     (package / "gpu_check_probe").mkdir(parents=True)
     (package / "gpu_check_probe" / "__init__.py").write_text("VALUE = 42\n")
-    (package / "setup.py").write_text('from setuptools import setup\n'
-                                      'setup(name="gpu-check-probe", version="1.0", packages=["gpu_check_probe"])\n')
+    (package / "setup.py").write_text(
+        'from setuptools import setup\nsetup(name="gpu-check-probe", version="1.0", packages=["gpu_check_probe"])\n'
+    )
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(package)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     result = _run(GPU_CHECK, "--dry-run", "--wheels", str(wheels))
     assert result.returncode == 0, result.stderr
     assert f"offline wheels from {wheels}: gpu_check_probe-1.0" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--wheels", "/nonexistent/wheels"], "--wheels /nonexistent/wheels is not a folder"),
-    (["--frobnicate"], "unknown argument '--frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--wheels", "/nonexistent/wheels"], "--wheels /nonexistent/wheels is not a folder"),
+        (["--frobnicate"], "unknown argument '--frobnicate'"),
+    ],
+)
 def test_gpu_check_user_errors_are_one_line_and_exit_2(args, message):
     result = _run(GPU_CHECK, *args)
     assert result.returncode == 2
@@ -129,13 +149,18 @@ def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
     fake.chmod(0o755)
     (tmp_path / "kernels.csv").write_text(KERNELS_CSV)
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": str(fake), "REAL_PYTHON": sys.executable,
-           "KERNELS_CSV": str(tmp_path / "kernels.csv")}
-    result = subprocess.run(["bash", GPU_CHECK, "--out", str(out)], capture_output=True, text=True, timeout=120,
-                            env=env, cwd=REPO)
+    env = {
+        **os.environ,
+        "PYTHON": str(fake),
+        "REAL_PYTHON": sys.executable,
+        "KERNELS_CSV": str(tmp_path / "kernels.csv"),
+    }
+    result = subprocess.run(
+        ["bash", GPU_CHECK, "--out", str(out)], capture_output=True, text=True, timeout=120, env=env, cwd=REPO
+    )
     assert "unexpected command" not in result.stderr, result.stderr
     assert result.returncode == 1, result.stdout[-3000:]  # the self-check failed
-    table = result.stdout[result.stdout.index("=== gpu_check on Fake H100"):].splitlines()[2:]
+    table = result.stdout[result.stdout.index("=== gpu_check on Fake H100") :].splitlines()[2:]
     rows = {line.split()[0]: line.split(None, 3)[1:] for line in table}
     assert rows["gpu_tests"][0] == "0" and rows["gpu_tests"][2] == "12 passed, 3 deselected in 9.10s"
     assert rows["selfcheck"][0] == "1" and rows["selfcheck"][2] == "RuntimeError: EVA_KERNELS=triton: attention failed"
@@ -143,8 +168,11 @@ def test_gpu_check_closing_table_on_a_stand_in_card(tmp_path):
     with open(os.path.join(REPO, "tools", "bench_step.py")) as f:
         writes_csv = '"--csv"' in f.read()
     for name in STEP_NAMES:  # its CSV's rows where it writes one, else its last line
-        assert rows[name][2] == ("ours 128.0 img/s 41.2% 30.5 GiB; timm 106.7 img/s 34.3% 35.0 GiB" if writes_csv
-                                 else "timm 300.0 106.7 (its table's last row)")
+        assert rows[name][2] == (
+            "ours 128.0 img/s 41.2% 30.5 GiB; timm 106.7 img/s 34.3% 35.0 GiB"
+            if writes_csv
+            else "timm 300.0 106.7 (its table's last row)"
+        )
     assert (out / "bench_kernels.csv").exists() and (out / "gpu_tests.log").exists()
     with open(out / "gpu_check.csv", newline="") as f:
         recorded = {row["check"]: row for row in csv.DictReader(f)}
@@ -159,8 +187,14 @@ def test_gpu_check_names_why_the_project_does_not_import(tmp_path):
     bare = tmp_path / "python"  # the same interpreter without site-packages: no torch there
     bare.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" -S -I "$@"\n')
     bare.chmod(0o755)
-    result = subprocess.run(["bash", GPU_CHECK, "--dry-run"], capture_output=True, text=True, timeout=120, cwd=REPO,
-                            env={**os.environ, "PYTHON": str(bare)})
+    result = subprocess.run(
+        ["bash", GPU_CHECK, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHON": str(bare)},
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "the project does not import" in result.stderr and "No module named" in result.stderr
     assert "pip install -e .[dev]" in result.stderr

@@ -1,13 +1,20 @@
 """Triton LayerNorm (+ fused residual) against float64, under the interpreter on CPU (-m gpu: on CUDA)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers.kernels import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, atol_for, grads_of, leaf_copies
 from eva_kernels.layer_norm import layer_norm as triton_layer_norm
+from tests.helpers.kernels import (  # noqa: F401 (autouse fixture)
+    DEVICES,
+    assert_close_like_torch,
+    kernels_runnable,
+    poisoned_outputs,
+    skip_cpu_on_gpu_host,
+)
 
 
 def _run(fn, tensors, eps, upstream):
@@ -20,8 +27,11 @@ def _run(fn, tensors, eps, upstream):
 def check_layer_norm(rows, hidden, dtype, device, residual, weight_dtype=None, x_view=None, eps=1e-6):
     weight_dtype = weight_dtype or dtype
     x = torch.randn(rows, hidden, dtype=dtype, device=device) if x_view is None else x_view
-    tensors = [x, torch.randn(hidden, dtype=weight_dtype, device=device),
-               torch.randn(hidden, dtype=weight_dtype, device=device)]
+    tensors = [
+        x,
+        torch.randn(hidden, dtype=weight_dtype, device=device),
+        torch.randn(hidden, dtype=weight_dtype, device=device),
+    ]
     if residual:
         tensors.append(torch.randn_like(x) * 3)
     upstream = [torch.randn(x.shape, dtype=dtype, device=device) for _ in range(2 if residual else 1)]
@@ -42,15 +52,18 @@ def check_layer_norm(rows, hidden, dtype, device, residual, weight_dtype=None, x
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows, hidden, dtype, residual", [
-    (3, 1408, torch.float32, False),
-    (3, 1408, torch.bfloat16, True),
-    (1, 1023, torch.float16, True),
-    (5, 1023, torch.bfloat16, False),
-    (2, 1024, torch.float16, False),
-    (2, 8192, torch.float32, True),
-    (7, 40, torch.float32, True),
-])
+@pytest.mark.parametrize(
+    "rows, hidden, dtype, residual",
+    [
+        (3, 1408, torch.float32, False),
+        (3, 1408, torch.bfloat16, True),
+        (1, 1023, torch.float16, True),
+        (5, 1023, torch.bfloat16, False),
+        (2, 1024, torch.float16, False),
+        (2, 8192, torch.float32, True),
+        (7, 40, torch.float32, True),
+    ],
+)
 def test_layer_norm_matches_float64(rows, hidden, dtype, residual, device):
     skip_cpu_on_gpu_host(device)
     torch.manual_seed(rows * hidden)

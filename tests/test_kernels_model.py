@@ -1,12 +1,13 @@
 """The EVA model's forward and backward through the Triton kernels (interpreter on CPU) match the torch path."""
+
 import copy
 
 import pytest
 import torch
-from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_train.models import build_backbone
+from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 
 def _autograd_node_names(tensor):
@@ -47,5 +48,6 @@ def test_model_with_triton_kernels_matches_torch(variant, img_size, rope):
     torch.testing.assert_close(tokens_triton, tokens_torch, rtol=1e-4, atol=1e-4)
     assert grads_triton.keys() == grads_torch.keys()
     for name, grad in grads_torch.items():
-        torch.testing.assert_close(grads_triton[name], grad, rtol=1e-3, atol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_triton[name], grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )

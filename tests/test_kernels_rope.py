@@ -1,13 +1,20 @@
 """Triton 2D RoPE against float64 and timm's EVA-02 layout, under the interpreter on CPU (-m gpu: on CUDA)."""
+
 import pytest
 import torch
-from tests.helpers.kernels import DEVICES, assert_close_like_torch, kernels_runnable, poisoned_outputs, skip_cpu_on_gpu_host  # noqa: F401 (autouse fixture)
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 
 import eva_kernels
 from eva_kernels import reference
 from eva_kernels.accuracy import ATOL, grads_of, leaf_copies
 from eva_kernels.rope import rope_2d as triton_rope_2d
+from tests.helpers.kernels import (  # noqa: F401 (autouse fixture)
+    DEVICES,
+    assert_close_like_torch,
+    kernels_runnable,
+    poisoned_outputs,
+    skip_cpu_on_gpu_host,
+)
 
 
 def timm_tables(grid, head_dim, device):
@@ -25,12 +32,15 @@ def qk_from_fused_qkv(batch, heads, tokens, head_dim, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch, heads, grid, head_dim, dtype, num_prefix_tokens", [
-    (1, 2, (7, 9), 88, torch.bfloat16, 1),
-    (3, 1, (7, 9), 64, torch.float16, 1),
-    (1, 1, (7, 9), 88, torch.float32, 0),
-    (3, 2, (2, 3), 32, torch.bfloat16, 2),
-])
+@pytest.mark.parametrize(
+    "batch, heads, grid, head_dim, dtype, num_prefix_tokens",
+    [
+        (1, 2, (7, 9), 88, torch.bfloat16, 1),
+        (3, 1, (7, 9), 64, torch.float16, 1),
+        (1, 1, (7, 9), 88, torch.float32, 0),
+        (3, 2, (2, 3), 32, torch.bfloat16, 2),
+    ],
+)
 def test_rope_matches_float64(batch, heads, grid, head_dim, dtype, num_prefix_tokens, device):
     skip_cpu_on_gpu_host(device)
     torch.manual_seed(head_dim + batch)

@@ -2,6 +2,7 @@
 (triton), slow ones are rejected by auto, correct fast ones are used; decisions are cached and
 agree across real gloo ranks with one collective. On CPU the real kernels run in the Triton
 interpreter; wrong/slow/fast kernels are injected through `set_test_hook`. -m gpu: on the card."""
+
 import json
 import os
 import subprocess
@@ -12,13 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 import eva_kernels
 from eva_kernels import __main__ as eva_kernels_cli
 from eva_kernels import reference, selfcheck
 from eva_kernels.accuracy import as_tuple
 from eva_kernels.selfcheck import KernelShape
+from tests.helpers.kernels import kernels_runnable  # noqa: F401 (autouse fixture)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the real kernels run in the interpreter
 SHAPE = KernelShape("attention", (1, 2, 17, 16), torch.float32, DEVICE)
@@ -40,6 +41,7 @@ def _slowed(fn):
     def run(*args):
         time.sleep(DELAY_S)
         return fn(*args)
+
     return run
 
 
@@ -75,11 +77,18 @@ def fast_correct(op, provider, fn):
 def raises(op, provider, fn):
     def boom(*a):
         raise RuntimeError("out of resources: shared memory")
+
     return boom if provider == "triton" else fn
 
 
-@pytest.mark.parametrize("hook, problem", [(wrong_forward, "o: max error"), (wrong_backward, "dq: max error"),
-                                           (raises, "raised RuntimeError: out of resources")])
+@pytest.mark.parametrize(
+    "hook, problem",
+    [
+        (wrong_forward, "o: max error"),
+        (wrong_backward, "dq: max error"),
+        (raises, "raised RuntimeError: out of resources"),
+    ],
+)
 def test_wrong_kernel_rejected_by_auto_and_fatal_under_triton(hook, problem):
     selfcheck.set_test_hook(hook)
     decision = selfcheck.autotune([SHAPE], "auto", 0, 1)[SHAPE.key()]
@@ -95,11 +104,13 @@ def test_wrong_kernel_rejected_by_auto_and_fatal_under_triton(hook, problem):
 
 def test_kernel_failing_only_at_the_timed_size_is_a_failed_check():
     """Accuracy is judged on 2 samples, timing runs the full batch: a launch that fails there counts too."""
+
     def fails_above_two_samples(op, provider, fn):
         def run(*a):
             if a[0].shape[0] > 2:
                 raise RuntimeError("invalid grid")
             return fn(*a)
+
         return run if provider == "triton" else fn
 
     selfcheck.set_test_hook(fails_above_two_samples)
@@ -173,7 +184,7 @@ def test_shape_classes_and_bad_requests():
     with pytest.raises(ValueError, match="unknown kernel op"):
         KernelShape("softmax", (2, 3))
     with pytest.raises(ValueError, match="at most"):
-        selfcheck.autotune([KernelShape("layer_norm", (2, 2 ** i), device="cpu") for i in range(40)], "auto")
+        selfcheck.autotune([KernelShape("layer_norm", (2, 2**i), device="cpu") for i in range(40)], "auto")
 
 
 def _rank_worker(rank, world_size, init_method, out_dir):
@@ -194,8 +205,13 @@ def _rank_worker(rank, world_size, init_method, out_dir):
 
 
 def test_ranks_agree_with_one_collective(tmp_path):
-    context = mp.start_processes(_rank_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)),
-                                 nprocs=2, start_method="spawn", join=False)
+    context = mp.start_processes(
+        _rank_worker,
+        args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+        join=False,
+    )
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
         assert time.monotonic() < deadline, "ranks hung"
@@ -235,9 +251,26 @@ def test_lazy_check_on_first_use_without_autotune():
 def test_cli_reports_decisions(tmp_path):
     """python -m eva_kernels (gpu_check.sh's selfcheck step): the plumbing, on CPU."""
     out = tmp_path / "decisions.json"
-    result = subprocess.run([sys.executable, "-m", "eva_kernels", "--device", DEVICE, "--preset", "tiny", "--backend",
-                             "torch", "--dtype", "float32", "--json", str(out)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eva_kernels",
+            "--device",
+            DEVICE,
+            "--preset",
+            "tiny",
+            "--backend",
+            "torch",
+            "--dtype",
+            "float32",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "self-check (torch): 0 of 4 shape classes on Triton, 0 failed"
     record = json.loads(out.read_text())

@@ -1,5 +1,6 @@
 """Export layouts: strict loads into timm / open_clip with the same features as our model, and an
 exact mmpretrain round trip whose key names are those of mmpretrain's EVA converters."""
+
 import dataclasses
 import re
 
@@ -33,11 +34,22 @@ def _ours(case: str, seed: int = 0) -> EvaForMIM:
 def _timm_eva(cfg, img_size: int):
     from timm.models.eva import Eva
 
-    return Eva(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim, qkv_bias=cfg.qkv_bias,
-               qkv_fused=cfg.qkv_fused, swiglu_mlp=cfg.swiglu, scale_mlp=cfg.sub_ln, use_rot_pos_emb=cfg.rope,
-               ref_feat_shape=(cfg.rope_ref_grid,) * 2 if cfg.rope else None, num_classes=0,
-               global_pool="token").eval()
+    return Eva(
+        img_size=img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim,
+        qkv_bias=cfg.qkv_bias,
+        qkv_fused=cfg.qkv_fused,
+        swiglu_mlp=cfg.swiglu,
+        scale_mlp=cfg.sub_ln,
+        use_rot_pos_emb=cfg.rope,
+        ref_feat_shape=(cfg.rope_ref_grid,) * 2 if cfg.rope else None,
+        num_classes=0,
+        global_pool="token",
+    ).eval()
 
 
 @pytest.mark.parametrize("case", sorted(VARIANT_CASES))
@@ -60,7 +72,7 @@ def test_timm_layout_splits_a_zero_k_bias_and_refuses_a_learned_one():
     with torch.no_grad():
         for block in ours.blocks:
             block.attn.qkv.bias.normal_()
-            block.attn.qkv.bias[dim:2 * dim] = 0
+            block.attn.qkv.bias[dim : 2 * dim] = 0
     timm_model = _timm_eva(dataclasses.replace(cfg, qkv_bias=True), cfg.default_img_size)
     timm_model.load_state_dict(to_layout(ours.state_dict(), "timm"), strict=True)
     images = torch.randn(1, 3, 16, 16)
@@ -77,16 +89,28 @@ def _register_tiny_timm_trunk(cfg) -> str:
 
     name = "eva_train_test_tiny_eva02"
     if not timm.models.is_model(name):
+
         @register_model
         def eva_train_test_tiny_eva02(pretrained=False, **kwargs):  # noqa: F811
             from timm.models.eva import Eva
 
             kwargs.setdefault("global_pool", "token")
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-            return Eva(img_size=cfg.default_img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                       depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim,
-                       qkv_fused=cfg.qkv_fused, swiglu_mlp=True, scale_mlp=cfg.sub_ln, use_rot_pos_emb=True,
-                       ref_feat_shape=(cfg.rope_ref_grid,) * 2, **kwargs)
+            return Eva(
+                img_size=cfg.default_img_size,
+                patch_size=cfg.patch_size,
+                embed_dim=cfg.embed_dim,
+                depth=cfg.depth,
+                num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim,
+                qkv_fused=cfg.qkv_fused,
+                swiglu_mlp=True,
+                scale_mlp=cfg.sub_ln,
+                use_rot_pos_emb=True,
+                ref_feat_shape=(cfg.rope_ref_grid,) * 2,
+                **kwargs,
+            )
+
     return name
 
 
@@ -95,9 +119,16 @@ def test_open_clip_layout_is_the_visual_trunk_of_an_eva_clip_model():
 
     cfg = VARIANT_CASES["eva02_large"]
     trunk_name = _register_tiny_timm_trunk(cfg)
-    clip = CLIP(embed_dim=16, vision_cfg={"image_size": cfg.default_img_size, "timm_model_name": trunk_name,
-                                          "timm_pool": "token", "timm_proj": None},
-                text_cfg={"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}).eval()
+    clip = CLIP(
+        embed_dim=16,
+        vision_cfg={
+            "image_size": cfg.default_img_size,
+            "timm_model_name": trunk_name,
+            "timm_pool": "token",
+            "timm_proj": None,
+        },
+        text_cfg={"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    ).eval()
     ours = _ours("eva02_large")
     exported = to_layout(ours.state_dict(), "open_clip")
     result = clip.load_state_dict(exported, strict=False)
@@ -134,8 +165,12 @@ def _eva01_converter_names(keys):
             k = k.replace("proj.", "projection.")
         elif k.startswith("blocks"):
             k = k.replace("blocks.", "layers.")
-            for old, new in (("norm1", "ln1"), ("norm2", "ln2"), ("mlp.fc1", "ffn.layers.0.0"),
-                             ("mlp.fc2", "ffn.layers.1")):
+            for old, new in (
+                ("norm1", "ln1"),
+                ("norm2", "ln2"),
+                ("mlp.fc1", "ffn.layers.0.0"),
+                ("mlp.fc2", "ffn.layers.1"),
+            ):
                 if old in k:
                     k = k.replace(old, new)
                     break
@@ -155,19 +190,38 @@ def test_mmpretrain_eva02_names_match_the_converter():
     w12, w3 stays, ffn_ln -> norm; patch_embed.proj -> projection; final norm -> ln2."""
     ours = _ours("eva02_large")
     names = to_layout(ours.state_dict(), "mmpretrain")
-    per_layer = {"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
-                 "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.w12.weight", "mlp.w12.bias",
-                 "mlp.norm.weight", "mlp.norm.bias", "mlp.w3.weight", "mlp.w3.bias"}
-    expected = {"backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.projection.weight",
-                "backbone.patch_embed.projection.bias", "backbone.ln2.weight", "backbone.ln2.bias"}
+    per_layer = {
+        "norm1.weight",
+        "norm1.bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.w12.weight",
+        "mlp.w12.bias",
+        "mlp.norm.weight",
+        "mlp.norm.bias",
+        "mlp.w3.weight",
+        "mlp.w3.bias",
+    }
+    expected = {
+        "backbone.cls_token",
+        "backbone.pos_embed",
+        "backbone.patch_embed.projection.weight",
+        "backbone.patch_embed.projection.bias",
+        "backbone.ln2.weight",
+        "backbone.ln2.bias",
+    }
     expected |= {f"backbone.layers.{i}.{k}" for i in range(VARIANT_CASES["eva02_large"].depth) for k in per_layer}
     assert set(names) == expected
     dim = VARIANT_CASES["eva02_large"].embed_dim
     qkv = names["backbone.layers.0.attn.qkv.weight"]
-    assert torch.equal(qkv[dim:2 * dim], ours.blocks[0].attn.k_proj.weight)
+    assert torch.equal(qkv[dim : 2 * dim], ours.blocks[0].attn.k_proj.weight)
     bias = names["backbone.layers.0.attn.qkv.bias"]
-    assert torch.equal(bias[dim:2 * dim], torch.zeros(dim))
-    assert torch.equal(bias[2 * dim:], ours.blocks[0].attn.v_proj.bias)
+    assert torch.equal(bias[dim : 2 * dim], torch.zeros(dim))
+    assert torch.equal(bias[2 * dim :], ours.blocks[0].attn.v_proj.bias)
     hidden = ours.blocks[0].mlp.fc1_g.weight.shape[0]
     assert torch.equal(names["backbone.layers.0.mlp.w12.weight"][:hidden], ours.blocks[0].mlp.fc1_g.weight)
 
@@ -186,8 +240,12 @@ def test_eva_layouts_refuse_foreign_models_and_unknown_layouts():
 
 
 def test_mae_decoder_is_dropped_by_backbone_layouts():
-    model = build_model(ModelConfig(variant="eva_debug_p4", img_size=16, mode="mae", decoder_depth=1,
-                                    decoder_width=16, decoder_heads=2), teacher_dim=8)
+    model = build_model(
+        ModelConfig(
+            variant="eva_debug_p4", img_size=16, mode="mae", decoder_depth=1, decoder_width=16, decoder_heads=2
+        ),
+        teacher_dim=8,
+    )
     exported = to_layout(model.state_dict(), "timm")
     assert not [k for k in exported if re.match("decoder", k)]
     assert "blocks.0.attn.qkv.weight" in exported

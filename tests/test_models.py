@@ -1,4 +1,5 @@
 """Student models: exact sizes, timm compatibility, MIM/MAE forward contracts, checkpointing."""
+
 import dataclasses
 
 import pytest
@@ -27,23 +28,29 @@ def perturb_(module: torch.nn.Module, seed: int = 0) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.mark.parametrize("variant,img_size,expected", [
-    ("eva_g_p14", 224, 1_011_146_112),
-    ("eva_g_p14", 336, 1_011_596_672),
-    ("eva_g_p16", 224, 1_011_315_072),
-    ("eva_l_p14", 224, 303_178_752),
-])
+@pytest.mark.parametrize(
+    "variant,img_size,expected",
+    [
+        ("eva_g_p14", 224, 1_011_146_112),
+        ("eva_g_p14", 336, 1_011_596_672),
+        ("eva_g_p16", 224, 1_011_315_072),
+        ("eva_l_p14", 224, 303_178_752),
+    ],
+)
 def test_eva01_backbone_param_counts_are_exact(variant, img_size, expected):
     with torch.device("meta"):
         assert num_params(build_backbone(variant, img_size)) == expected
 
 
-@pytest.mark.parametrize("variant,timm_name,approx_m", [
-    ("eva02_ti_p14", "eva02_tiny_patch14_224", 5.50),
-    ("eva02_s_p14", "eva02_small_patch14_224", 21.62),
-    ("eva02_b_p14", "eva02_base_patch14_224", 85.77),
-    ("eva02_l_p14", "eva02_large_patch14_224", 303.29),
-])
+@pytest.mark.parametrize(
+    "variant,timm_name,approx_m",
+    [
+        ("eva02_ti_p14", "eva02_tiny_patch14_224", 5.50),
+        ("eva02_s_p14", "eva02_small_patch14_224", 21.62),
+        ("eva02_b_p14", "eva02_base_patch14_224", 85.77),
+        ("eva02_l_p14", "eva02_large_patch14_224", 303.29),
+    ],
+)
 def test_eva02_backbones_match_timm_names_and_counts(variant, timm_name, approx_m):
     with torch.device("meta"):
         ours = build_backbone(variant, 224)
@@ -81,21 +88,36 @@ def test_every_variant_gives_token_and_pooled_shapes(variant):
 
 
 def _timm_eva(cfg, img_size, **kw):
-    return Eva(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim if not cfg.swiglu else 4 * 2 / 3,
-               qkv_fused=cfg.qkv_fused, swiglu_mlp=cfg.swiglu, scale_mlp=cfg.sub_ln,
-               use_rot_pos_emb=cfg.rope, ref_feat_shape=(cfg.rope_ref_grid,) * 2 if cfg.rope else None,
-               scale_attn_inner=cfg.scale_attn_inner, num_classes=0, global_pool="token", **kw)
+    return Eva(
+        img_size=img_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim if not cfg.swiglu else 4 * 2 / 3,
+        qkv_fused=cfg.qkv_fused,
+        swiglu_mlp=cfg.swiglu,
+        scale_mlp=cfg.sub_ln,
+        use_rot_pos_emb=cfg.rope,
+        ref_feat_shape=(cfg.rope_ref_grid,) * 2 if cfg.rope else None,
+        scale_attn_inner=cfg.scale_attn_inner,
+        num_classes=0,
+        global_pool="token",
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("variant,overrides,img_size", [
-    ("eva_debug_p4", {}, 16),                                        # EVA-01
-    ("eva02_debug_p4", {}, 16),                                      # EVA-02 B/L layout: q/k/v_proj, SwiGLU + sub-LN
-    ("eva02_debug_p4", {"sub_ln": False, "qkv_fused": True}, 16),    # EVA-02 Ti/S layout: packed SwiGLU
-    ("eva02_debug_p4", {}, 24),                                      # RoPE rescaled to the reference grid
-    ("eva02_debug_p4", {"scale_attn_inner": True}, 16),              # EVA02-CLIP towers: attn.norm before proj
-    ("eva_debug_p4", {"scale_attn_inner": True}, 16),
-])
+@pytest.mark.parametrize(
+    "variant,overrides,img_size",
+    [
+        ("eva_debug_p4", {}, 16),  # EVA-01
+        ("eva02_debug_p4", {}, 16),  # EVA-02 B/L layout: q/k/v_proj, SwiGLU + sub-LN
+        ("eva02_debug_p4", {"sub_ln": False, "qkv_fused": True}, 16),  # EVA-02 Ti/S layout: packed SwiGLU
+        ("eva02_debug_p4", {}, 24),  # RoPE rescaled to the reference grid
+        ("eva02_debug_p4", {"scale_attn_inner": True}, 16),  # EVA02-CLIP towers: attn.norm before proj
+        ("eva_debug_p4", {"scale_attn_inner": True}, 16),
+    ],
+)
 def test_timm_eva_loads_our_state_dict_strict_and_agrees(variant, overrides, img_size):
     torch.manual_seed(0)
     ours = build_backbone(variant, img_size, **overrides).eval()
@@ -124,8 +146,17 @@ def test_full_qkv_bias_backbone_is_a_timm_vision_transformer():
     torch.manual_seed(0)
     ours = build_backbone("eva_debug_p4", 16, qkv_bias=False, k_bias=True).eval()
     perturb_(ours)
-    ref = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
-                            qkv_bias=True, num_classes=0, global_pool="token").eval()
+    ref = VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="token",
+    ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -205,13 +236,23 @@ def test_mim_predicts_masked_patches_in_row_major_order(variant):
         torch.testing.assert_close(model(x, mask)[4], model.lm_head(tokens[b, 1 + n]))
         assert model(x).shape == (3, 32)  # no mask: pooled feature (kNN monitor)
     assert set(model.state_dict()) - set(build_backbone(variant, 16).state_dict()) == {
-        "mask_token", "lm_head.weight", "lm_head.bias"}
+        "mask_token",
+        "lm_head.weight",
+        "lm_head.bias",
+    }
 
 
 def test_mae_encoder_sees_visible_patches_and_decoder_predicts_masked():
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="eva_debug_p4", img_size=16, mode="mae", decoder_depth=1, decoder_width=16,
-                      decoder_heads=2, drop_path_rate=0.1)
+    cfg = ModelConfig(
+        variant="eva_debug_p4",
+        img_size=16,
+        mode="mae",
+        decoder_depth=1,
+        decoder_width=16,
+        decoder_heads=2,
+        drop_path_rate=0.1,
+    )
     model = build_model(cfg, teacher_dim=24)
     mask = _random_mask(3, 16, 10)
     x = torch.randn(3, 3, 16, 16)
@@ -226,7 +267,7 @@ def test_mae_encoder_sees_visible_patches_and_decoder_predicts_masked():
         for patch, visible in ((int(mask[0].nonzero()[0]), False), (int((~mask[0]).nonzero()[0]), True)):
             changed = x.clone()
             row, col = divmod(patch, 4)
-            changed[0, :, 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 5.0
+            changed[0, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4] += 5.0
             same = torch.allclose(model._encode_visible(changed, ~mask), encoded)
             assert same != visible  # the encoder sees exactly the visible patches
     uneven = mask.clone()
@@ -235,13 +276,16 @@ def test_mae_encoder_sees_visible_patches_and_decoder_predicts_masked():
         model(x, uneven)
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"variant": "eva02_debug_p4", "mode": "mae"}, "does not support RoPE"),
-    ({"mode": "mae", "decoder_width": 30, "decoder_heads": 4}, "not divisible by model.decoder_heads"),
-    ({"mode": "bert"}, "model.mode 'bert' is unknown"),
-    ({"variant": "eva_tiny"}, "unknown; choose one of"),
-    ({"drop_path_rate": 1.0}, "drop_path_rate"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"variant": "eva02_debug_p4", "mode": "mae"}, "does not support RoPE"),
+        ({"mode": "mae", "decoder_width": 30, "decoder_heads": 4}, "not divisible by model.decoder_heads"),
+        ({"mode": "bert"}, "model.mode 'bert' is unknown"),
+        ({"variant": "eva_tiny"}, "unknown; choose one of"),
+        ({"drop_path_rate": 1.0}, "drop_path_rate"),
+    ],
+)
 def test_bad_model_configs_fail_before_building(fields, message):
     cfg = ModelConfig(**{"variant": "eva_debug_p4", "img_size": 16, **fields})
     with pytest.raises(ValueError, match=message):
@@ -255,8 +299,9 @@ def test_grad_checkpointing_gives_the_same_gradients(variant):
     grads = []
     for fraction in (0.0, 0.5, 1.0):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(variant=variant, img_size=16, drop_path_rate=0.0,
-                                        checkpoint_fraction=fraction), teacher_dim=8)
+        model = build_model(
+            ModelConfig(variant=variant, img_size=16, drop_path_rate=0.0, checkpoint_fraction=fraction), teacher_dim=8
+        )
         assert model.checkpoint_blocks == round(fraction * 2)
         model(torch.randn(2, 3, 16, 16), _random_mask(2, 16, 5)).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -296,7 +341,7 @@ def test_variant_table_is_consistent():
     assert dims == (64, 128, 4, 4, 512)
 
 
-ZERO3_SCRIPT = r'''
+ZERO3_SCRIPT = r"""
 import sys
 import deepspeed, torch
 from eva_train.config import ModelConfig
@@ -333,7 +378,7 @@ for mode, variant in (("mim", "eva02_debug_p4"), ("mae", "eva_debug_p4")):
     except ValueError as err:
         assert "ZeRO-3" in str(err), err
     print(mode, "ok", float(loss))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -348,8 +393,16 @@ def test_models_build_and_train_under_deepspeed_zero3_init(tmp_path):
         port = sock.getsockname()[1]
     script = tmp_path / "zero3.py"
     script.write_text(ZERO3_SCRIPT)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        PYTHONPATH=os.pathsep.join(sys.path),
+    )
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mim ok" in result.stdout and "mae ok" in result.stdout

@@ -1,6 +1,7 @@
 """Any image size, any aspect: dynamic position tables and RoPE, their per-grid caches,
 `set_input_size`, loading weights saved at another size, and parity with timm's own
 `dynamic_img_size=True` / `set_input_size` models."""
+
 import pytest
 import timm
 import torch
@@ -48,11 +49,11 @@ def test_sizes_that_are_not_patch_multiples_are_one_line_errors():
 
 def test_position_and_rope_tables_are_cached_per_grid():
     model = build_backbone("eva02_debug_p4", 16).eval()
-    assert model.pos_embed_for((4, 4)) is model.pos_embed             # the set-up grid: the parameter itself
+    assert model.pos_embed_for((4, 4)) is model.pos_embed  # the set-up grid: the parameter itself
     assert model.rope_for((4, 4))[0] is model.rope_sin
     with torch.no_grad():
         first = model.pos_embed_for((6, 4))
-        assert model.pos_embed_for((6, 4)) is first                    # repeated size: no work
+        assert model.pos_embed_for((6, 4)) is first  # repeated size: no work
         rope = model.rope_for((6, 4))
         assert model.rope_for((6, 4))[0] is rope[0] and rope[0].shape == (24, model.cfg.head_dim)
         model(torch.randn(1, 3, 24, 16))
@@ -108,11 +109,11 @@ def test_weights_saved_at_224_load_into_a_336_model(tmp_path):
     path = str(tmp_path / "b224.safetensors")
     save_file({k: v.contiguous() for k, v in small.state_dict().items()}, path)
     large = build_backbone("eva02_b_p14", 336, depth=1).eval()
-    large.load_state_dict(load_file(path), strict=True)               # auto-detected 16x16 -> 24x24
+    large.load_state_dict(load_file(path), strict=True)  # auto-detected 16x16 -> 24x24
     assert large.pos_embed.shape == (1, 1 + 576, 768)
     torch.testing.assert_close(large.pos_embed.detach(), resize_pos_embed(small.pos_embed.detach(), 24))
     imported = build_backbone("eva02_b_p14", 336, depth=1).eval()
-    report = load_weights(imported, path)                               # the weight importer: same resize
+    report = load_weights(imported, path)  # the weight importer: same resize
     assert not report.missing and not report.mismatched and report.resized
     torch.testing.assert_close(imported.pos_embed, large.pos_embed)
     x = torch.randn(1, 3, 336, 336)
@@ -123,14 +124,15 @@ def test_weights_saved_at_224_load_into_a_336_model(tmp_path):
 def test_rope_buffers_in_a_file_are_ignored_and_non_square_tables_are_detected():
     torch.manual_seed(0)
     source = build_backbone("eva02_debug_p4", 16)
-    source.set_input_size((32, 24))                                    # an 8x6 grid, saved like that
+    source.set_input_size((32, 24))  # an 8x6 grid, saved like that
     state = dict(source.state_dict())
-    state["rope.freqs_cos"] = torch.ones(48, 8)                        # official EVA-02 files store RoPE tables
+    state["rope.freqs_cos"] = torch.ones(48, 8)  # official EVA-02 files store RoPE tables
     state["blocks.0.attn.rope.freqs_sin"] = torch.ones(48, 8)
-    same_aspect = build_backbone("eva02_debug_p4", (16, 12))          # 4x3: the 8x6 table is recognised
+    same_aspect = build_backbone("eva02_debug_p4", (16, 12))  # 4x3: the 8x6 table is recognised
     same_aspect.load_state_dict(state, strict=True)
-    torch.testing.assert_close(same_aspect.pos_embed.detach(),
-                               resize_pos_embed(source.pos_embed.detach(), (4, 3), old_grid=(8, 6)))
+    torch.testing.assert_close(
+        same_aspect.pos_embed.detach(), resize_pos_embed(source.pos_embed.detach(), (4, 3), old_grid=(8, 6))
+    )
     with pytest.raises(ValueError, match="not a square grid; .*set_input_size"):
         build_backbone("eva02_debug_p4", 16).load_state_dict(state)
 
@@ -138,8 +140,11 @@ def test_rope_buffers_in_a_file_are_ignored_and_non_square_tables_are_detected()
 # timm parity: real widths of EVA-01 g/14 and EVA-02 B/L at depth 1 to keep CPU time small (every
 # block runs the same code, so more depth adds time, not coverage); the timm models come from
 # timm's own registered configs (q/v bias, sub-LN, SwiGLU, RoPE reference grid 16x16).
-PARITY = [("eva_g_p14", "eva_giant_patch14_224"), ("eva02_b_p14", "eva02_base_patch14_224"),
-          ("eva02_l_p14", "eva02_large_patch14_224")]
+PARITY = [
+    ("eva_g_p14", "eva_giant_patch14_224"),
+    ("eva02_b_p14", "eva02_base_patch14_224"),
+    ("eva02_l_p14", "eva02_large_patch14_224"),
+]
 SIZES = [(224, 224), (336, 336), (448, 336), (196, 308)]
 
 
@@ -153,12 +158,13 @@ def test_any_size_and_set_input_size_match_timm(variant, timm_name):
     torch.manual_seed(0)
     ours = build_backbone(variant, 224, depth=1).eval()
     perturb_(ours)
-    ref = timm.create_model(timm_name, pretrained=False, depth=1, num_classes=0, global_pool="token",
-                            dynamic_img_size=True).eval()
+    ref = timm.create_model(
+        timm_name, pretrained=False, depth=1, num_classes=0, global_pool="token", dynamic_img_size=True
+    ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for height, width in SIZES:                                    # built at 224, run at each size
+        for height, width in SIZES:  # built at 224, run at each size
             x = torch.randn(1, 3, height, width, generator=gen)
             _assert_within_fp32_noise(ours.forward_features(x), ref.forward_features(x))
     ours.set_input_size((196, 308))
@@ -173,8 +179,14 @@ def test_eva02_clip_tower_config_is_eva02_l_with_scale_attn_inner():
     torch.manual_seed(0)
     ours = build_backbone("eva02_l_p14", 224, depth=1, scale_attn_inner=True).eval()
     perturb_(ours)
-    ref = timm.create_model("eva02_large_patch14_clip_224", pretrained=False, depth=1, num_classes=0,
-                            global_pool="token", dynamic_img_size=True).eval()
+    ref = timm.create_model(
+        "eva02_large_patch14_clip_224",
+        pretrained=False,
+        depth=1,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+    ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     assert "blocks.0.attn.norm.weight" in ours.state_dict()
     x = torch.randn(1, 3, 196, 308, generator=torch.Generator().manual_seed(1))
@@ -186,12 +198,19 @@ def test_eva02_clip_b16_tower_needs_its_own_rope_reference_grid():
     # timm's eva02_base_patch16_clip_224 (open_clip EVA02-B-16): patch 16 at 224 (a 14x14 grid) but
     # RoPE reference 16x16, i.e. rope_ref_img_size = 16 * 16
     torch.manual_seed(0)
-    ours = build_backbone("eva02_b_p14", 224, depth=1, patch_size=16, scale_attn_inner=True,
-                          rope_ref_img_size=256).eval()
+    ours = build_backbone(
+        "eva02_b_p14", 224, depth=1, patch_size=16, scale_attn_inner=True, rope_ref_img_size=256
+    ).eval()
     perturb_(ours)
     assert ours.cfg.rope_ref_grid == 16 and ours.grid_size == (14, 14)
-    ref = timm.create_model("eva02_base_patch16_clip_224", pretrained=False, depth=1, num_classes=0,
-                            global_pool="token", dynamic_img_size=True).eval()
+    ref = timm.create_model(
+        "eva02_base_patch16_clip_224",
+        pretrained=False,
+        depth=1,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+    ).eval()
     ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(1, 3, 224, 288, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

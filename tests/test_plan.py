@@ -1,6 +1,7 @@
 """The planner (eva_train/plan, tools/plan.py): the GPU table, the memory model's terms against hand
 counts, the cluster arithmetic, fine-tune fits, and the CLI's one-line errors. The memory model
 against real DeepSpeed runs: tests/test_plan_memory.py."""
+
 import importlib.util
 import json
 import math
@@ -27,8 +28,8 @@ def load_tool(name: str):
 
 def test_gpu_table_matches_device_names_most_specific_first():
     assert spec_for_device("NVIDIA H100 80GB HBM3") is GPUS["h100"]
-    assert spec_for_device("NVIDIA GH200 480GB") is GPUS["gh200"]          # not H200
-    assert spec_for_device("NVIDIA A100-SXM4-40GB") is GPUS["a100-40gb"]   # not the 80 GB entry
+    assert spec_for_device("NVIDIA GH200 480GB") is GPUS["gh200"]  # not H200
+    assert spec_for_device("NVIDIA A100-SXM4-40GB") is GPUS["a100-40gb"]  # not the 80 GB entry
     assert spec_for_device("NVIDIA A100-SXM4-80GB") is GPUS["a100-80gb"]
     assert spec_for_device("cpu") is None
     assert peak_flops("NVIDIA H200", "bf16") == 989e12 and peak_flops("NVIDIA H100", "fp32") is None
@@ -65,16 +66,19 @@ def test_eva_g_state_terms_by_zero_stage(eva_g):
     cfg, shapes = eva_g
     p = shapes.student.params
     assert p == 1_011_146_112 + 1408 + 1408 * 768 + 768  # backbone + mask token + MIM head
-    state = {s: memory.state_bytes(shapes.student, memory.ZeroSettings(stage=s, reduce_bucket_size=0), 128, 2)
-             for s in (1, 2, 3)}
-    assert state[1]["optimizer"] == state[3]["optimizer"] == 12.0 * p / 128   # fp32 master + 2 moments
+    state = {
+        s: memory.state_bytes(shapes.student, memory.ZeroSettings(stage=s, reduce_bucket_size=0), 128, 2)
+        for s in (1, 2, 3)
+    }
+    assert state[1]["optimizer"] == state[3]["optimizer"] == 12.0 * p / 128  # fp32 master + 2 moments
     assert state[1]["parameters"] == 2.0 * p and state[1]["gradients"] == 2.0 * p + 4.0 * p / 128
     assert state[3]["parameters"] < 2.0 * p / 128 + 2.0 * shapes.student.persistent_params + 1
     mem = {s: predict_memory(shapes, memory.ZeroSettings(stage=s), 128, 32, "bf16") for s in (1, 2, 3)}
     assert mem[3].peak < min(mem[1].peak, mem[2].peak) - 2.0 * p * (1 - 1 / 128) + 2.5 * 2**30
     # ZeRO-1's whole gradients are there at the step, after backward freed the activations
     assert mem[1].phases["optimizer step"] - mem[2].phases["optimizer step"] == pytest.approx(
-        2.0 * p * (1 - 1 / 128) + mem[1].items["buckets"] - mem[2].items["buckets"])
+        2.0 * p * (1 - 1 / 128) + mem[1].items["buckets"] - mem[2].items["buckets"]
+    )
 
 
 def test_activations_grow_with_the_micro_batch_and_shrink_with_checkpointing(eva_g):
@@ -121,13 +125,16 @@ def test_cli_prints_the_plan_and_reads_the_mfu_bench_step_measured(capsys, tmp_p
     assert json.loads(capsys.readouterr().out)["dataset_size"] == 1_000_000
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--gpu", "v100"], "--gpu v100 is unknown"),
-    (["--nodes", "2", "--world-size", "8"], "--world-size 8 != --nodes 2"),
-    (["--train.micro_batch_sise=4"], "unknown key 'train.micro_batch_sise'"),
-    (["--mfu", "40"], "--mfu 40.0 must lie in (0, 1]"),
-    (["--measured", "/nonexistent.csv"], "cannot read it"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--gpu", "v100"], "--gpu v100 is unknown"),
+        (["--nodes", "2", "--world-size", "8"], "--world-size 8 != --nodes 2"),
+        (["--train.micro_batch_sise=4"], "unknown key 'train.micro_batch_sise'"),
+        (["--mfu", "40"], "--mfu 40.0 must lie in (0, 1]"),
+        (["--measured", "/nonexistent.csv"], "cannot read it"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert load_tool("plan").main(argv) == 2
     err = capsys.readouterr().err

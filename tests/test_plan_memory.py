@@ -2,6 +2,7 @@
 eva_demo_p8 at 128 px, ZeRO 1/2/3, micro batches 8 and 16, checkpoint fractions 0, 0.5 and 1. Measured:
 the running total of CPU tensor bytes from torch's profiler (the CPU analogue of max_memory_allocated,
 see tools/plan_measure.py). Every run must agree within 15%."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,11 +1,11 @@
 """PreemptionHandler: real signals sent to real child processes (and two real gloo ranks)."""
+
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -64,8 +64,13 @@ def wait_for(predicate, timeout_s=60.0):
 
 def start_loop(tmp_path, save_s):
     progress, saved = tmp_path / "progress", tmp_path / "ckpt.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", LOOP, str(progress), str(saved), str(save_s)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOOP, str(progress), str(saved), str(save_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     wait_for(lambda: progress.exists() and progress.read_text().strip() not in ("", "0"))
     return proc, saved
 
@@ -127,8 +132,16 @@ def free_port():
 @pytest.mark.slow
 def test_agree_stops_all_ranks_at_the_same_step(tmp_path):
     env = child_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [subprocess.Popen([sys.executable, "-c", RANKS, str(tmp_path / "p")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env | {"RANK": str(r)}) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANKS, str(tmp_path / "p")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env | {"RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
     progress = tmp_path / "p1"
     wait_for(lambda: progress.exists() and progress.read_text().strip() not in ("", "0", "1", "2"))
     procs[1].send_signal(signal.SIGUSR1)
@@ -161,8 +174,15 @@ def test_install_replaces_the_handlers():
 
 def test_slurm_job_summary():
     assert slurm_job_summary({}) == ""
-    line = slurm_job_summary({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3", "SLURM_PROCID": "1",
-                              "SLURM_NTASKS": "2", "SLURMD_NODENAME": "n1"})
+    line = slurm_job_summary(
+        {
+            "SLURM_JOB_ID": "42",
+            "SLURM_RESTART_COUNT": "3",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURMD_NODENAME": "n1",
+        }
+    )
     assert line == "SLURM job 42 restart 3 task 1/2 on n1"
 
 
@@ -192,19 +212,22 @@ def _end_in(seconds: float) -> str:
     return datetime.fromtimestamp(NOW + seconds).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-@pytest.mark.parametrize("fields, signals, requeue", [
-    ({"JobState": "COMPLETING", "Reason": "None", "PreemptTime": "None"}, ["SIGTERM"], False),  # plain scancel
-    ({"JobState": "CANCELLED", "Reason": "None", "PreemptTime": "None"}, ["SIGUSR1"], False),
-    ({"JobState": "COMPLETING", "Reason": "TimeLimit", "PreemptTime": "None"}, ["SIGTERM"], True),
-    ({"JobState": "TIMEOUT", "Reason": "TimeLimit"}, ["SIGTERM"], True),
-    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "2026-01-01T00:00:00"}, ["SIGTERM"], True),
-    ({"JobState": "PREEMPTED", "Reason": "None"}, ["SIGTERM"], True),
-    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGUSR1"], True),
-    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGTERM"], False),
-    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "Unknown"}, ["SIGHUP"], False),
-    ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "near"}, ["SIGHUP"], True),
-    ({}, ["SIGUSR1"], False),  # SLURM did not answer
-])
+@pytest.mark.parametrize(
+    "fields, signals, requeue",
+    [
+        ({"JobState": "COMPLETING", "Reason": "None", "PreemptTime": "None"}, ["SIGTERM"], False),  # plain scancel
+        ({"JobState": "CANCELLED", "Reason": "None", "PreemptTime": "None"}, ["SIGUSR1"], False),
+        ({"JobState": "COMPLETING", "Reason": "TimeLimit", "PreemptTime": "None"}, ["SIGTERM"], True),
+        ({"JobState": "TIMEOUT", "Reason": "TimeLimit"}, ["SIGTERM"], True),
+        ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "2026-01-01T00:00:00"}, ["SIGTERM"], True),
+        ({"JobState": "PREEMPTED", "Reason": "None"}, ["SIGTERM"], True),
+        ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGUSR1"], True),
+        ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": FAR}, ["SIGTERM"], False),
+        ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "Unknown"}, ["SIGHUP"], False),
+        ({"JobState": "RUNNING", "Reason": "None", "PreemptTime": "None", "EndTime": "near"}, ["SIGHUP"], True),
+        ({}, ["SIGUSR1"], False),  # SLURM did not answer
+    ],
+)
 def test_requeue_verdict(fields, signals, requeue):
     if fields.get("EndTime") == "near":
         fields = dict(fields, EndTime=_end_in(90))

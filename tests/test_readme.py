@@ -21,6 +21,7 @@ The ```python block (features from a consolidated file) runs with its file names
 CPU when there is no CUDA device. The data are small generated images; the teacher of the EVA-g
 dry run is a real open_clip ViT-L/14 state dict (`open_clip.create_model(..., pretrained=None)`).
 """
+
 import os
 import re
 import shlex
@@ -51,21 +52,32 @@ RULES = [  # (kind, pattern of the command after the variable assignments); the 
 ]
 # README placeholder -> what this test made (relative to its workspace W); longest first when applied
 PATHS = {
-    "/data/in21k": "in21k",                              # image class folders
-    "/data/cc12m/": "cc12m/",                            # webdataset tar shards
-    "/data/m30m.arrow": "m30m.arrow",                    # made by the README's build_index line
+    "/data/in21k": "in21k",  # image class folders
+    "/data/cc12m/": "cc12m/",  # webdataset tar shards
+    "/data/m30m.arrow": "m30m.arrow",  # made by the README's build_index line
     "/weights/openai_clip_l14.pt": "openai_clip_l14.pt",  # open_clip ViT-L-14-quickgelu state dict
-    "outputs/eva-g-1234": "outputs/demo",                # a job's run folder: the shortened demo's
+    "outputs/eva-g-1234": "outputs/demo",  # a job's run folder: the shortened demo's
     "outputs/": "outputs/",
-    "data_cache/demo": "data_cache/demo",                # the demo's generated data
-    "eva_g.safetensors": "eva_g.safetensors", "m.safetensors": "m.safetensors",
+    "data_cache/demo": "data_cache/demo",  # the demo's generated data
+    "eva_g.safetensors": "eva_g.safetensors",
+    "m.safetensors": "m.safetensors",
     "eva.safetensors": "m.safetensors",
-    "SRC...": "in21k", "X.arrow": "x.arrow", "img.jpg": "img.jpg", "a.jpg": "img.jpg", "b.png": "img.png",
+    "SRC...": "in21k",
+    "X.arrow": "x.arrow",
+    "img.jpg": "img.jpg",
+    "a.jpg": "img.jpg",
+    "b.png": "img.png",
     "W": "wheels",
 }
-DEMO_OVERRIDES = ["--train.total_steps=2", "--checkpoint.every_steps=2", "--train.val_every_steps=0",
-                  "--eval.final_report=false", "--logging.wandb=false", "--logging.progress_bar=false",
-                  "--data.num_workers=0"]
+DEMO_OVERRIDES = [
+    "--train.total_steps=2",
+    "--checkpoint.every_steps=2",
+    "--train.val_every_steps=0",
+    "--eval.final_report=false",
+    "--logging.wandb=false",
+    "--logging.progress_bar=false",
+    "--data.num_workers=0",
+]
 
 
 def readme_blocks(language: str):
@@ -104,13 +116,16 @@ def test_every_readme_command_has_a_rule():
     uncovered = [c for c in commands if not rule_of(c)]
     assert not uncovered, f"README commands no rule of tests/test_readme.py covers (add one, and run it): {uncovered}"
     assert rule_of(commands[0]) == "not-run" and rule_of(commands[1]) == "demo"  # setup + demo come first
-    assert [rule_of(c) for c in commands[2:4]] == ["not-run", "not-run"]        # then setup + tests
+    assert [rule_of(c) for c in commands[2:4]] == ["not-run", "not-run"]  # then setup + tests
 
 
 def substitute(command: str, work: Path) -> str:
     for key in sorted(PATHS, key=len, reverse=True):
-        command = re.sub(rf"(?<=[\s=]){re.escape(key)}(?=[\s/]|$)" if not key.endswith("/") else
-                         rf"(?<=[\s=]){re.escape(key)}", lambda _: str(work / PATHS[key]) + ("/" if key.endswith("/") else ""), command)
+        command = re.sub(
+            rf"(?<=[\s=]){re.escape(key)}(?=[\s/]|$)" if not key.endswith("/") else rf"(?<=[\s=]){re.escape(key)}",
+            lambda _, key=key: str(work / PATHS[key]) + ("/" if key.endswith("/") else ""),
+            command,
+        )
     return re.sub(r"^python ", shlex.quote(sys.executable) + " ", command)
 
 
@@ -125,8 +140,9 @@ def run_bash(command: str, env: dict, work: Path, timeout=TIMEOUT_S):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     try:
-        return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:  # one slow command is one failure in the list, not the end
         return subprocess.CompletedProcess(command, 124, f"{exc.stdout or ''}", f"timed out after {timeout} s")
 
@@ -155,8 +171,16 @@ def work(tmp_path_factory):
 def run_demo(command: str, work: Path):
     """The README's demo command with fewer steps: same launcher, entry point and DeepSpeed config."""
     launcher, *rest = shlex.split(command)
-    args = [launcher, "--master_port", str(free_port()), *rest, "--output_dir", str(work / "outputs" / "demo"),
-            f"--data.demo_root={work / 'data_cache' / 'demo'}", *DEMO_OVERRIDES]
+    args = [
+        launcher,
+        "--master_port",
+        str(free_port()),
+        *rest,
+        "--output_dir",
+        str(work / "outputs" / "demo"),
+        f"--data.demo_root={work / 'data_cache' / 'demo'}",
+        *DEMO_OVERRIDES,
+    ]
     return run_bash(shlex.join(args), {}, work)
 
 
@@ -174,7 +198,9 @@ def run_command(command: str, work: Path):
         syntax = run_bash(f"bash -n {script}", {}, work)
         usage = run_bash(f"bash {script} --help", {}, work).stdout
         unknown = [w for w in rest.split()[2:] if w.startswith("--") and w not in usage]
-        return subprocess.CompletedProcess(rest, syntax.returncode or int(bool(unknown)), usage, f"{syntax.stderr}{unknown}")
+        return subprocess.CompletedProcess(
+            rest, syntax.returncode or int(bool(unknown)), usage, f"{syntax.stderr}{unknown}"
+        )
     if kind == "gpu":
         import torch
 
@@ -227,8 +253,12 @@ def test_readme_dry_run_refuses_a_text_file_as_teacher(work, tmp_path):
     (tmp_path / "clip.pt").write_text("not weights\n")
     env, rest = split_env(substitute(command, work))
     index = work / "teacher_check.arrow"
-    subprocess.run([sys.executable, "tools/build_index.py", str(work / "in21k"), "--out", str(index)], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "tools/build_index.py", str(work / "in21k"), "--out", str(index)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     result = run_bash(rest, dict(env, TEACHER=str(tmp_path / "clip.pt"), DATA_INDEX=str(index)), work)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode != 0 and len(errors) == 1, result.stdout[-2000:] + result.stderr[-2000:]

@@ -3,6 +3,7 @@ the loss at every step with the run that never stopped; resume a 2-rank checkpoi
 
 The ranks are plain processes with RANK/WORLD_SIZE/MASTER_* set (tests/helpers/resume_worker.py).
 """
+
 import sys
 from pathlib import Path
 
@@ -59,9 +60,15 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint_bit_exact(referenc
     ckpts = out / "checkpoints"
     # Slow saves; SIGKILL both ranks while step 4 is being written (its files exist, no COMPLETE).
     procs = launch(out, 2, "--total_steps", "8", "--every_steps", "2", "--slow_save_s", "3")
-    wait_until(lambda: read_complete(ckpts / "step_00000002") is not None
-               and any((ckpts / "step_00000004").glob("*model_states.pt"))
-               and read_complete(ckpts / "step_00000004") is None, procs, "the save of step 4 to start")
+    wait_until(
+        lambda: (
+            read_complete(ckpts / "step_00000002") is not None
+            and any((ckpts / "step_00000004").glob("*model_states.pt"))
+            and read_complete(ckpts / "step_00000004") is None
+        ),
+        procs,
+        "the save of step 4 to start",
+    )
     kill_all(procs)
     assert read_complete(ckpts / "step_00000004") is None
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
@@ -85,7 +92,9 @@ def test_world_size_change_two_to_one_to_two_ranks(tmp_path, zero_stage):
     one = tmp_path / "one_rank"
     wait_ok(launch(one, 1, "--total_steps", "6", *common, "--resume", str(two / "checkpoints" / "step_00000003")), one)
     back = tmp_path / "two_again"
-    wait_ok(launch(back, 2, "--total_steps", "8", *common, "--resume", str(one / "checkpoints" / "step_00000006")), back)
+    wait_ok(
+        launch(back, 2, "--total_steps", "8", *common, "--resume", str(one / "checkpoints" / "step_00000006")), back
+    )
     lines = metric_lines(one) + metric_lines(back)
     assert [line["step"] for line in lines] == [4, 5, 6, 7, 8]
     for line in lines:

@@ -2,6 +2,7 @@
 random step, resume it (`--resume auto`), and compare metrics.jsonl with the run that never stopped;
 resume a 2-rank checkpoint on 1 rank. The kill in the middle of a save is in tests/test_resume.py
 (a tiny engine whose saves can be made slow enough to hit)."""
+
 import random
 from pathlib import Path
 
@@ -19,10 +20,20 @@ pytestmark = pytest.mark.slow
 
 def overrides(demo_root: Path, *extra: str):
     # drop_path 0: a 1-rank resume cannot replay the 2 ranks' drop-path streams.
-    return [f"--data.demo_root={demo_root}", "--data.num_workers=0", "--train.precision=fp32",
-            f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false", "--eval.final_report=false",
-            "--logging.progress_bar=false", "--checkpoint.every_steps=2", "--checkpoint.keep_last=4",
-            "--model.drop_path_rate=0", *extra]
+    return [
+        f"--data.demo_root={demo_root}",
+        "--data.num_workers=0",
+        "--train.precision=fp32",
+        f"--train.total_steps={TOTAL_STEPS}",
+        "--logging.log_every_steps=1",
+        "--logging.wandb=false",
+        "--eval.final_report=false",
+        "--logging.progress_bar=false",
+        "--checkpoint.every_steps=2",
+        "--checkpoint.keep_last=4",
+        "--model.drop_path_rate=0",
+        *extra,
+    ]
 
 
 def by_step(lines):

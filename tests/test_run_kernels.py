@@ -2,6 +2,7 @@
 (Triton's interpreter) self-checks our kernels at the run's own shapes before the first step and stores the
 verdicts in OUT/config.json under run.kernels.selfcheck. (On a GPU `auto` does the same; tests/test_kernels_selfcheck.py
 covers wrong and slow kernels through the test hook.)"""
+
 import json
 import os
 import subprocess
@@ -20,11 +21,26 @@ def test_forced_triton_run_records_a_passed_check_per_shape_class(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", TRITON_INTERPRET="1", EVA_KERNELS="triton")
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    args = [sys.executable, "eva_train/pretrain.py", "--output_dir", str(out), f"--data.demo_root={tmp_path / 'demo'}",
-            "--model.variant=eva_debug_p4", "--model.img_size=16", "--train.micro_batch_size=2",
-            "--train.global_batch_size=2", "--train.total_steps=1", "--data.num_workers=0", "--data.val_index=",
-            "--logging.wandb=false", "--logging.progress_bar=false", "--eval.final_report=false",
-            "--eval.knn_every_steps=0", "--deepspeed_config", "ds_configs/zero1.json"]
+    args = [
+        sys.executable,
+        "eva_train/pretrain.py",
+        "--output_dir",
+        str(out),
+        f"--data.demo_root={tmp_path / 'demo'}",
+        "--model.variant=eva_debug_p4",
+        "--model.img_size=16",
+        "--train.micro_batch_size=2",
+        "--train.global_batch_size=2",
+        "--train.total_steps=1",
+        "--data.num_workers=0",
+        "--data.val_index=",
+        "--logging.wandb=false",
+        "--logging.progress_bar=false",
+        "--eval.final_report=false",
+        "--eval.knn_every_steps=0",
+        "--deepspeed_config",
+        "ds_configs/zero1.json",
+    ]
     # config.json is written (atomically) once the run is built, before the first step: the check is done by then,
     # and the steps that would follow under the interpreter cost minutes, so the run is stopped there.
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe: a full pipe would block the run

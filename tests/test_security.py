@@ -1,6 +1,7 @@
 """No code from a checkpoint runs: crafted torch.save files whose pickle calls `os.system` or
 `builtins.exec` (to write a marker file) are refused with exit 2 and one line naming the global, by
 the consolidation CLI, `pretrain.py --resume DIR` and `model.init_from`; the marker never appears."""
+
 import json
 import os
 import subprocess
@@ -38,14 +39,26 @@ class ExecCall:
 
 
 def payloads(marker: Path):
-    return {"os.system": SystemCall(f"touch {marker}"),
-            "builtins.exec": ExecCall(f"open({str(marker)!r}, 'w').write('ran')")}
+    return {
+        "os.system": SystemCall(f"touch {marker}"),
+        "builtins.exec": ExecCall(f"open({str(marker)!r}, 'w').write('ran')"),
+    }
 
 
 def crafted_model_states(path: Path, payload, protocol: int = 2) -> Path:
     """A real torch.save zip that looks like DeepSpeed's ZeRO-3 model states, one value a payload."""
-    torch.save({"module": OrderedDict(w=torch.ones(3)), "buffer_names": [], "param_shapes": [{"w": torch.Size([3])}],
-                "dp_world_size": 1, "ds_version": "0.19.8", "ds_config": payload}, path, pickle_protocol=protocol)
+    torch.save(
+        {
+            "module": OrderedDict(w=torch.ones(3)),
+            "buffer_names": [],
+            "param_shapes": [{"w": torch.Size([3])}],
+            "dp_world_size": 1,
+            "ds_version": "0.19.8",
+            "ds_config": payload,
+        },
+        path,
+        pickle_protocol=protocol,
+    )
     return path
 
 
@@ -62,8 +75,9 @@ def crafted_tag(root: Path, payload) -> Path:
 
 def run(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", WANDB_MODE="offline")
-    return subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=kw.get("cwd", REPO))
+    return subprocess.run(
+        [sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300, cwd=kw.get("cwd", REPO)
+    )
 
 
 @pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL and STACK_GLOBAL opcodes
@@ -106,8 +120,9 @@ def test_pretrain_init_from_a_crafted_file_exits_2(tmp_path):
     marker = tmp_path / "marker"
     weights = tmp_path / "weights.pt"
     torch.save({"pos_embed": torch.zeros(1, 2), "evil": SystemCall(f"touch {marker}")}, weights)
-    proc = run([REPO / "eva_train/pretrain.py", f"--model.init_from={weights}", "--output_dir", tmp_path / "out",
-                "--dry-run"])
+    proc = run(
+        [REPO / "eva_train/pretrain.py", f"--model.init_from={weights}", "--output_dir", tmp_path / "out", "--dry-run"]
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "model.init_from" in proc.stderr
     assert not marker.exists()
@@ -115,8 +130,10 @@ def test_pretrain_init_from_a_crafted_file_exits_2(tmp_path):
 
 def test_rng_state_file_with_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"python": None, "numpy": SystemCall(f"touch {marker}"), "torch": torch.zeros(3), "cuda": None},
-               tmp_path / "rank_00000.pt")
+    torch.save(
+        {"python": None, "numpy": SystemCall(f"touch {marker}"), "torch": torch.zeros(3), "cuda": None},
+        tmp_path / "rank_00000.pt",
+    )
     with pytest.raises(ValueError, match="refusing to unpickle"):
         load_rng_file(tmp_path / "rank_00000.pt")
     assert not marker.exists()

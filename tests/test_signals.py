@@ -1,6 +1,7 @@
 """Stop signals outside SLURM, through the real entry point on 2 real DeepSpeed ranks: to one rank, or
 to the whole process group (ranks and their DataLoader workers, as a terminal or a launcher's
 killpg delivers it). Every case: both ranks exit 0 after one complete checkpoint at one agreed step."""
+
 import json
 import os
 import signal
@@ -11,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import procs as helpers
-from tests.helpers.procs import PRETRAIN, REPO, free_port, launch_pretrain, metric_lines, rank_logs, wait_all, wait_until
+from tests.helpers.procs import (
+    PRETRAIN,
+    REPO,
+    free_port,
+    launch_pretrain,
+    metric_lines,
+    rank_logs,
+    wait_all,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 TOTAL_STEPS = 200  # never reached: the signal stops the run
@@ -24,10 +34,19 @@ def _patient_waits(monkeypatch):
 
 
 def demo_args(demo_root: Path, workers: int):
-    return [f"--data.demo_root={demo_root}", f"--data.num_workers={workers}", "--train.precision=fp32",
-            "--train.micro_batch_size=4", "--train.global_batch_size=8", f"--train.total_steps={TOTAL_STEPS}",
-            "--logging.log_every_steps=1", "--logging.wandb=false", "--logging.progress_bar=false",
-            "--eval.final_report=false", "--checkpoint.every_steps=1000"]
+    return [
+        f"--data.demo_root={demo_root}",
+        f"--data.num_workers={workers}",
+        "--train.precision=fp32",
+        "--train.micro_batch_size=4",
+        "--train.global_batch_size=8",
+        f"--train.total_steps={TOTAL_STEPS}",
+        "--logging.log_every_steps=1",
+        "--logging.wandb=false",
+        "--logging.progress_bar=false",
+        "--eval.final_report=false",
+        "--checkpoint.every_steps=1000",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +57,28 @@ def demo_root(tmp_path_factory):
 def launch_in_one_group(out: Path, args):
     """Both ranks in one new process group (rank 0 leads it): what a terminal or killpg reaches."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="offline",
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     procs = []
     for rank in (0, 1):
         log = open(out / f"log_rank{rank}.txt", "a")
-        procs.append(subprocess.Popen([sys.executable, str(PRETRAIN), "--output_dir", str(out), *args], cwd=REPO,
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=log,
-                                      stderr=subprocess.STDOUT, process_group=procs[0].pid if procs else 0))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(PRETRAIN), "--output_dir", str(out), *args],
+                cwd=REPO,
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=procs[0].pid if procs else 0,
+            )
+        )
     return procs
 
 

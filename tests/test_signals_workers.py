@@ -1,7 +1,7 @@
 """DataLoader workers ignore the job's signals (a TERM to the whole step must reach the rank's handler,
 not kill its workers first); real forked workers, real signals."""
+
 import os
-import signal
 import subprocess
 import sys
 import textwrap

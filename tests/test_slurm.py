@@ -1,4 +1,5 @@
 """Real SLURM (tools/slurm_local.sh): the sbatch scripts, requeue, dry run, preemption end to end."""
+
 import json
 import os
 import re
@@ -7,7 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 
@@ -28,7 +28,7 @@ def cluster():
             pytest.skip(f"local SLURM could not start: {start.stderr.strip()[-300:]}")
 
 
-def job_env(**extra: str) -> Dict[str, str]:
+def job_env(**extra: str) -> dict[str, str]:
     """The job's environment: this interpreter, no SLURM variables leaking in from an outer job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHON=sys.executable, DS_ACCELERATOR="cpu", WANDB_MODE="offline")
@@ -37,18 +37,18 @@ def job_env(**extra: str) -> Dict[str, str]:
     return env
 
 
-def sbatch(args: List[str], env: Dict[str, str]) -> str:
+def sbatch(args: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
 
 
-def job_fields(job_id: str) -> Dict[str, str]:
+def job_fields(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_job_ended(job_id: str, timeout_s: float) -> Dict[str, str]:
+def wait_job_ended(job_id: str, timeout_s: float) -> dict[str, str]:
     """Poll until the job has ended for good (a requeued job passes through PENDING again)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -59,12 +59,14 @@ def wait_job_ended(job_id: str, timeout_s: float) -> Dict[str, str]:
     raise AssertionError(f"job {job_id} did not end in {timeout_s} s: {job_fields(job_id).get('JobState')}")
 
 
-def queued_job_ids() -> List[str]:
+def queued_job_ids() -> list[str]:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed; `apt-get install shellcheck` (tools/slurm_local.sh does)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck is not installed; `apt-get install shellcheck` (tools/slurm_local.sh does)",
+)
 def test_scripts_pass_shellcheck():
     done = subprocess.run(["shellcheck", "-x", *SCRIPTS], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout
@@ -86,8 +88,9 @@ def test_requeue_restarts_the_same_job(cluster, tmp_path):
     script = tmp_path / "requeue_once.py"
     script.write_text(REQUEUE_ONCE)
     log = tmp_path / "job.out"
-    job_id = sbatch(["-n1", "--requeue", "--open-mode=append", f"--output={log}",
-                     f"--wrap={sys.executable} {script}"], job_env())
+    job_id = sbatch(
+        ["-n1", "--requeue", "--open-mode=append", f"--output={log}", f"--wrap={sys.executable} {script}"], job_env()
+    )
     try:
         fields = wait_job_ended(job_id, timeout_s=120)
     finally:
@@ -101,8 +104,9 @@ def test_requeue_restarts_the_same_job(cluster, tmp_path):
 
 # --- the sbatch scripts with the real entry point -------------------------------------------
 
-needs_entry_point = pytest.mark.skipif(not (REPO / "eva_train/pretrain.py").exists(),
-                                       reason="eva_train/pretrain.py (engine part) is not in the tree yet")
+needs_entry_point = pytest.mark.skipif(
+    not (REPO / "eva_train/pretrain.py").exists(), reason="eva_train/pretrain.py (engine part) is not in the tree yet"
+)
 CPU_SHAPE = {"NODES": "1", "TASKS_PER_NODE": "2", "GPUS_PER_NODE": "0"}
 CPU_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 TOTAL_STEPS = 12
@@ -112,15 +116,26 @@ VAL_SMALL = "val_small.arrow"
 
 def demo_overrides(demo_root: Path) -> str:
     """A 2-rank fp32 CPU demo that takes well under a minute; checkpoints only on preemption."""
-    return " ".join([
-        f"--data.demo_root={demo_root}", f"--data.val_index={demo_root / VAL_SMALL}", "--data.num_workers=0", "--train.precision=fp32",
-        "--train.micro_batch_size=4", "--train.global_batch_size=8", "--optim.warmup_steps=2",
-        f"--train.total_steps={TOTAL_STEPS}", "--logging.log_every_steps=1", "--logging.wandb=false", "--eval.final_report=false",
-        "--logging.progress_bar=false", f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
-    ])
+    return " ".join(
+        [
+            f"--data.demo_root={demo_root}",
+            f"--data.val_index={demo_root / VAL_SMALL}",
+            "--data.num_workers=0",
+            "--train.precision=fp32",
+            "--train.micro_batch_size=4",
+            "--train.global_batch_size=8",
+            "--optim.warmup_steps=2",
+            f"--train.total_steps={TOTAL_STEPS}",
+            "--logging.log_every_steps=1",
+            "--logging.wandb=false",
+            "--eval.final_report=false",
+            "--logging.progress_bar=false",
+            f"--checkpoint.every_steps={10 * TOTAL_STEPS}",
+        ]
+    )
 
 
-def read_metrics(output_dir: Path) -> List[dict]:
+def read_metrics(output_dir: Path) -> list[dict]:
     path = output_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -155,8 +170,7 @@ def uninterrupted_run(cluster, demo_root, tmp_path_factory):
     """`sbatch slurm/eva_g.sh` with CPU overrides: a 2-task demo pretraining run to the end."""
     root = tmp_path_factory.mktemp("uninterrupted")
     env = job_env(RECIPE="demo", OUTPUT_ROOT=str(root), EXTRA_ARGS=demo_overrides(demo_root))
-    job_id = sbatch([*CPU_SBATCH, f"--output={root}/%x-%j.out", f"--error={root}/%x-%j.err",
-                     "slurm/eva_g.sh"], env)
+    job_id = sbatch([*CPU_SBATCH, f"--output={root}/%x-%j.out", f"--error={root}/%x-%j.err", "slurm/eva_g.sh"], env)
     try:
         fields = wait_job_ended(job_id, timeout_s=SLOW_START_S)
     finally:
@@ -179,17 +193,30 @@ def test_sbatch_eva_g_runs_demo_to_completion(uninterrupted_run):
 @pytest.mark.slow
 def test_preempted_job_requeues_resumes_and_matches(cluster, demo_root, uninterrupted_run, tmp_path):
     env = job_env(RECIPE="demo", OUTPUT_ROOT=str(tmp_path), EXTRA_ARGS=demo_overrides(demo_root), **CPU_SHAPE)
-    submit = subprocess.run(["bash", "slurm/eva_g.sh", "--submit", "--cpus-per-task=1", "--time=15",
-                             f"--output={tmp_path}/%x-%j.out", f"--error={tmp_path}/%x-%j.err"],
-                            capture_output=True, text=True, env=env, cwd=REPO)
+    submit = subprocess.run(
+        [
+            "bash",
+            "slurm/eva_g.sh",
+            "--submit",
+            "--cpus-per-task=1",
+            "--time=15",
+            f"--output={tmp_path}/%x-%j.out",
+            f"--error={tmp_path}/%x-%j.err",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
     output_dir = tmp_path / f"eva-g-{job_id}"
     try:
         deadline = time.monotonic() + SLOW_START_S
         while len(read_metrics(output_dir)) < 3:  # mid-run: a few steps done, most to go
-            assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, \
-                job_log(tmp_path, job_id)[-3000:]
+            assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, job_log(
+                tmp_path, job_id
+            )[-3000:]
             time.sleep(0.2)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
         fields = wait_job_ended(job_id, timeout_s=SLOW_START_S)
@@ -207,15 +234,24 @@ def test_preempted_job_requeues_resumes_and_matches(cluster, demo_root, uninterr
 
 
 @needs_entry_point
-@pytest.mark.parametrize("env_update, message", [
-    ({"EXTRA_ARGS": "--train.global_batch_size=3 --train.micro_batch_size=1"}, "not a multiple"),
-    ({"DATA_INDEX": "/nonexistent/train.arrow"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "env_update, message",
+    [
+        ({"EXTRA_ARGS": "--train.global_batch_size=3 --train.micro_batch_size=1"}, "not a multiple"),
+        ({"DATA_INDEX": "/nonexistent/train.arrow"}, "does not exist"),
+    ],
+)
 def test_dry_run_rejects_broken_config_without_queueing(cluster, tmp_path, env_update, message):
     before = set(queued_job_ids())
     env = job_env(RECIPE="demo", OUTPUT_ROOT=str(tmp_path), **CPU_SHAPE, **env_update)
-    done = subprocess.run(["bash", "slurm/eva_g.sh", "--submit", "--time=15"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        ["bash", "slurm/eva_g.sh", "--submit", "--time=15"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert message in done.stderr + done.stdout
     assert "nothing was queued" in done.stderr
@@ -229,20 +265,39 @@ SIGNAL_BASE_SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "
 LONG_RUN = 2000  # steps: never reached, the signal (or the time limit) ends the run first
 
 
-def submit_demo(root: Path, demo_root: Path, *, total_steps: int = LONG_RUN, extra_args: str = "",
-                time_limit: str = "15", sbatch_extra=()) -> tuple:
-    overrides = demo_overrides(demo_root).replace(f"--train.total_steps={TOTAL_STEPS}", f"--train.total_steps={total_steps}")
+def submit_demo(
+    root: Path,
+    demo_root: Path,
+    *,
+    total_steps: int = LONG_RUN,
+    extra_args: str = "",
+    time_limit: str = "15",
+    sbatch_extra=(),
+) -> tuple:
+    overrides = demo_overrides(demo_root).replace(
+        f"--train.total_steps={TOTAL_STEPS}", f"--train.total_steps={total_steps}"
+    )
     env = job_env(RECIPE="demo", OUTPUT_ROOT=str(root), EXTRA_ARGS=f"{overrides} {extra_args}")
-    job_id = sbatch([*SIGNAL_BASE_SBATCH, f"--time={time_limit}", *sbatch_extra, f"--output={root}/%x-%j.out",
-                     f"--error={root}/%x-%j.err", "slurm/eva_g.sh"], env)
+    job_id = sbatch(
+        [
+            *SIGNAL_BASE_SBATCH,
+            f"--time={time_limit}",
+            *sbatch_extra,
+            f"--output={root}/%x-%j.out",
+            f"--error={root}/%x-%j.err",
+            "slurm/eva_g.sh",
+        ],
+        env,
+    )
     return job_id, root / f"eva-g-{job_id}"
 
 
 def wait_for_steps(job_id: str, root: Path, output_dir: Path, steps: int) -> None:
     deadline = time.monotonic() + SLOW_START_S
     while len(read_metrics(output_dir)) < steps:
-        assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, \
-            job_log(root, job_id)[-3000:]
+        assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, job_log(root, job_id)[
+            -3000:
+        ]
         time.sleep(0.2)
 
 
@@ -253,7 +308,7 @@ def complete_checkpoint_step(output_dir: Path) -> int:
     return record["step"]
 
 
-def stays_down(job_id: str, seconds: float = 25) -> Dict[str, str]:
+def stays_down(job_id: str, seconds: float = 25) -> dict[str, str]:
     """A requeued job would be PENDING/RUNNING again within cred_expire (10 s here) + a scheduler pass."""
     time.sleep(seconds)
     return job_fields(job_id)
@@ -315,7 +370,7 @@ def test_scancel_full_term_is_explained_and_not_requeued(cluster, demo_root, tmp
     log = job_log(tmp_path, job_id)
     assert fields["JobState"] in ENDED and fields["Restarts"] == "0", log[-3000:]
     assert complete_checkpoint_step(output_dir) >= 2
-    assert f"Resume with: OUTPUT_DIR={output_dir}" in log and f"sbatch --nodes=1 --ntasks-per-node=2" in log, log[-3000:]
+    assert f"Resume with: OUTPUT_DIR={output_dir}" in log and "sbatch --nodes=1 --ntasks-per-node=2" in log, log[-3000:]
     assert str(REPO / "slurm/eva_g.sh") in log
 
 
@@ -352,8 +407,9 @@ def test_usr1_after_the_run_finished_does_not_requeue(cluster, demo_root, tmp_pa
     try:
         deadline = time.monotonic() + SLOW_START_S
         while "run finished at step" not in job_log(tmp_path, job_id):
-            assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, \
-                job_log(tmp_path, job_id)[-3000:]
+            assert time.monotonic() < deadline and job_fields(job_id).get("JobState") not in ENDED, job_log(
+                tmp_path, job_id
+            )[-3000:]
             time.sleep(0.1)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id])  # may find the job gone: fine
         wait_job_ended(job_id, timeout_s=SLOW_START_S)
@@ -364,18 +420,25 @@ def test_usr1_after_the_run_finished_does_not_requeue(cluster, demo_root, tmp_pa
     assert read_metrics(output_dir)[-1]["step"] == TOTAL_STEPS
 
 
-def dry_run(env_update: Dict[str, str], *sbatch_flags: str):
+def dry_run(env_update: dict[str, str], *sbatch_flags: str):
     env = job_env(RECIPE="demo", **CPU_SHAPE, **env_update)
-    return subprocess.run(["bash", "slurm/eva_g.sh", "--dry-run", *sbatch_flags], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        ["bash", "slurm/eva_g.sh", "--dry-run", *sbatch_flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 @needs_entry_point
 def test_dry_run_reads_teacher_and_refuses_a_file_that_is_not_weights(tmp_path):
     teacher = tmp_path / "teacher.pt"
     teacher.write_text("not a state dict")
-    done = dry_run({"TEACHER": str(teacher),
-                    "EXTRA_ARGS": "--teacher.random_init=false --teacher.input_transform=none"})
+    done = dry_run(
+        {"TEACHER": str(teacher), "EXTRA_ARGS": "--teacher.random_init=false --teacher.input_transform=none"}
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert str(teacher) in done.stderr and "nothing was queued" in done.stderr
     assert f"--teacher.checkpoint={teacher}" in done.stdout  # TEACHER reached pretrain.py
@@ -385,12 +448,16 @@ def test_dry_run_reads_teacher_and_refuses_a_file_that_is_not_weights(tmp_path):
 def test_dry_run_submit_line_keeps_every_setting_given(tmp_path):
     import shlex
 
-    given = {"OUTPUT_ROOT": str(tmp_path / "runs here"), "EXTRA_ARGS": "--train.total_steps=5 --logging.wandb=false",
-             "RESUME": "none", "STEP_SIGNAL": "USR1"}
+    given = {
+        "OUTPUT_ROOT": str(tmp_path / "runs here"),
+        "EXTRA_ARGS": "--train.total_steps=5 --logging.wandb=false",
+        "RESUME": "none",
+        "STEP_SIGNAL": "USR1",
+    }
     done = dry_run(given, "--time=15")
     assert done.returncode == 0, done.stdout + done.stderr
     (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("submit with: ")]
     words = shlex.split(line.removeprefix("submit with: "))
-    assignments = dict(w.split("=", 1) for w in words[:words.index("sbatch")])
+    assignments = dict(w.split("=", 1) for w in words[: words.index("sbatch")])
     assert {k: assignments.get(k) for k in given} == given
     assert assignments["RECIPE"] == "demo" and words[-1].endswith("slurm/eva_g.sh") and "--time=15" in words

@@ -1,4 +1,5 @@
 """The frozen CLIP teacher: loading local weights strictly, targets = final patch tokens @ proj."""
+
 import json
 import logging
 
@@ -65,8 +66,15 @@ def test_saved_tower_loads_back_exactly(tmp_path, random_tiny, layout):
     elif layout == "visual_only":
         torch.save(visual, path)
     elif layout == "wrapped":  # an open_clip training checkpoint
-        torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in prefixed.items()},
-                    "optimizer": {"state": {}}}, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "name": "run",
+                "state_dict": {"module." + k: v for k, v in prefixed.items()},
+                "optimizer": {"state": {}},
+            },
+            path,
+        )
     else:
         save_file(prefixed, str(path))
     loaded = build_teacher(TeacherConfig(name="tiny", checkpoint=str(path)), student_grid=8, device="cpu")
@@ -130,8 +138,16 @@ def test_openai_weights_switch_the_tower_to_quickgelu(tmp_path, random_tiny, cap
 
 def test_eva_clip_style_timm_tower_returns_projected_patch_tokens(tmp_path):
     # EVA-CLIP configs wrap a timm trunk; a local open_clip config with a small EVA-02 trunk stands in
-    config = {"embed_dim": 48, "vision_cfg": {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224",
-                                              "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None}}
+    config = {
+        "embed_dim": 48,
+        "vision_cfg": {
+            "image_size": 224,
+            "timm_model_name": "eva02_tiny_patch14_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": None,
+        },
+    }
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
     name = f"local-dir:{tmp_path}"
     random = build_teacher(TeacherConfig(name=name, random_init=True), student_grid=16, device="cpu")
@@ -143,7 +159,7 @@ def test_eva_clip_style_timm_tower_returns_projected_patch_tokens(tmp_path):
     assert out.shape == (2, 16, 48)
     trunk = teacher.visual.trunk
     with torch.no_grad():
-        features = trunk.forward_features(_normalized(teacher, images))          # (B, 1+N, D) after trunk.norm
+        features = trunk.forward_features(_normalized(teacher, images))  # (B, 1+N, D) after trunk.norm
         torch.testing.assert_close(out, trunk.head(features[:, 1:]))
         torch.testing.assert_close(teacher.visual(_normalized(teacher, images)), trunk.head(features[:, 0]))
 
@@ -158,8 +174,8 @@ def test_gray_standardized_removes_colour_and_keeps_structure():
 
     gen = torch.Generator().manual_seed(0)
     pattern = (torch.rand(2, 1, 16, 16, generator=gen) > 0.5).float()
-    red_green = (pattern * torch.tensor([200., 20., 0.]).view(1, 3, 1, 1) + 30).to(torch.uint8)
-    blue = (pattern * torch.tensor([0., 10., 90.]).view(1, 3, 1, 1) + 100).to(torch.uint8)
+    red_green = (pattern * torch.tensor([200.0, 20.0, 0.0]).view(1, 3, 1, 1) + 30).to(torch.uint8)
+    blue = (pattern * torch.tensor([0.0, 10.0, 90.0]).view(1, 3, 1, 1) + 100).to(torch.uint8)
     a, b = gray_standardized(red_green), gray_standardized(blue)
     assert a.dtype == torch.uint8 and torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 1], a[:, 2])
     assert (a.int() - b.int()).abs().max() <= 1  # same pattern in other colours: same teacher input

@@ -2,6 +2,7 @@
 
 Each launch is its own process, as a requeue or a kill + resume is. The history is read back from
 wandb's own offline files (its transaction log, parsed here with wandb's protobuf classes)."""
+
 import json
 import os
 import struct
@@ -30,8 +31,13 @@ sink.close()
 def launch(out: Path, start: int, end: int) -> None:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("WANDB_API_KEY", None)
-    done = subprocess.run([sys.executable, "-c", LAUNCH, str(out), str(start), str(end)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCH, str(out), str(start), str(end)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
@@ -47,11 +53,11 @@ def wandb_records(path: Path):
         if room < 7:  # a block's tail too short for a header is padding
             pos += room
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += room
             continue
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full record, or the last piece of one
             record = wandb_internal_pb2.Record()

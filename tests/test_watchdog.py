@@ -1,4 +1,5 @@
 """StallWatchdog: real child processes that stall, beat, or hold the GIL."""
+
 import os
 import socket
 import subprocess
@@ -100,8 +101,16 @@ def test_rank_stuck_in_collective_names_itself_and_exits():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, "-c", MISSED_COLLECTIVE], env=env | {"RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MISSED_COLLECTIVE],
+            env=env | {"RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     try:
         _, err = procs[0].communicate(timeout=90)
     finally:

@@ -1,15 +1,16 @@
 """Importing foreign EVA weights: official EVA-01 / EVA-02 releases, timm, mmpretrain, with
 position-embedding resize and a missing/unexpected/mismatched report."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from eva_train.export.layouts import LayoutError
+from eva_train.export.weights import load_weights, read_state_dict
 from eva_train.models import build_backbone
 from eva_train.models.eva import EvaForMIM
 from eva_train.models.variants import VARIANTS
-from eva_train.export.weights import load_weights, read_state_dict
 
 
 def _mim(variant: str, img_size=None, teacher_dim: int = 8, seed: int = 0) -> EvaForMIM:
@@ -33,7 +34,7 @@ def _assert_same(a: dict, b: dict, skip=()):
 
 
 def test_official_eva01_checkpoint_with_pos_embed_resize(tmp_path):
-    source = _mim("eva_debug_p4")                     # 16 px -> 4x4 grid; our names are EVA-01's
+    source = _mim("eva_debug_p4")  # 16 px -> 4x4 grid; our names are EVA-01's
     path = tmp_path / "eva01.pth"
     torch.save({"model": source.state_dict(), "epoch": 3}, path)
     target = _mim("eva_debug_p4", img_size=24, seed=1)  # 6x6 grid
@@ -51,21 +52,45 @@ def _official_eva02_file(depth: int, dim: int, hidden: int, grid: int, seed: int
     w1 (gate), w2, ffn_ln, w3; a shared `VisionRotaryEmbeddingFast` as `rope` / `blocks.N.attn.rope`),
     written out literally here, with random values."""
     g = torch.Generator().manual_seed(seed)
-    names = {"cls_token": (1, 1, dim), "mask_token": (1, 1, dim), "pos_embed": (1, grid * grid + 1, dim),
-             "patch_embed.proj.weight": (dim, 3, 4, 4), "patch_embed.proj.bias": (dim,),
-             "norm.weight": (dim,), "norm.bias": (dim,), "lm_head.weight": (8, dim), "lm_head.bias": (8,),
-             "rope.freqs_cos": (grid * grid, dim // 2), "rope.freqs_sin": (grid * grid, dim // 2)}
+    names = {
+        "cls_token": (1, 1, dim),
+        "mask_token": (1, 1, dim),
+        "pos_embed": (1, grid * grid + 1, dim),
+        "patch_embed.proj.weight": (dim, 3, 4, 4),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+        "lm_head.weight": (8, dim),
+        "lm_head.bias": (8,),
+        "rope.freqs_cos": (grid * grid, dim // 2),
+        "rope.freqs_sin": (grid * grid, dim // 2),
+    }
     for i in range(depth):
         b = f"blocks.{i}."
-        names.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.q_proj.weight": (dim, dim),
-                      b + "attn.k_proj.weight": (dim, dim), b + "attn.v_proj.weight": (dim, dim),
-                      b + "attn.q_bias": (dim,), b + "attn.v_bias": (dim,), b + "attn.proj.weight": (dim, dim),
-                      b + "attn.proj.bias": (dim,), b + "attn.rope.freqs_cos": (grid * grid, dim // 2),
-                      b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-                      b + "mlp.w1.weight": (hidden, dim), b + "mlp.w1.bias": (hidden,),
-                      b + "mlp.w2.weight": (hidden, dim), b + "mlp.w2.bias": (hidden,),
-                      b + "mlp.ffn_ln.weight": (hidden,), b + "mlp.ffn_ln.bias": (hidden,),
-                      b + "mlp.w3.weight": (dim, hidden), b + "mlp.w3.bias": (dim,)})
+        names.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.q_proj.weight": (dim, dim),
+                b + "attn.k_proj.weight": (dim, dim),
+                b + "attn.v_proj.weight": (dim, dim),
+                b + "attn.q_bias": (dim,),
+                b + "attn.v_bias": (dim,),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "attn.rope.freqs_cos": (grid * grid, dim // 2),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.w1.weight": (hidden, dim),
+                b + "mlp.w1.bias": (hidden,),
+                b + "mlp.w2.weight": (hidden, dim),
+                b + "mlp.w2.bias": (hidden,),
+                b + "mlp.ffn_ln.weight": (hidden,),
+                b + "mlp.ffn_ln.bias": (hidden,),
+                b + "mlp.w3.weight": (dim, hidden),
+                b + "mlp.w3.bias": (dim,),
+            }
+        )
     return {k: torch.randn(shape, generator=g) * 0.2 for k, shape in names.items()}
 
 
@@ -77,13 +102,25 @@ def test_official_eva02_checkpoint_loads_as_timm_reads_it(tmp_path):
     cfg = VARIANTS["eva02_debug_p4"]
     official = _official_eva02_file(cfg.depth, cfg.embed_dim, cfg.mlp_hidden_dim, grid=4)
     path = tmp_path / "eva02.pt"
-    torch.save({"module": official}, path)   # the releases wrap their weights in `module`
+    torch.save({"module": official}, path)  # the releases wrap their weights in `module`
     target = _mim("eva02_debug_p4", seed=1)
     report = load_weights(target, str(path), strict=True)
     assert report.source_layout == "eva02_official"
-    timm_model = Eva(img_size=16, patch_size=4, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                     mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim, qkv_fused=False, swiglu_mlp=True, scale_mlp=True,
-                     use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=0, global_pool="token").eval()
+    timm_model = Eva(
+        img_size=16,
+        patch_size=4,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_hidden_dim / cfg.embed_dim,
+        qkv_fused=False,
+        swiglu_mlp=True,
+        scale_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+        num_classes=0,
+        global_pool="token",
+    ).eval()
     backbone_only = {k: v for k, v in official.items() if not k.startswith(("mask_token", "lm_head"))}
     timm_model.load_state_dict(checkpoint_filter_fn(backbone_only, timm_model), strict=True)
     images = torch.randn(2, 3, 16, 16)
@@ -98,9 +135,21 @@ def test_timm_checkpoint_into_our_backbone_gives_same_features():
 
     cfg = VARIANTS["eva02_debug_p4"]
     torch.manual_seed(0)
-    timm_model = Eva(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=cfg.mlp_hidden_dim / 32,
-                     qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
-                     num_classes=0, global_pool="token").eval()
+    timm_model = Eva(
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=cfg.mlp_hidden_dim / 32,
+        qkv_fused=False,
+        swiglu_mlp=True,
+        scale_mlp=True,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
+        num_classes=0,
+        global_pool="token",
+    ).eval()
     ours = build_backbone("eva02_debug_p4").eval()
     report = load_weights(ours, timm_model.state_dict(), strict=True)
     assert report.source_layout == "timm"
@@ -116,20 +165,39 @@ def _mmpretrain_eva02_file(depth: int, dim: int, hidden: int, grid: int, seed: i
     mlp.w1 + w2 -> mlp.w12 = cat(w1, w2), ffn_ln -> mlp.norm, w3 kept, patch_embed.proj -> projection,
     fc_norm -> ln2, head -> head.fc), written out literally here, with random values."""
     g = torch.Generator().manual_seed(seed)
-    names = {"backbone.cls_token": (1, 1, dim), "backbone.pos_embed": (1, grid * grid + 1, dim),
-             "backbone.patch_embed.projection.weight": (dim, 3, 4, 4), "backbone.patch_embed.projection.bias": (dim,),
-             "backbone.ln2.weight": (dim,), "backbone.ln2.bias": (dim,), "head.fc.weight": (10, dim),
-             "head.fc.bias": (10,)}
+    names = {
+        "backbone.cls_token": (1, 1, dim),
+        "backbone.pos_embed": (1, grid * grid + 1, dim),
+        "backbone.patch_embed.projection.weight": (dim, 3, 4, 4),
+        "backbone.patch_embed.projection.bias": (dim,),
+        "backbone.ln2.weight": (dim,),
+        "backbone.ln2.bias": (dim,),
+        "head.fc.weight": (10, dim),
+        "head.fc.bias": (10,),
+    }
     for i in range(depth):
         b = f"backbone.layers.{i}."
-        names.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,), b + "attn.qkv.weight": (3 * dim, dim),
-                      b + "attn.qkv.bias": (3 * dim,), b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-                      b + "norm2.weight": (dim,), b + "norm2.bias": (dim,), b + "mlp.w12.weight": (2 * hidden, dim),
-                      b + "mlp.w12.bias": (2 * hidden,), b + "mlp.norm.weight": (hidden,),
-                      b + "mlp.norm.bias": (hidden,), b + "mlp.w3.weight": (dim, hidden), b + "mlp.w3.bias": (dim,)})
+        names.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.qkv.bias": (3 * dim,),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.w12.weight": (2 * hidden, dim),
+                b + "mlp.w12.bias": (2 * hidden,),
+                b + "mlp.norm.weight": (hidden,),
+                b + "mlp.norm.bias": (hidden,),
+                b + "mlp.w3.weight": (dim, hidden),
+                b + "mlp.w3.bias": (dim,),
+            }
+        )
     out = {k: torch.randn(shape, generator=g) for k, shape in names.items()}
     for i in range(depth):
-        out[f"backbone.layers.{i}.attn.qkv.bias"][dim:2 * dim] = 0   # the converter's k bias
+        out[f"backbone.layers.{i}.attn.qkv.bias"][dim : 2 * dim] = 0  # the converter's k bias
     return out
 
 
@@ -146,13 +214,20 @@ def test_mmpretrain_eva02_checkpoint_lands_where_its_converter_took_it_from():
         layer, block = file, f"blocks.{i}."
         qkv, bias = layer[f"backbone.layers.{i}.attn.qkv.weight"], layer[f"backbone.layers.{i}.attn.qkv.bias"]
         w12, w12_bias = layer[f"backbone.layers.{i}.mlp.w12.weight"], layer[f"backbone.layers.{i}.mlp.w12.bias"]
-        expected = {"attn.q_proj.weight": qkv[:dim], "attn.k_proj.weight": qkv[dim:2 * dim],
-                    "attn.v_proj.weight": qkv[2 * dim:], "attn.q_proj.bias": bias[:dim], "attn.v_proj.bias": bias[2 * dim:],
-                    "mlp.fc1_g.weight": w12[:hidden], "mlp.fc1_x.weight": w12[hidden:],
-                    "mlp.fc1_g.bias": w12_bias[:hidden], "mlp.fc1_x.bias": w12_bias[hidden:],
-                    "mlp.fc2.weight": layer[f"backbone.layers.{i}.mlp.w3.weight"],
-                    "mlp.norm.weight": layer[f"backbone.layers.{i}.mlp.norm.weight"],
-                    "norm1.weight": layer[f"backbone.layers.{i}.norm1.weight"]}
+        expected = {
+            "attn.q_proj.weight": qkv[:dim],
+            "attn.k_proj.weight": qkv[dim : 2 * dim],
+            "attn.v_proj.weight": qkv[2 * dim :],
+            "attn.q_proj.bias": bias[:dim],
+            "attn.v_proj.bias": bias[2 * dim :],
+            "mlp.fc1_g.weight": w12[:hidden],
+            "mlp.fc1_x.weight": w12[hidden:],
+            "mlp.fc1_g.bias": w12_bias[:hidden],
+            "mlp.fc1_x.bias": w12_bias[hidden:],
+            "mlp.fc2.weight": layer[f"backbone.layers.{i}.mlp.w3.weight"],
+            "mlp.norm.weight": layer[f"backbone.layers.{i}.mlp.norm.weight"],
+            "norm1.weight": layer[f"backbone.layers.{i}.norm1.weight"],
+        }
         for name, tensor in expected.items():
             assert torch.equal(ours[block + name], tensor), block + name
     assert torch.equal(ours["norm.weight"], file["backbone.ln2.weight"])
@@ -255,11 +330,16 @@ def test_get_model_reads_a_learned_k_bias_mae_file_by_its_metadata(tmp_path):
     from eva_train.models import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="eva_mae_b16", img_size=32, mode="mae", decoder_depth=1, decoder_width=32, decoder_heads=2)
+    cfg = ModelConfig(
+        variant="eva_mae_b16", img_size=32, mode="mae", decoder_depth=1, decoder_width=32, decoder_heads=2
+    )
     source = _random_biases(build_model(cfg, teacher_dim=8))
     path = tmp_path / "mae.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path),
-              metadata={"config": json.dumps({"model": {"variant": "eva_mae_b16", "img_size": 32}})})
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()},
+        str(path),
+        metadata={"config": json.dumps({"model": {"variant": "eva_mae_b16", "img_size": 32}})},
+    )
     model = get_model(str(path))
     assert torch.equal(model.blocks[3].attn.qkv.bias, source.blocks[3].attn.qkv.bias)
     assert model.blocks[3].attn.qkv.bias.abs().sum() > 0
@@ -292,11 +372,12 @@ def test_eva02_clip_tower_with_attn_norm_is_refused_by_name(tmp_path, eva02_clip
 
     from eva_train.export.weights import init_from
 
-    ours = build_backbone("eva02_b_p14", 224, patch_size=16)   # the tower's shape, without attn.norm
+    ours = build_backbone("eva02_b_p14", 224, patch_size=16)  # the tower's shape, without attn.norm
     report = load_weights(ours, eva02_clip_b16.state_dict())
     assert report.source_layout == "open_clip" and report.missing == [] and report.mismatched == []
-    assert sorted(report.unexpected) == sorted(f"visual.trunk.blocks.{i}.attn.norm.{p}" for i in range(12)
-                                               for p in ("weight", "bias"))
+    assert sorted(report.unexpected) == sorted(
+        f"visual.trunk.blocks.{i}.attn.norm.{p}" for i in range(12) for p in ("weight", "bias")
+    )
     assert "visual.trunk.head.weight" in report.ignored and "text.token_embedding.weight" in report.ignored
     path = tmp_path / "eva02_clip_b16.safetensors"
     save_file({k: v.contiguous() for k, v in eva02_clip_b16.state_dict().items()}, str(path))
@@ -312,7 +393,7 @@ def test_eva02_clip_tower_loads_into_a_backbone_with_scale_attn_inner(eva02_clip
     assert report.source_layout == "open_clip" and report.unexpected == []
     trunk = eva02_clip_b16.visual.trunk
     with torch.no_grad():
-        for name, param in trunk.named_parameters():   # non-trivial norms and biases everywhere
+        for name, param in trunk.named_parameters():  # non-trivial norms and biases everywhere
             if "norm" in name or name.endswith("bias"):
                 param.normal_(std=0.2)
         load_weights(ours, eva02_clip_b16.state_dict(), strict=True)
@@ -331,14 +412,24 @@ def test_predict_cli_refuses_a_file_with_unexpected_tensors_exit_2(tmp_path, cap
 
     state = {k: v.contiguous() for k, v in build_backbone("eva_debug_p4", 16).state_dict().items()}
     state["blocks.0.attn.norm.weight"] = torch.ones(32)
-    save_file(state, str(tmp_path / "w.safetensors"),
-              metadata={"config": json.dumps({"model": {"variant": "eva_debug_p4", "img_size": 16}})})
+    save_file(
+        state,
+        str(tmp_path / "w.safetensors"),
+        metadata={"config": json.dumps({"model": {"variant": "eva_debug_p4", "img_size": 16}})},
+    )
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     spec = importlib.util.spec_from_file_location("predict_cli", Path(__file__).parents[1] / "tools/predict.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    code = tool.main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "w.safetensors"),
-                      "--features", str(tmp_path / "f.safetensors")])
+    code = tool.main(
+        [
+            str(tmp_path / "a.png"),
+            "--checkpoint",
+            str(tmp_path / "w.safetensors"),
+            "--features",
+            str(tmp_path / "f.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "blocks.0.attn.norm.weight" in err[0] and "scale_attn_inner" in err[0]
 

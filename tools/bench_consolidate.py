@@ -12,6 +12,7 @@ maker of the real ZeRO checkpoints it (and tests/test_consolidate.py) reads.
 `make` runs under torch.distributed (RANK/WORLD_SIZE set); it writes OUT/checkpoints/<tag>/ with
 a COMPLETE marker and OUT/checkpoints/latest, the layout of the eva-train contract.
 """
+
 import argparse
 import json
 import os
@@ -38,7 +39,7 @@ def _toy_model():
             self.body = nn.Sequential(nn.Linear(12, 13), nn.GELU(), nn.Linear(13, 12))
             self.norm = nn.LayerNorm(12)
             self.head = nn.Linear(12, 37, bias=False)
-            self.head.weight = self.emb.weight                      # tied
+            self.head.weight = self.emb.weight  # tied
             self.frozen_scale = nn.Parameter(torch.full((5,), 0.5), requires_grad=False)
             self.register_buffer("step_count", torch.arange(3, dtype=torch.int64))
 
@@ -60,8 +61,8 @@ def _make_batch(model_name, img_size, generator):
 def _build(model_name, img_size):
     if model_name == "toy":
         return _toy_model()
-    from eva_train.models import build_model
     from eva_train.config import ModelConfig
+    from eva_train.models import build_model
 
     cfg = ModelConfig(variant=model_name, img_size=img_size, drop_path_rate=0.0, checkpoint_fraction=0.0)
     return build_model(cfg, teacher_dim=16)
@@ -135,12 +136,12 @@ def make_checkpoint(args, model_name: str, stage: int, out: Path) -> None:
     tag = f"step_{args.steps:08d}"
     img_size = args.img_size or _default_img_size(model_name)
     config = {"model": {"variant": model_name, "img_size": img_size, "mode": "mim"}} if model_name != "toy" else {}
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": args.steps, "config": config},
-                           save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": args.steps, "config": config}, save_latest=False)
     torch.distributed.barrier()
     if rank == 0:
-        atomic_write_text(root / tag / "COMPLETE", json.dumps({"step": args.steps, "world_size": world_size,
-                                                               "time": time.time()}))
+        atomic_write_text(
+            root / tag / "COMPLETE", json.dumps({"step": args.steps, "world_size": world_size, "time": time.time()})
+        )
         atomic_write_text(root / "latest", tag)
     torch.distributed.barrier()
 
@@ -206,14 +207,19 @@ def _timed_child(code: str, ckpt: str, out: str) -> tuple:
     repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
-    wrapper = (code + "\nimport resource, sys\n"
-               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n" + _DURABLE)
+    wrapper = (
+        code + "\nimport resource, sys\n"
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n" + _DURABLE
+    )
     proc = subprocess.run([sys.executable, "-c", wrapper, ckpt, out], env=env, capture_output=True, text=True)
     durable_s = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
-    report = {line.split()[0]: float(line.split()[1]) for line in proc.stderr.splitlines()
-              if line.startswith(("PEAK_RSS_KB", "FSYNC_S"))}
+    report = {
+        line.split()[0]: float(line.split()[1])
+        for line in proc.stderr.splitlines()
+        if line.startswith(("PEAK_RSS_KB", "FSYNC_S"))
+    }
     return durable_s - report["FSYNC_S"], durable_s, report["PEAK_RSS_KB"] * 1024
 
 
@@ -250,7 +256,7 @@ def run_benchmark(args) -> None:
 
     tag_dir = resolve_checkpoint(args.ckpt, None)
     shard_files = [str(p) for p in tag_dir.iterdir() if p.suffix == ".pt"]
-    theirs_code = _THEIRS.replace("sys.argv[1], sys.argv[2]", "sys.argv[1], sys.argv[2], tag=%r" % tag_dir.name)
+    theirs_code = _THEIRS.replace("sys.argv[1], sys.argv[2]", f"sys.argv[1], sys.argv[2], tag={tag_dir.name!r}")
     caches = ("cold", "warm") if args.cache == "both" else (args.cache,)
     rows = []
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
@@ -259,9 +265,11 @@ def run_benchmark(args) -> None:
         for _ in range(args.repeats):
             for cache in caches:
                 # zero_to_fp32 takes the tag dir's parent plus the tag
-                for name, code, ckpt, out in (("zero_to_fp32", theirs_code, str(tag_dir.parent), theirs_dir),
-                                              ("eva_train.export.consolidate", _OURS, str(tag_dir), ours_file),
-                                              ("same+torch.load(mmap)", _TORCH_LOAD, str(tag_dir), torch_file)):
+                for name, code, ckpt, out in (
+                    ("zero_to_fp32", theirs_code, str(tag_dir.parent), theirs_dir),
+                    ("eva_train.export.consolidate", _OURS, str(tag_dir), ours_file),
+                    ("same+torch.load(mmap)", _TORCH_LOAD, str(tag_dir), torch_file),
+                ):
                     _remove(out)  # freeing a previous output's blocks is not part of either tool's time
                     os.sync()
                     if cache == "cold":
@@ -276,19 +284,28 @@ def _print_table(rows, out_bytes, same) -> None:
     best = {}
     for name, cache, wall_s, durable_s, rss in rows:
         prev = best.get((name, cache))
-        best[(name, cache)] = tuple(min(a, b) for a, b in zip(prev, (wall_s, durable_s, rss))) if prev else (
-            wall_s, durable_s, rss)
+        best[(name, cache)] = (
+            tuple(min(a, b) for a, b in zip(prev, (wall_s, durable_s, rss))) if prev else (wall_s, durable_s, rss)
+        )
     print(f"output: {out_bytes / 2**30:.2f} GiB; tensors identical: {same}")
-    print("'returned': wall time until the tool exits (zero_to_fp32 leaves its output in the page cache; ours has "
-          "fsynced it); 'on disk': until the output is durable (zero_to_fp32's fsynced after it returns)")
-    print(f"{'tool':<24}{'checkpoint':>11}{'returned s':>12}{'on disk s':>11}{'peak RSS GiB':>14}"
-          f"{'x ref returned':>16}{'x ref on disk':>15}{'x ref RSS':>11}")
+    print(
+        "'returned': wall time until the tool exits (zero_to_fp32 leaves its output in the page cache; ours has "
+        "fsynced it); 'on disk': until the output is durable (zero_to_fp32's fsynced after it returns)"
+    )
+    print(
+        f"{'tool':<24}{'checkpoint':>11}{'returned s':>12}{'on disk s':>11}{'peak RSS GiB':>14}"
+        f"{'x ref returned':>16}{'x ref on disk':>15}{'x ref RSS':>11}"
+    )
     for (name, cache), (wall_s, durable_s, rss) in best.items():
         ref = best[("zero_to_fp32", cache)]
-        print(f"{name:<24}{cache:>11}{wall_s:>12.2f}{durable_s:>11.2f}{rss / 2**30:>14.2f}"
-              f"{wall_s / ref[0]:>16.2f}{durable_s / ref[1]:>15.2f}{rss / ref[2]:>11.2f}")
-    print("all runs (returned / on disk s, RSS GiB): " + ", ".join(
-        f"{n} {c} {w:.2f}/{d:.2f}/{r / 2**30:.2f}" for n, c, w, d, r in rows))
+        print(
+            f"{name:<24}{cache:>11}{wall_s:>12.2f}{durable_s:>11.2f}{rss / 2**30:>14.2f}"
+            f"{wall_s / ref[0]:>16.2f}{durable_s / ref[1]:>15.2f}{rss / ref[2]:>11.2f}"
+        )
+    print(
+        "all runs (returned / on disk s, RSS GiB): "
+        + ", ".join(f"{n} {c} {w:.2f}/{d:.2f}/{r / 2**30:.2f}" for n, c, w, d, r in rows)
+    )
 
 
 def main(argv=None) -> None:
@@ -305,8 +322,12 @@ def main(argv=None) -> None:
     run.add_argument("ckpt", help="OUT/checkpoints or a tag dir")
     run.add_argument("--repeats", type=int, default=2)
     run.add_argument("--scratch", default=None, help="folder for the outputs (default: system temp)")
-    run.add_argument("--cache", choices=("cold", "warm", "both"), default="both",
-                     help="checkpoint files evicted from the page cache before each run (cold), or not")
+    run.add_argument(
+        "--cache",
+        choices=("cold", "warm", "both"),
+        default="both",
+        help="checkpoint files evicted from the page cache before each run (cold), or not",
+    )
     args = parser.parse_args(argv)
     if args.command == "make":
         make_checkpoints(args)

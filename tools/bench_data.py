@@ -10,6 +10,7 @@
    applies) against a plain `PIL.Image.open(p).convert('RGB')` loop over the same files.
 3. Reads from tar shards: random positioned reads through the index vs a sequential tar scan.
 """
+
 import argparse
 import io
 import multiprocessing as mp
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 import pyarrow as pa
+import torch
 from PIL import Image
 
 from eva_train.config import MaskConfig
@@ -47,7 +48,7 @@ def synthetic_paths(n: int) -> pa.Array:
     chars[:, 0] = ord("n")
     for value, digits, at in ((rows // 1300, 8, 1), (rows, 10, 10)):
         for d in range(digits):
-            chars[:, at + digits - 1 - d] = ord("0") + (value // 10 ** d) % 10
+            chars[:, at + digits - 1 - d] = ord("0") + (value // 10**d) % 10
     chars[:, 9] = ord("/")
     chars[:, 20:] = np.frombuffer(b".JPEG", np.uint8)[None, :]
     offsets = np.arange(n + 1, dtype=np.int64) * width
@@ -57,13 +58,24 @@ def synthetic_paths(n: int) -> pa.Array:
 def write_synthetic_index(path: str, n: int) -> float:
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    table = pa.table({
-        "path": synthetic_paths(n), "container": np.zeros(n, np.int32), "offset": np.zeros(n, np.int64),
-        "size": rng.integers(20_000, 200_000, n), "label": (np.arange(n) // 1300).astype(np.int32),
-        "caption": pa.nulls(n, pa.large_string()), "json": pa.nulls(n, pa.large_string()),
-        "width": np.full(n, -1, np.int32), "height": np.full(n, -1, np.int32), "source": np.zeros(n, np.int16)})
-    meta = {"containers": [{"kind": "dir", "path": "/nonexistent/imagenet"}],
-            "sources": [{"name": "synthetic", "weight": 1.0, "start_row": 0, "num_rows": n, "classes": []}]}
+    table = pa.table(
+        {
+            "path": synthetic_paths(n),
+            "container": np.zeros(n, np.int32),
+            "offset": np.zeros(n, np.int64),
+            "size": rng.integers(20_000, 200_000, n),
+            "label": (np.arange(n) // 1300).astype(np.int32),
+            "caption": pa.nulls(n, pa.large_string()),
+            "json": pa.nulls(n, pa.large_string()),
+            "width": np.full(n, -1, np.int32),
+            "height": np.full(n, -1, np.int32),
+            "source": np.zeros(n, np.int16),
+        }
+    )
+    meta = {
+        "containers": [{"kind": "dir", "path": "/nonexistent/imagenet"}],
+        "sources": [{"name": "synthetic", "weight": 1.0, "start_row": 0, "num_rows": n, "classes": []}],
+    }
     write_index_atomic(table, meta, path)
     return time.perf_counter() - start
 
@@ -91,7 +103,7 @@ def _worker(lookup, n, count, worker_id, queue):
     rng = np.random.default_rng(worker_id)
     proc = psutil.Process()
     marks = [_memory_mib(proc)]
-    for quarter in range(4):
+    for _quarter in range(4):
         for row in rng.integers(0, n, count // 4).tolist():
             lookup(row)
         marks.append(_memory_mib(proc))
@@ -135,12 +147,16 @@ def bench_index(rows: int, list_rows: int, workers: int, tmp: Path):
     print(f"{'file size (MiB)':34} {os.path.getsize(path) / MIB:>22.1f} {'-':>22}")
     print(f"{'open (s)':34} {open_s:>22.4f} {'-':>22}")
     for name, a, b in (("first touch", arrow_us[0], list_us[0]), ("warm", arrow_us[1], list_us[1])):
-        print(f"{f'random lookup, {name}, cpu / wall (us)':34} {a[0]:>12.2f} / {a[1]:>7.2f} {b[0]:>12.2f} / {b[1]:>7.2f}")
+        print(
+            f"{f'random lookup, {name}, cpu / wall (us)':34} {a[0]:>12.2f} / {a[1]:>7.2f} {b[0]:>12.2f} / {b[1]:>7.2f}"
+        )
     for k, pct in enumerate((0, 25, 50, 75, 100)):
         a, b = arrow_mem[k], list_mem[k]
         growth = (b[0] - list_mem[0][0]) * scale
-        print(f"{f'worker USS / PSS at {pct:3d}% (MiB)':34} {a[0]:>10.1f} / {a[1]:>9.1f} "
-              f"{b[0]:>10.1f} / {b[1]:>9.1f}  (+{growth:.0f} USS extr.)")
+        print(
+            f"{f'worker USS / PSS at {pct:3d}% (MiB)':34} {a[0]:>10.1f} / {a[1]:>9.1f} "
+            f"{b[0]:>10.1f} / {b[1]:>9.1f}  (+{growth:.0f} USS extr.)"
+        )
     print(f"(Python list measured at {list_rows:,} rows; 'extr.' = scaled linearly to {rows:,})")
 
 
@@ -151,8 +167,13 @@ def photo_like_jpegs(folder: Path, count: int, width: int = 500, height: int = 3
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     paths = []
     for i in range(count):
-        base = np.stack([128 + 100 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(
-            y / rng.uniform(20, 80)) for _ in range(3)], -1)
+        base = np.stack(
+            [
+                128 + 100 * np.sin(x / rng.uniform(20, 80) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(20, 80))
+                for _ in range(3)
+            ],
+            -1,
+        )
         pixels = np.clip(base + rng.normal(0, 18, base.shape), 0, 255).astype(np.uint8)
         path = folder / f"{i:05d}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
@@ -178,40 +199,63 @@ def bench_decode(paths, tmp: Path, label: str, out_size: int = 224):
     torch.set_num_threads(1)  # per core, as in a DataLoader worker
     index = build_index([str(paths[0].parent)], str(tmp / f"jpegs_{label}.arrow"), num_workers=1)
     decoders = ["pillow"] + (["simplejpeg"] if simplejpeg else [])
-    datasets = {decoder: MaskedImageDataset(open_index([index]), SampleSpec(img_size=out_size, jpeg_decoder=decoder),
-                                            build_mask_generator(MaskConfig(), (16, 16))) for decoder in decoders}
+    datasets = {
+        decoder: MaskedImageDataset(
+            open_index([index]),
+            SampleSpec(img_size=out_size, jpeg_decoder=decoder),
+            build_mask_generator(MaskConfig(), (16, 16)),
+        )
+        for decoder in decoders
+    }
     dataset = datasets[DEFAULT_JPEG_DECODER]
     rows, rng = range(len(paths)), np.random.default_rng(0)
     datas = [p.read_bytes() for p in paths]
     headers = [read_header(d, 1 << 40) for d in datas]
     boxes = [random_resized_crop_box(*h.upright_size, (0.2, 1.0), rng) for h in headers]
-    decoded = [simplejpeg.decode_jpeg(d, "RGB") if simplejpeg else np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))
-               for d in datas]
+    decoded = [
+        simplejpeg.decode_jpeg(d, "RGB") if simplejpeg else np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))
+        for d in datas
+    ]
     mask = build_mask_generator(MaskConfig(), (16, 16))
     loops = {
         LIMIT: (lambda p: Image.open(p).convert("RGB"), paths),
         # what the issue times: read, header, RandomResizedCrop box, decode, crop + resize, flip
-        **{f"ours: decode + crop + flip ({decoder})": (lambda i, d=datasets[decoder]: d.load_image(i, rng), rows)
-           for decoder in decoders},
+        **{
+            f"ours: decode + crop + flip ({decoder})": (lambda i, d=datasets[decoder]: d.load_image(i, rng), rows)
+            for decoder in decoders
+        },
         f"ours: whole sample, dataset[i] (+ mask; {DEFAULT_JPEG_DECODER})": (lambda i: dataset[(0, i)], rows),
         "  stage: read file": (lambda p: p.read_bytes(), paths),
         "  stage: header + crop box": (
-            lambda d: random_resized_crop_box(*read_header(d, 1 << 40).upright_size, (0.2, 1.0), rng), datas),
+            lambda d: random_resized_crop_box(*read_header(d, 1 << 40).upright_size, (0.2, 1.0), rng),
+            datas,
+        ),
         "  stage: Pillow decode (load)": (lambda d: Image.open(io.BytesIO(d)).load(), datas),
         **({"  stage: simplejpeg decode": (lambda d: simplejpeg.decode_jpeg(d, "RGB"), datas)} if simplejpeg else {}),
         "  stage: crop + resize + flip": (
-            lambda i: resize_pixels(channels_last(decoded[i][boxes[i][1]:boxes[i][3], boxes[i][0]:boxes[i][2]]),
-                                    out_size, True), rows),
+            lambda i: resize_pixels(
+                channels_last(decoded[i][boxes[i][1] : boxes[i][3], boxes[i][0] : boxes[i][2]]), out_size, True
+            ),
+            rows,
+        ),
         "  stage: block mask 105/256": (lambda _: mask(rng), rows),
         "  stage: per-sample RNG": (lambda i: np.random.default_rng([0, 1, i]), rows),
     }
     ms = _cpu_ms_interleaved(loops)
     plain = ms[LIMIT]
     mean_kb = np.mean([p.stat().st_size for p in paths]) / 1024
-    print(f"\n## Decode per core (CPU time, best of 7 interleaved): {len(paths)} JPEGs {label} q90 (~{mean_kb:.0f} KB) "
-          f"-> {out_size}x{out_size}")
+    print(
+        f"\n## Decode per core (CPU time, best of 7 interleaved): {len(paths)} JPEGs {label} q90 (~{mean_kb:.0f} KB) "
+        f"-> {out_size}x{out_size}"
+    )
     for name, value in ms.items():
-        share = "  (the limit)" if name == LIMIT else "" if name.startswith("  ") else f"  = {plain / value:.0%} of the limit"
+        share = (
+            "  (the limit)"
+            if name == LIMIT
+            else ""
+            if name.startswith("  ")
+            else f"  = {plain / value:.0%} of the limit"
+        )
         rate = "" if name.startswith("  ") else f"{1e3 / value:>8.0f} img/s"
         print(f"{name:52} {rate:>14} {value:>7.3f} ms{share}")
 
@@ -239,8 +283,13 @@ def bench_tar(paths, tmp: Path, num_shards: int = 4):
         read_image_bytes(reader.image_location(row), handles)
     rand_s = time.perf_counter() - start
     print(f"\n## Tar shards: {len(paths)} samples in {num_shards} shards ({total / MIB:.1f} MiB), page cache warm")
-    print(f"{'sequential tar scan (tarfile)':40} {len(paths) / seq_s:>10.0f} samples/s {total / MIB / seq_s:>8.0f} MiB/s")
-    print(f"{'random positioned reads via index':40} {len(paths) / rand_s:>10.0f} samples/s {total / MIB / rand_s:>8.0f} MiB/s")
+    print(
+        f"{'sequential tar scan (tarfile)':40} {len(paths) / seq_s:>10.0f} samples/s {total / MIB / seq_s:>8.0f} MiB/s"
+    )
+    print(
+        f"{'random positioned reads via index':40} {len(paths) / rand_s:>10.0f} samples/s "
+        f"{total / MIB / rand_s:>8.0f} MiB/s"
+    )
 
 
 def main(argv=None):

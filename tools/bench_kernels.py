@@ -15,6 +15,7 @@ does not run here is reported, not timed. "ours" calls the Triton kernels direct
 the backend switch: $EVA_KERNELS and the self-check's choice do not change what is timed.
 Writes bench_kernels.csv and bench_kernels.png to --out-dir; prints a short table last.
 """
+
 import argparse
 import os
 import sys
@@ -50,7 +51,7 @@ class Shape:
     name: str
     hidden: int
     heads: int
-    grid: int            # patches per side
+    grid: int  # patches per side
     prefix_tokens: int = 1
 
     @property
@@ -59,7 +60,7 @@ class Shape:
 
     @property
     def tokens(self) -> int:
-        return self.grid ** 2 + self.prefix_tokens
+        return self.grid**2 + self.prefix_tokens
 
 
 SHAPES = (Shape("eva_g_p14", 1408, 16, 16), Shape("eva02_l_p14", 1024, 16, 16))
@@ -69,8 +70,10 @@ SMOKE_SHAPES = (Shape("smoke_hd88", 176, 2, 3), Shape("smoke_hd64", 128, 2, 2))
 # ---------------------------------------------------------------- inputs and providers
 def make_inputs(op: str, shape: Shape, batch: int, dtype, device) -> tuple:
     """One set of random inputs (never zeros) for `op`; tensors that get gradients require them."""
+
     def rand(*size, grad=True):
         return torch.randn(*size, dtype=dtype, device=device).requires_grad_(grad)
+
     if op in ("layer_norm", "add_layer_norm"):
         x = rand(batch, shape.tokens, shape.hidden)
         w, b = rand(shape.hidden), rand(shape.hidden)
@@ -87,6 +90,7 @@ def _sdpa_with(backend):
     def run(q, k, v):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v)
+
     return run
 
 
@@ -117,11 +121,14 @@ def providers_for(op: str, wanted: list[str], device) -> dict[str, Callable]:
         eager = lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1)  # noqa: E731
         found = {"ours": ours, "torch": eager}
     else:
-        found = {"ours": triton_attention, "torch": reference.attention,
-                 "sdpa_flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
-                 "sdpa_cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
-                 "sdpa_efficient": _sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
-                 "sdpa_math": _sdpa_with(SDPBackend.MATH)}
+        found = {
+            "ours": triton_attention,
+            "torch": reference.attention,
+            "sdpa_flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
+            "sdpa_cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
+            "sdpa_efficient": _sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+            "sdpa_math": _sdpa_with(SDPBackend.MATH),
+        }
     if "torch.compile" in wanted:
         found["torch.compile"] = torch.compile(found["torch"], dynamic=True)
     return {name: fn for name, fn in found.items() if fn is not None and name in wanted}
@@ -131,12 +138,14 @@ def providers_for(op: str, wanted: list[str], device) -> dict[str, Callable]:
 def work_of(op: str, shape: Shape, batch: int, mode: str, element_bytes: int):
     """(amount, unit): fewest bytes for the memory-bound ops, FLOPs for attention."""
     if op == "attention":  # forward: QK^T and PV; backward 2.5x (FlashAttention's convention)
-        fwd = 4 * batch * shape.heads * shape.tokens ** 2 * shape.head_dim
+        fwd = 4 * batch * shape.heads * shape.tokens**2 * shape.head_dim
         return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode], "TFLOP/s"
     elements = batch * shape.tokens * shape.hidden
-    tensors = {"layer_norm": {"fwd": 2, "bwd": 3},      # x, y | x, dy, dx
-               "add_layer_norm": {"fwd": 4, "bwd": 4},  # x, r, sum, y | sum, dy, dsum, dx
-               "rope_2d": {"fwd": 4, "bwd": 4}}[op]     # q, k in and out
+    tensors = {
+        "layer_norm": {"fwd": 2, "bwd": 3},  # x, y | x, dy, dx
+        "add_layer_norm": {"fwd": 4, "bwd": 4},  # x, r, sum, y | sum, dy, dsum, dx
+        "rope_2d": {"fwd": 4, "bwd": 4},
+    }[op]  # q, k in and out
     count = tensors["fwd"] + tensors["bwd"] if mode == "fwd+bwd" else tensors[mode]
     return count * elements * element_bytes, "GB/s"
 
@@ -144,11 +153,15 @@ def work_of(op: str, shape: Shape, batch: int, mode: str, element_bytes: int):
 def _yardsticks(op: str):
     """(float64 reference, eager PyTorch at the input precision): the accuracy rule's two yardsticks."""
     if op in ("layer_norm", "add_layer_norm"):
-        return (lambda x, w, b, r=None: reference.layer_norm(x, w, b, 1e-6, r),
-                lambda x, w, b, r=None: reference.layer_norm_same_precision(x, w, b, 1e-6, r))
+        return (
+            lambda x, w, b, r=None: reference.layer_norm(x, w, b, 1e-6, r),
+            lambda x, w, b, r=None: reference.layer_norm_same_precision(x, w, b, 1e-6, r),
+        )
     if op == "rope_2d":
-        return (lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1),
-                lambda q, k, s, c: reference.rope_2d_same_precision(q, k, s, c, 1))
+        return (
+            lambda q, k, s, c: reference.rope_2d(q, k, s, c, 1),
+            lambda q, k, s, c: reference.rope_2d_same_precision(q, k, s, c, 1),
+        )
     return reference.attention, reference.attention_same_precision
 
 
@@ -171,8 +184,13 @@ def check_provider(op: str, fn: Callable, inputs: tuple) -> str | None:
     for i, (ours, torch_same, ref) in enumerate(zip(got, eager, want)):
         # gradients of 1-D inputs (LayerNorm's weight and bias) sum over every row
         summed = i >= n_outputs and grad_inputs[i - n_outputs].dim() == 1
-        problem = tolerance_problem(f"output {i}" if i < n_outputs else f"grad {i - n_outputs}", ours,
-                                    torch_same, ref, atol_for(inputs[0].dtype, rows if summed else 1))
+        problem = tolerance_problem(
+            f"output {i}" if i < n_outputs else f"grad {i - n_outputs}",
+            ours,
+            torch_same,
+            ref,
+            atol_for(inputs[0].dtype, rows if summed else 1),
+        )
         if problem:
             return f"WRONG: {problem}"
     return None
@@ -211,6 +229,7 @@ def timed_call(fn: Callable, input_sets: list[tuple], mode: str) -> Callable:
         def backward():
             i = next(sets)
             torch.autograd.grad(outs[i], grad_inputs[i], upstream[i], retain_graph=True)
+
         return backward
     upstream = [[torch.randn_like(o) for o in as_tuple(fn(*s))] for s in input_sets]
 
@@ -219,6 +238,7 @@ def timed_call(fn: Callable, input_sets: list[tuple], mode: str) -> Callable:
         result = as_tuple(fn(*input_sets[i]))
         if with_backward:
             torch.autograd.grad(result, grad_inputs[i], upstream[i])
+
     return forward
 
 
@@ -232,8 +252,7 @@ def measure_peaks(device, dtype) -> dict[str, float]:
     n = 256 if smoke else 8192
     a, b = (torch.randn(n, n, dtype=torch.float32 if smoke else dtype, device=device) for _ in range(2))
     matmul_ms = median_ms(lambda: a @ b, device, rep_ms=200)
-    return {"copy_GB/s": 2 * numel * src.element_size() / copy_ms / 1e6,
-            "matmul_TFLOP/s": 2 * n ** 3 / matmul_ms / 1e9}
+    return {"copy_GB/s": 2 * numel * src.element_size() / copy_ms / 1e6, "matmul_TFLOP/s": 2 * n**3 / matmul_ms / 1e9}
 
 
 @dataclasses.dataclass
@@ -263,10 +282,22 @@ def bench_case(op, shape, batch, dtype, device, providers, modes, peaks, rep_ms)
         for name, fn in providers.items():
             ms = None if notes[name] else median_ms(timed_call(fn, input_sets, mode), device, rep_ms)
             rate = amount / (ms * 1e-3) if ms else None
-            rows.append(Row(op, shape.name, batch, mode, name, ms,
-                            rate / (1e12 if unit == "TFLOP/s" else 1e9) if rate else None, unit,
-                            100 * rate / peak if rate else None, None, notes[name] or ""))
-        _fill_speedup(rows[-len(providers):])
+            rows.append(
+                Row(
+                    op,
+                    shape.name,
+                    batch,
+                    mode,
+                    name,
+                    ms,
+                    rate / (1e12 if unit == "TFLOP/s" else 1e9) if rate else None,
+                    unit,
+                    100 * rate / peak if rate else None,
+                    None,
+                    notes[name] or "",
+                )
+            )
+        _fill_speedup(rows[-len(providers) :])
     return rows
 
 
@@ -289,6 +320,7 @@ def write_csv(rows: list[Row], path: str) -> None:
 def plot_png(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
     """One panel per (op, shape): ms against batch size per provider, for `mode`."""
     import matplotlib  # a dev extra, needed only for the PNG: imported where it is drawn
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -296,7 +328,7 @@ def plot_png(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
     columns = min(4, len(panels))
     grid_rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.5 * grid_rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (op, shape) in zip(axes.flat, panels):
         selected = [r for r in rows if (r.op, r.shape, r.mode) == (op, shape, mode) and r.ms]
@@ -311,17 +343,22 @@ def plot_png(rows: list[Row], path: str, mode: str = "fwd+bwd") -> None:
 
 
 def print_table(rows: list[Row], peaks: dict[str, float], device_name: str) -> None:
-    print(f"\ndevice: {device_name}; measured copy {peaks['copy_GB/s']:.0f} GB/s, "
-          f"matmul {peaks['matmul_TFLOP/s']:.1f} TFLOP/s")
-    print(f"{'op':15} {'shape':12} {'batch':>5} {'mode':8} {'provider':15} {'ms':>9} {'rate':>14} {'%peak':>6} "
-          f"{'vs best':>7}  note")
+    print(
+        f"\ndevice: {device_name}; measured copy {peaks['copy_GB/s']:.0f} GB/s, "
+        f"matmul {peaks['matmul_TFLOP/s']:.1f} TFLOP/s"
+    )
+    print(
+        f"{'op':15} {'shape':12} {'batch':>5} {'mode':8} {'provider':15} {'ms':>9} {'rate':>14} {'%peak':>6} "
+        f"{'vs best':>7}  note"
+    )
     for r in rows:
         ms = f"{r.ms:9.4f}" if r.ms else f"{'-':>9}"
         rate = f"{r.rate:8.3g} {r.unit:>5}" if r.rate else f"{'-':>14}"
         pct = f"{r.pct_of_peak:5.1f}%" if r.pct_of_peak else f"{'-':>6}"
         speedup = f"{r.speedup_vs_best_peer:6.2f}x" if r.speedup_vs_best_peer else f"{'':7}"
-        print(f"{r.op:15} {r.shape:12} {r.batch:5d} {r.mode:8} {r.provider:15} {ms} {rate} {pct} {speedup}  "
-              f"{r.note[:60]}")
+        print(
+            f"{r.op:15} {r.shape:12} {r.batch:5d} {r.mode:8} {r.provider:15} {ms} {rate} {pct} {speedup}  {r.note[:60]}"
+        )
 
 
 def print_summary(csv_path: str, mode: str = "fwd+bwd") -> None:
@@ -329,8 +366,10 @@ def print_summary(csv_path: str, mode: str = "fwd+bwd") -> None:
     one-line verdict (gpu_check.sh puts it in its closing table)."""
     with open(csv_path) as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] == mode]
-    print(f"{'op':15} {'shape':12} {'batch':>5} {'ours ms':>9} {'best peer':>15} {'peer ms':>9} {'speedup':>7} "
-          f"{'ours %peak':>10}  ({mode})")
+    print(
+        f"{'op':15} {'shape':12} {'batch':>5} {'ours ms':>9} {'best peer':>15} {'peer ms':>9} {'speedup':>7} "
+        f"{'ours %peak':>10}  ({mode})"
+    )
     speedups, failed = [], []
     for key in sorted({(r["op"], r["shape"], int(r["batch"])) for r in rows}):
         case = [r for r in rows if (r["op"], r["shape"], int(r["batch"])) == key]
@@ -367,9 +406,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="images per batch (default 8 32 64)")
-    parser.add_argument("--providers", nargs="+", default=None,
-                        help="subset of: ours torch torch.compile apex liger "
-                             "sdpa_flash sdpa_cudnn sdpa_efficient sdpa_math")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="subset of: ours torch torch.compile apex liger sdpa_flash sdpa_cudnn sdpa_efficient sdpa_math",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     parser.add_argument("--out-dir", default=".")

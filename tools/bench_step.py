@@ -13,6 +13,7 @@ one GPU table (eva_train/plan/gpus.py). --csv PATH writes the table for `tools/p
     python tools/bench_step.py --variant eva_g_p14 --micro_batch_size 32 --engine deepspeed \
         --checkpoint_fraction 1 --impls eva_train,eva_train_torch,timm --csv bench_step.csv
 """
+
 import argparse
 import csv
 import os
@@ -29,9 +30,23 @@ import torch  # noqa: E402
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEACHER_DIM = 768
 IMPLS = ("eva_train", "eva_train_torch", "timm")
-CSV_FIELDS = ("device", "variant", "img_size", "micro_batch_size", "precision", "engine", "zero_stage",
-              "checkpoint_fraction", "impl", "kernels", "step_ms", "images_per_s", "mfu", "peak_mem_gib",
-              "flops_per_image")
+CSV_FIELDS = (
+    "device",
+    "variant",
+    "img_size",
+    "micro_batch_size",
+    "precision",
+    "engine",
+    "zero_stage",
+    "checkpoint_fraction",
+    "impl",
+    "kernels",
+    "step_ms",
+    "images_per_s",
+    "mfu",
+    "peak_mem_gib",
+    "flops_per_image",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_steps", type=int, default=3)
     p.add_argument("--precision", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--kernels", choices=("auto", "triton", "torch", "apex"), default="auto")
-    p.add_argument("--checkpoint_fraction", type=float, default=0.0,
-                   help="activation checkpointing (timm: all or none)")
+    p.add_argument(
+        "--checkpoint_fraction", type=float, default=0.0, help="activation checkpointing (timm: all or none)"
+    )
     p.add_argument("--mask_ratio", type=float, default=0.4)
     p.add_argument("--baseline", choices=("none", "timm"), default="none", help="same as adding timm to --impls")
     p.add_argument("--impls", default="eva_train", help=f"comma-separated, of {', '.join(IMPLS)}")
@@ -74,8 +90,15 @@ def build_ours(args) -> torch.nn.Module:
     from eva_train.config import ModelConfig
     from eva_train.models import build_model
 
-    return build_model(ModelConfig(variant=args.variant, img_size=args.img_size, drop_path_rate=0.0,
-                                   checkpoint_fraction=args.checkpoint_fraction), TEACHER_DIM)
+    return build_model(
+        ModelConfig(
+            variant=args.variant,
+            img_size=args.img_size,
+            drop_path_rate=0.0,
+            checkpoint_fraction=args.checkpoint_fraction,
+        ),
+        TEACHER_DIM,
+    )
 
 
 class TimmMIM(torch.nn.Module):
@@ -88,22 +111,33 @@ class TimmMIM(torch.nn.Module):
         from eva_train.models.variants import VARIANTS
 
         c = VARIANTS[args.variant]
-        self.eva = Eva(img_size=args.img_size, patch_size=c.patch_size, num_classes=0, embed_dim=c.embed_dim,
-                       depth=c.depth, num_heads=c.num_heads, qkv_bias=c.qkv_bias or c.k_bias, qkv_fused=c.qkv_fused,
-                       mlp_ratio=c.mlp_hidden_dim / c.embed_dim, swiglu_mlp=c.swiglu, scale_mlp=c.sub_ln,
-                       use_rot_pos_emb=c.rope, ref_feat_shape=c.rope_ref_grid if c.rope else None)
+        self.eva = Eva(
+            img_size=args.img_size,
+            patch_size=c.patch_size,
+            num_classes=0,
+            embed_dim=c.embed_dim,
+            depth=c.depth,
+            num_heads=c.num_heads,
+            qkv_bias=c.qkv_bias or c.k_bias,
+            qkv_fused=c.qkv_fused,
+            mlp_ratio=c.mlp_hidden_dim / c.embed_dim,
+            swiglu_mlp=c.swiglu,
+            scale_mlp=c.sub_ln,
+            use_rot_pos_emb=c.rope,
+            ref_feat_shape=c.rope_ref_grid if c.rope else None,
+        )
         self.eva.set_grad_checkpointing(args.checkpoint_fraction > 0)
         self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.head = torch.nn.Linear(c.embed_dim, TEACHER_DIM)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         e = self.eva
-        tokens = e.patch_embed(x)                                                   # (B, N, D)
+        tokens = e.patch_embed(x)  # (B, N, D)
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
         tokens, rope = e._pos_embed(tokens)
         for block in e.blocks:
             tokens = block(tokens, rope=rope)
-        return self.head(e.norm(tokens)[:, 1:][mask])                              # (M, TEACHER_DIM)
+        return self.head(e.norm(tokens)[:, 1:][mask])  # (M, TEACHER_DIM)
 
 
 def synthetic_inputs(args, device: torch.device):
@@ -130,6 +164,7 @@ def make_step(model: torch.nn.Module, args) -> Callable[[], None]:
         masked_cosine_loss(pred, target, mask).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -137,9 +172,15 @@ def ds_config(args) -> dict:
     import json
 
     raw = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / f"zero{args.zero_stage}.json").read_text())
-    return dict(raw, train_batch_size=args.micro_batch_size, train_micro_batch_size_per_gpu=args.micro_batch_size,
-                gradient_accumulation_steps=1, gradient_clipping=3.0, bf16={"enabled": args.precision == "bf16"},
-                fp16={"enabled": args.precision == "fp16", "loss_scale": 0})
+    return dict(
+        raw,
+        train_batch_size=args.micro_batch_size,
+        train_micro_batch_size_per_gpu=args.micro_batch_size,
+        gradient_accumulation_steps=1,
+        gradient_clipping=3.0,
+        bf16={"enabled": args.precision == "bf16"},
+        fp16={"enabled": args.precision == "fp16", "loss_scale": 0},
+    )
 
 
 def make_ds_step(build: Callable[[], torch.nn.Module], args) -> Callable[[], None]:
@@ -163,6 +204,7 @@ def make_ds_step(build: Callable[[], torch.nn.Module], args) -> Callable[[], Non
     def step() -> None:
         engine.backward(masked_cosine_loss(engine(images, mask), target, mask))
         engine.step()
+
     return step
 
 
@@ -204,8 +246,13 @@ def init_single_rank() -> None:
     """One-rank process group for --engine deepspeed (outside a launcher)."""
     from eva_train.runtime.distributed import init_process_group, world_from_env
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29533")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29533"),
+    ):
         os.environ.setdefault(key, value)
     init_process_group(world_from_env(), 1800)
 
@@ -240,23 +287,39 @@ def main(argv: list[str] | None = None) -> int:
     fpi = flops_per_image(args)
     results = [(impl, run_impl(impl, args)) for impl in args.impls]
     engine = f"DeepSpeed ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else "plain torch"
-    print(f"\n{args.variant} img {args.img_size} batch {args.micro_batch_size} {args.precision} on {device_name}, "
-          f"{engine}, checkpoint fraction {args.checkpoint_fraction:g}, median of {args.steps} steps after "
-          f"{args.warmup_steps} warm-up")
+    print(
+        f"\n{args.variant} img {args.img_size} batch {args.micro_batch_size} {args.precision} on {device_name}, "
+        f"{engine}, checkpoint fraction {args.checkpoint_fraction:g}, median of {args.steps} steps after "
+        f"{args.warmup_steps} warm-up"
+    )
     print(f"{'impl':<16} {'kernels':<8} {'step ms':>9} {'img/s':>9} {'MFU':>7} {'peak GiB':>9} {'speedup':>8}")
     rows = []
     for impl, r in results:
         utilisation = mfu(fpi, r["images_per_sec"], 1, peak) if peak else None
         speedup = results[-1][1]["step_s"] / r["step_s"]
-        print(f"{impl:<16} {r['kernels']:<8} {r['step_s'] * 1e3:>9.1f} {r['images_per_sec']:>9.1f} "
-              f"{f'{utilisation:.1%}' if utilisation else 'n/a':>7} {r['peak_mem_gib']:>9.2f} {speedup:>7.2f}x")
-        rows.append({"device": device_name, "variant": args.variant, "img_size": args.img_size,
-                     "micro_batch_size": args.micro_batch_size, "precision": args.precision, "engine": args.engine,
-                     "zero_stage": args.zero_stage if args.engine == "deepspeed" else "",
-                     "checkpoint_fraction": args.checkpoint_fraction, "impl": impl, "kernels": r["kernels"],
-                     "step_ms": round(r["step_s"] * 1e3, 3), "images_per_s": round(r["images_per_sec"], 3),
-                     "mfu": "" if utilisation is None else round(utilisation, 4),
-                     "peak_mem_gib": round(r["peak_mem_gib"], 3), "flops_per_image": fpi})
+        print(
+            f"{impl:<16} {r['kernels']:<8} {r['step_s'] * 1e3:>9.1f} {r['images_per_sec']:>9.1f} "
+            f"{f'{utilisation:.1%}' if utilisation else 'n/a':>7} {r['peak_mem_gib']:>9.2f} {speedup:>7.2f}x"
+        )
+        rows.append(
+            {
+                "device": device_name,
+                "variant": args.variant,
+                "img_size": args.img_size,
+                "micro_batch_size": args.micro_batch_size,
+                "precision": args.precision,
+                "engine": args.engine,
+                "zero_stage": args.zero_stage if args.engine == "deepspeed" else "",
+                "checkpoint_fraction": args.checkpoint_fraction,
+                "impl": impl,
+                "kernels": r["kernels"],
+                "step_ms": round(r["step_s"] * 1e3, 3),
+                "images_per_s": round(r["images_per_sec"], 3),
+                "mfu": "" if utilisation is None else round(utilisation, 4),
+                "peak_mem_gib": round(r["peak_mem_gib"], 3),
+                "flops_per_image": fpi,
+            }
+        )
     if args.csv:
         write_csv(args.csv, rows)
     return 0

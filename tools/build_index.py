@@ -11,6 +11,7 @@ Entries that cannot be read (dangling symlinks, symlink loops, FIFOs, empty or u
 truncated or corrupt tar members, unreadable shards) are left out; the build ends with a summary
 of what was skipped and why (a count per reason and the first few paths).
 """
+
 import argparse
 import os
 import sys
@@ -45,20 +46,35 @@ def main(argv=None) -> int:
         if not args.sources or not args.out:
             raise DataError("give at least one SOURCE and --out INDEX.arrow (or --check INDEX.arrow)")
         if os.path.isdir(args.out):
-            raise DataError(f"--out {args.out} is a folder; pass a file path, e.g. {os.path.join(args.out, 'index.arrow')}")
+            raise DataError(
+                f"--out {args.out} is a folder; pass a file path, e.g. {os.path.join(args.out, 'index.arrow')}"
+            )
         start, skipped = time.time(), SkipReport()
-        build_index(args.sources, args.out, weights=args.weights, names=args.names, probe=args.probe,
-                    incremental=args.incremental, num_workers=args.workers, progress=True, skips=skipped)
+        build_index(
+            args.sources,
+            args.out,
+            weights=args.weights,
+            names=args.names,
+            probe=args.probe,
+            incremental=args.incremental,
+            num_workers=args.workers,
+            progress=True,
+            skips=skipped,
+        )
         reader = check_index([args.out])
-        print(f"wrote {args.out}: {len(reader)} rows from {len(reader.containers)} containers "
-              f"in {time.time() - start:.1f} s; {skipped.summary()}")
+        print(
+            f"wrote {args.out}: {len(reader)} rows from {len(reader.containers)} containers "
+            f"in {time.time() - start:.1f} s; {skipped.summary()}"
+        )
         return 0
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the sources' own problems are skipped above: this is the output side
-        print(f"error: cannot write the index ({exc}); pass --out a file path in a writable folder "
-              f"with free space", file=sys.stderr)
+        print(
+            f"error: cannot write the index ({exc}); pass --out a file path in a writable folder with free space",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -8,6 +8,7 @@ checkpoint works with --layout native; the other layouts need an eva-train EVA c
 --check-model builds the eva-train model named in the checkpoint's config and loads the file into
 it with strict=True (native layout). Exit code 2 with a one-line error on bad input.
 """
+
 import argparse
 import logging
 import sys
@@ -21,8 +22,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the `latest` file)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--layout", default="native", choices=("native", "timm", "open_clip", "mmpretrain"))
-    parser.add_argument("--check-model", action="store_true",
-                        help="load the result strict into the eva-train model of the checkpoint's config")
+    parser.add_argument(
+        "--check-model",
+        action="store_true",
+        help="load the result strict into the eva-train model of the checkpoint's config",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if not args.out.endswith(".safetensors"):
@@ -40,8 +44,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        report = consolidate(args.ckpt_dir, args.out, tag=args.tag, dtype=args.dtype, layout=args.layout,
-                             progress=not args.no_progress)
+        report = consolidate(
+            args.ckpt_dir, args.out, tag=args.tag, dtype=args.dtype, layout=args.layout, progress=not args.no_progress
+        )
         if args.check_model:
             from eva_train.export.weights import check_loads_strict
 
@@ -50,8 +55,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dropped = f", dropped {len(report.dropped)} MIM-only tensors" if report.dropped else ""
-    print(f"wrote {report.path}: {report.tensors} tensors, {report.bytes / 2**20:.1f} MiB in "
-          f"{report.seconds:.1f} s ({args.layout}, {args.dtype}{dropped})")
+    print(
+        f"wrote {report.path}: {report.tensors} tensors, {report.bytes / 2**20:.1f} MiB in "
+        f"{report.seconds:.1f} s ({args.layout}, {args.dtype}{dropped})"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@
 prints the resolved config and, where the planner (eva_train.plan) is installed, whether the recipe
 as written fits on an 80 GB card at its micro batch; it needs no checkpoint or data and starts nothing.
 """
+
 import json
 import sys
 
@@ -15,7 +16,7 @@ from eva_train.eval.finetune import run_finetune
 from eva_train.eval.protocol_config import build_protocol_config
 
 DEFAULT_RECIPE = "finetune_vit_b16"
-PLANNER_CARD = "h100"   # the planner's 80 GB card
+PLANNER_CARD = "h100"  # the planner's 80 GB card
 
 
 def _memory_line(recipe: str) -> str:

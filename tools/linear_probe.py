@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Linear probe of a pretrained EVA backbone: `python tools/linear_probe.py --recipe linear_demo
 --checkpoint FILE.safetensors [--section.key=value ...]` (see eva_train/eval/cli.py)."""
+
 import sys
 
 from eva_train.eval.cli import main

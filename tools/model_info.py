@@ -7,6 +7,7 @@
 Models are built on the meta device: no memory is allocated, EVA-g takes about a second.
 GMACs are what mmpretrain's tables call "Flops (G)"; GFLOPs = 2 x GMACs.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -45,8 +46,10 @@ def describe(variant: str, img_size: int) -> str:
     params = sum(p.numel() for p in model.parameters())
     gflops = forward_flops(variant, img_size) / 1e9
     cfg = VARIANTS[variant]
-    return (f"{variant:<16} {img_size:>5} {model.num_patches:>7} {cfg.embed_dim:>6} {cfg.depth:>6} "
-            f"{params:>15,} {gflops / 2:>9.3f} {gflops:>9.3f}")
+    return (
+        f"{variant:<16} {img_size:>5} {model.num_patches:>7} {cfg.embed_dim:>6} {cfg.depth:>6} "
+        f"{params:>15,} {gflops / 2:>9.3f} {gflops:>9.3f}"
+    )
 
 
 def seed_row_numbers(variant: str, params_px: int, flops_px: int, what: str):
@@ -67,13 +70,17 @@ def seed_row_numbers(variant: str, params_px: int, flops_px: int, what: str):
 
 
 def print_seed_table() -> None:
-    print(f"{'seed row':<38} {'variant':<12} {'px':>7} {'params':>15} {'seed M':>8} {'diff':>8} "
-          f"{'GMACs':>9} {'seed G':>8} {'diff':>7}")
+    print(
+        f"{'seed row':<38} {'variant':<12} {'px':>7} {'params':>15} {'seed M':>8} {'diff':>8} "
+        f"{'GMACs':>9} {'seed G':>8} {'diff':>7}"
+    )
     for row, variant, (params_px, flops_px), what, seed_params, seed_gmacs in SEED_ROWS:
         params, gmacs = seed_row_numbers(variant, params_px, flops_px, what)
         px = f"{params_px}" if params_px == flops_px else f"{params_px}/{flops_px}"
-        print(f"{row:<38} {variant:<12} {px:>7} {params:>15,} {seed_params:>8.2f} {params / 1e6 - seed_params:>+8.3f} "
-              f"{gmacs:>9.2f} {seed_gmacs:>8.2f} {100 * (gmacs / seed_gmacs - 1):>+6.2f}%")
+        print(
+            f"{row:<38} {variant:<12} {px:>7} {params:>15,} {seed_params:>8.2f} {params / 1e6 - seed_params:>+8.3f} "
+            f"{gmacs:>9.2f} {seed_gmacs:>8.2f} {100 * (gmacs / seed_gmacs - 1):>+6.2f}%"
+        )
 
 
 def main(argv=None) -> int:
@@ -81,8 +88,9 @@ def main(argv=None) -> int:
     parser.add_argument("variant", nargs="?", help=f"one of {', '.join(sorted(VARIANTS))}")
     parser.add_argument("--img_size", type=int, default=0, help="pixels (default: the variant's own)")
     parser.add_argument("--all", action="store_true", help="every variant at its default size")
-    parser.add_argument("--seed-table", action="store_true",
-                        help="the mmpretrain EVA tables' rows: our params and GMACs beside theirs")
+    parser.add_argument(
+        "--seed-table", action="store_true", help="the mmpretrain EVA tables' rows: our params and GMACs beside theirs"
+    )
     args = parser.parse_args(argv)
     if args.seed_table:
         print_seed_table()
@@ -94,8 +102,9 @@ def main(argv=None) -> int:
     for name, size in zip(names, sizes):
         if size % VARIANTS[name].patch_size:
             parser.error(f"--img_size {size} is not a multiple of {name}'s patch size {VARIANTS[name].patch_size}")
-    print(f"{'variant':<16} {'img':>5} {'patches':>7} {'width':>6} {'depth':>6} {'params':>15} "
-          f"{'GMACs':>9} {'GFLOPs':>9}")
+    print(
+        f"{'variant':<16} {'img':>5} {'patches':>7} {'width':>6} {'depth':>6} {'params':>15} {'GMACs':>9} {'GFLOPs':>9}"
+    )
     for name, size in zip(names, sizes):
         print(describe(name, size))
     return 0

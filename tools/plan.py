@@ -11,6 +11,7 @@ that fits, ZeRO traffic and whether it hides under compute, images/s, wall-clock
 
 Any other argument is a recipe override, as for pretrain.py (--section.key=value).
 """
+
 import argparse
 import csv
 import json
@@ -29,8 +30,9 @@ ASSUMED_DATASET_SIZE = 30_000_000  # Merged-30M, by its name, when no index is g
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="other arguments: recipe overrides --section.key=value")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="other arguments: recipe overrides --section.key=value"
+    )
     p.add_argument("--recipe", default="eva_g_p14_m30m")
     p.add_argument("--nodes", type=int, default=None)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -41,10 +43,19 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--link-gbps", type=float, default=None, help="inter-node bandwidth per GPU, GB/s (bytes)")
     p.add_argument("--mfu", type=float, default=None, help=f"assumed MFU (default {DEFAULT_MFU:.0%})")
     p.add_argument("--measured", default=None, help="CSV of tools/bench_step.py --csv on this card: its MFU")
-    p.add_argument("--dataset-size", type=int, default=None,
-                   help=f"images per epoch (default: the recipe's index, else {ASSUMED_DATASET_SIZE:,})")
-    p.add_argument("--finetune", nargs="*", default=None, metavar="RECIPE",
-                   help="fine-tune recipes to check on an 80 GB card (none named: all of eva_train/eval/recipes)")
+    p.add_argument(
+        "--dataset-size",
+        type=int,
+        default=None,
+        help=f"images per epoch (default: the recipe's index, else {ASSUMED_DATASET_SIZE:,})",
+    )
+    p.add_argument(
+        "--finetune",
+        nargs="*",
+        default=None,
+        metavar="RECIPE",
+        help="fine-tune recipes to check on an 80 GB card (none named: all of eva_train/eval/recipes)",
+    )
     p.add_argument("--validate", action="store_true", help="predicted vs measured peak memory of real runs")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p.parse_known_args(argv)
@@ -52,8 +63,10 @@ def parse_args(argv: list[str] | None):
 
 def world_and_nodes(args) -> tuple:
     if args.world_size is not None and args.nodes is not None and args.world_size != args.nodes * args.gpus_per_node:
-        raise ConfigError(f"--world-size {args.world_size} != --nodes {args.nodes} x --gpus-per-node "
-                          f"{args.gpus_per_node}; give one of them")
+        raise ConfigError(
+            f"--world-size {args.world_size} != --nodes {args.nodes} x --gpus-per-node "
+            f"{args.gpus_per_node}; give one of them"
+        )
     world = args.world_size or (args.nodes or 1) * args.gpus_per_node
     nodes = args.nodes or max(1, -(-world // args.gpus_per_node))
     if world < 1 or nodes < 1 or args.gpus_per_node < 1:
@@ -63,8 +76,9 @@ def world_and_nodes(args) -> tuple:
 
 def gpu_spec(args):
     if args.gpu not in GPUS:
-        raise ConfigError(f"--gpu {args.gpu} is unknown; use one of {', '.join(GPUS)} or give "
-                          f"--gpu-mem, --gpu-tflops and --link-gbps")
+        raise ConfigError(
+            f"--gpu {args.gpu} is unknown; use one of {', '.join(GPUS)} or give --gpu-mem, --gpu-tflops and --link-gbps"
+        )
     explicit = (args.gpu_mem, args.gpu_tflops, args.link_gbps)
     if any(v is not None and v <= 0 for v in explicit):
         raise ConfigError("--gpu-mem, --gpu-tflops and --link-gbps must be positive")
@@ -78,8 +92,9 @@ def measured_throughput(path: str, gpu, variant: str) -> Throughput:
     try:
         rows = list(csv.DictReader(open(path, newline="")))
     except OSError as error:
-        raise ConfigError(f"--measured {path}: cannot read it ({error.strerror}); give the CSV that "
-                          f"tools/bench_step.py --csv wrote") from None
+        raise ConfigError(
+            f"--measured {path}: cannot read it ({error.strerror}); give the CSV that tools/bench_step.py --csv wrote"
+        ) from None
     ours = [r for r in rows if r.get("impl") == "eva_train" and r.get("mfu") not in (None, "", "nan")]
     if not ours:
         raise ConfigError(f"--measured {path} has no eva_train row with an MFU; run tools/bench_step.py --csv on a GPU")
@@ -87,10 +102,14 @@ def measured_throughput(path: str, gpu, variant: str) -> Throughput:
     row = same[0]
     card = spec_for_device(row.get("device", ""))
     if card is None or card.name.split()[0] != gpu.name.split()[0]:
-        raise ConfigError(f"--measured {path} was taken on '{row.get('device')}', not on a {gpu.name}; "
-                          f"measure on that card or plan with --gpu for the card it was taken on")
-    return Throughput(float(row["mfu"]), f"measured by bench_step on {row['device']}, {row['variant']} "
-                                         f"micro batch {row['micro_batch_size']}")
+        raise ConfigError(
+            f"--measured {path} was taken on '{row.get('device')}', not on a {gpu.name}; "
+            f"measure on that card or plan with --gpu for the card it was taken on"
+        )
+    return Throughput(
+        float(row["mfu"]),
+        f"measured by bench_step on {row['device']}, {row['variant']} micro batch {row['micro_batch_size']}",
+    )
 
 
 def dataset_size(cfg, args) -> int:
@@ -114,8 +133,11 @@ def plan_text(argv: list[str] | None = None) -> str:
     gpu = gpu_spec(args)
     if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu} must lie in (0, 1], e.g. 0.4")
-    throughput = (measured_throughput(args.measured, gpu, cfg.model.variant) if args.measured
-                  else Throughput(args.mfu or DEFAULT_MFU, "given" if args.mfu else "assumed"))
+    throughput = (
+        measured_throughput(args.measured, gpu, cfg.model.variant)
+        if args.measured
+        else Throughput(args.mfu or DEFAULT_MFU, "given" if args.mfu else "assumed")
+    )
     size = dataset_size(cfg, args)
     plan = build_plan(cfg, world, gpu, nodes, size, throughput)
     if args.json:

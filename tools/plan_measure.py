@@ -17,6 +17,7 @@ What is measured: bytes of live tensors, the quantity the planner predicts.
 
     python tools/plan_measure.py OUT RUNS.json      # one rank (what validate() starts)
 """
+
 import json
 import os
 import socket
@@ -148,16 +149,35 @@ def cpu_runs(tmp: Path) -> list[tuple[str, list[str]]]:
         base = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
         base["zero_optimization"]["reduce_bucket_size"] = SMALL_BUCKET
         ds.write_text(json.dumps(base))
-        runs.append((CPU_RECIPE, [*CPU_OVERRIDES, f"--train.deepspeed_config={ds}",
-                                  f"--model.checkpoint_fraction={fraction}", f"--train.micro_batch_size={micro}",
-                                  f"--train.global_batch_size={micro * CPU_WORLD}"]))
+        runs.append(
+            (
+                CPU_RECIPE,
+                [
+                    *CPU_OVERRIDES,
+                    f"--train.deepspeed_config={ds}",
+                    f"--model.checkpoint_fraction={fraction}",
+                    f"--train.micro_batch_size={micro}",
+                    f"--train.global_batch_size={micro * CPU_WORLD}",
+                ],
+            )
+        )
     return runs
 
 
 def gpu_runs() -> list[tuple[str, list[str]]]:
-    return [(recipe, ["--train.precision=bf16", "--train.deepspeed_config=ds_configs/zero3.json",
-                      f"--model.checkpoint_fraction={fraction}", f"--train.micro_batch_size={micro}",
-                      f"--train.global_batch_size={micro}"]) for recipe, fraction, micro in GPU_RUNS]
+    return [
+        (
+            recipe,
+            [
+                "--train.precision=bf16",
+                "--train.deepspeed_config=ds_configs/zero3.json",
+                f"--model.checkpoint_fraction={fraction}",
+                f"--train.micro_batch_size={micro}",
+                f"--train.global_batch_size={micro}",
+            ],
+        )
+        for recipe, fraction, micro in GPU_RUNS
+    ]
 
 
 def free_port() -> int:
@@ -166,24 +186,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(runs: Sequence[tuple[str, list[str]]], world: int, out: Path, timeout_s: float,
-           fork: bool = True) -> list[int]:
+def launch(
+    runs: Sequence[tuple[str, list[str]]], world: int, out: Path, timeout_s: float, fork: bool = True
+) -> list[int]:
     """Measured peak bytes per run (the largest over ranks): one process per rank, a fork per run
     (fork=False: a process per run)."""
-    spec = [{"index": i, "recipe": recipe, "overrides": overrides, "port": free_port()}
-            for i, (recipe, overrides) in enumerate(runs)]
+    spec = [
+        {"index": i, "recipe": recipe, "overrides": overrides, "port": free_port()}
+        for i, (recipe, overrides) in enumerate(runs)
+    ]
     for group in [spec] if fork else [[run] for run in spec]:
         start_ranks(group, world, out, timeout_s)
-    return [max(json.loads((out / f"run{i}_rank{r}.json").read_text())["peak_bytes"] for r in range(world))
-            for i in range(len(runs))]
+    return [
+        max(json.loads((out / f"run{i}_rank{r}.json").read_text())["peak_bytes"] for r in range(world))
+        for i in range(len(runs))
+    ]
 
 
 def start_ranks(spec: list[dict], world: int, out: Path, timeout_s: float) -> None:
     (out / "runs.json").write_text(json.dumps(spec))
     env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec[0]["port"]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(out), str(out / "runs.json")], cwd=REPO,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=open(out / f"log_rank{r}.txt", "a")) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(out), str(out / "runs.json")],
+            cwd=REPO,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / f"log_rank{r}.txt", "a"),
+        )
+        for r in range(world)
+    ]
     try:
         codes = [p.wait(timeout=timeout_s) for p in procs]
     finally:
@@ -206,9 +238,18 @@ def compare(runs, world: int, measured: list[int], on_gpu: bool) -> list[dict]:
         zero = ZeroSettings.from_ds_config(read_ds_config(cfg.train.deepspeed_config))
         shapes = recipe_shapes(cfg, zero.persistence_threshold)
         predicted = predict_memory(shapes, zero, world, cfg.train.micro_batch_size, cfg.train.precision, on_gpu).peak
-        rows.append({"variant": cfg.model.variant, "zero": zero.stage, "fraction": cfg.model.checkpoint_fraction,
-                     "micro_batch": cfg.train.micro_batch_size, "world": world, "predicted": predicted,
-                     "measured": peak, "error": predicted / peak - 1})
+        rows.append(
+            {
+                "variant": cfg.model.variant,
+                "zero": zero.stage,
+                "fraction": cfg.model.checkpoint_fraction,
+                "micro_batch": cfg.train.micro_batch_size,
+                "world": world,
+                "predicted": predicted,
+                "measured": peak,
+                "error": predicted / peak - 1,
+            }
+        )
     return rows
 
 
@@ -222,14 +263,17 @@ def validate(gpu: bool = False, timeout_s: float = 900.0) -> list[dict]:
 
 
 def format_rows(rows: list[dict], method: str) -> str:
-    lines = [f"peak memory per rank, predicted (eva_train/plan/memory.py) vs measured ({method}); "
-             f"tolerance {TOLERANCE:.0%}",
-             f"{'variant':<16}{'ZeRO':>5}{'ckpt':>6}{'micro':>6}{'ranks':>6}{'predicted MiB':>15}{'measured MiB':>14}"
-             f"{'error':>8}  ok"]
+    lines = [
+        f"peak memory per rank, predicted (eva_train/plan/memory.py) vs measured ({method}); tolerance {TOLERANCE:.0%}",
+        f"{'variant':<16}{'ZeRO':>5}{'ckpt':>6}{'micro':>6}{'ranks':>6}{'predicted MiB':>15}{'measured MiB':>14}"
+        f"{'error':>8}  ok",
+    ]
     for r in rows:
         ok = "yes" if abs(r["error"]) <= TOLERANCE else "NO"
-        lines.append(f"{r['variant']:<16}{r['zero']:>5}{r['fraction']:>6.2f}{r['micro_batch']:>6}{r['world']:>6}"
-                     f"{r['predicted'] / 2**20:>15.1f}{r['measured'] / 2**20:>14.1f}{r['error']:>+8.1%}  {ok}")
+        lines.append(
+            f"{r['variant']:<16}{r['zero']:>5}{r['fraction']:>6.2f}{r['micro_batch']:>6}{r['world']:>6}"
+            f"{r['predicted'] / 2**20:>15.1f}{r['measured'] / 2**20:>14.1f}{r['error']:>+8.1%}  {ok}"
+        )
     return "\n".join(lines)
 
 

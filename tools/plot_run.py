@@ -5,6 +5,7 @@
 Reads OUT/metrics.jsonl, OUT/launches.jsonl and OUT/final_report.json; writes loss, grad norm, throughput/MFU,
 data wait, skipped steps / bad samples, kNN (when logged), the closing report and an overview page.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     if not (out / "metrics.jsonl").exists():
-        print(f"plot_run: {out}/metrics.jsonl not found; pass the run's output folder (train.output_dir)",
-              file=sys.stderr)
+        print(
+            f"plot_run: {out}/metrics.jsonl not found; pass the run's output folder (train.output_dir)", file=sys.stderr
+        )
         return 2
     written = draw_run_plots(out)
     if not written:

@@ -16,6 +16,7 @@ Features file: "pooled" (B, D), "grid" (B, 2) = each image's patch (rows, cols),
 (split it with grid.prod(1)).
 Exit code 2 with one line on bad input (missing file, a backbone file without --features, ...).
 """
+
 import argparse
 import json
 import sys
@@ -39,12 +40,23 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--features", metavar="OUT", help="write pooled + patch features of a backbone file here")
-    parser.add_argument("--variant", default=None, help="with --features: the model variant when the file's "
-                        "metadata does not name it (e.g. eva_demo_p8)")
-    parser.add_argument("--img_size", type=image_size, default=None, metavar="N|HxW",
-                        help="input size (default: the model's); with --keep_aspect one N, the shorter side")
-    parser.add_argument("--keep_aspect", action="store_true",
-                        help="keep each image's aspect: shorter side to --img_size, sides cropped to patch multiples")
+    parser.add_argument(
+        "--variant",
+        default=None,
+        help="with --features: the model variant when the file's metadata does not name it (e.g. eva_demo_p8)",
+    )
+    parser.add_argument(
+        "--img_size",
+        type=image_size,
+        default=None,
+        metavar="N|HxW",
+        help="input size (default: the model's); with --keep_aspect one N, the shorter side",
+    )
+    parser.add_argument(
+        "--keep_aspect",
+        action="store_true",
+        help="keep each image's aspect: shorter side to --img_size, sides cropped to patch multiples",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = parser.parse_args(argv)
     try:
@@ -89,12 +101,16 @@ def _features(args) -> int:
 
     model = get_model(args.checkpoint, variant=args.variant, device=args.device)
     feats = extract_feat(model, args.images, img_size=args.img_size, keep_aspect=args.keep_aspect)
-    patch = torch.cat(feats["patch"]) if args.keep_aspect else feats["patch"]     # ragged -> one after another
+    patch = torch.cat(feats["patch"]) if args.keep_aspect else feats["patch"]  # ragged -> one after another
     tensors = {"pooled": feats["pooled"], "patch": patch, "grid": feats["grid"]}
-    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, args.features,
-              metadata={"images": json.dumps(args.images)})
-    print(f"wrote pooled {tuple(feats['pooled'].shape)}, patch {tuple(patch.shape)} and grid features "
-          f"to {args.features}")
+    save_file(
+        {k: v.cpu().contiguous() for k, v in tensors.items()},
+        args.features,
+        metadata={"images": json.dumps(args.images)},
+    )
+    print(
+        f"wrote pooled {tuple(feats['pooled'].shape)}, patch {tuple(patch.shape)} and grid features to {args.features}"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Data pipeline: Arrow index -> resumable sampler -> decode/crop/mask in workers -> batches."""
+
 from eva_train.data.errors import DataError
 from eva_train.data.monitor import BadSampleMonitor
 

@@ -5,14 +5,15 @@ in parallel processes and each returns a small Arrow table, concatenated in a fi
 same sources always give the same index. `incremental=True` reuses the rows of shards and
 parquet files already in the previous index (same size and mtime) and only reads new ones.
 """
+
 import glob
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,19 +23,19 @@ from tqdm import tqdm
 from eva_train.data import sources as src_readers
 from eva_train.data.errors import DataError
 from eva_train.data.index import SCHEMA, read_metadata, write_index_atomic
-from eva_train.data.skips import Skip, SkipReport, UNREADABLE_SHARD
+from eva_train.data.skips import UNREADABLE_SHARD, Skip, SkipReport
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Unit:
-    kind: str                 # "dir" (files under root/subdir), "tar", "parquet"
-    path: str                 # the folder root, shard or parquet file
-    subdir: str = ""          # dir: class folder ("" = flat folder)
+    kind: str  # "dir" (files under root/subdir), "tar", "parquet"
+    path: str  # the folder root, shard or parquet file
+    subdir: str = ""  # dir: class folder ("" = flat folder)
     label: int = -1
     probe: bool = False
-    blob_dir: str = ""        # parquet with image bytes: where extracted blobs go
+    blob_dir: str = ""  # parquet with image bytes: where extracted blobs go
 
 
 @dataclass
@@ -42,11 +43,11 @@ class Source:
     spec: str
     name: str
     weight: float
-    units: List[Unit] = field(default_factory=list)
-    classes: List[str] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
 
 
-def _expand_files(spec: str) -> List[str]:
+def _expand_files(spec: str) -> list[str]:
     if any(ch in spec for ch in "*?["):
         return sorted(glob.glob(spec, recursive=True))
     if os.path.isdir(spec):
@@ -55,7 +56,7 @@ def _expand_files(spec: str) -> List[str]:
     return [spec] if os.path.isfile(spec) else []
 
 
-def _folder_units(root: str, probe: bool) -> (List[Unit], List[str]):
+def _folder_units(root: str, probe: bool) -> (list[Unit], list[str]):
     subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if subdirs:
         return [Unit("dir", root, d, label, probe) for label, d in enumerate(subdirs)], subdirs
@@ -67,17 +68,21 @@ def plan_source(spec: str, weight: float, name: str, probe: bool, blob_dir: str)
     files = _expand_files(spec)
     shard_like = [f for f in files if f.endswith((".tar", ".parquet"))]
     if shard_like:
-        source.units = [Unit("tar" if f.endswith(".tar") else "parquet", os.path.abspath(f), probe=probe,
-                             blob_dir=blob_dir) for f in shard_like]
+        source.units = [
+            Unit("tar" if f.endswith(".tar") else "parquet", os.path.abspath(f), probe=probe, blob_dir=blob_dir)
+            for f in shard_like
+        ]
     elif os.path.isdir(spec):
         source.units, source.classes = _folder_units(os.path.abspath(spec), probe)
     if not source.units:
-        raise DataError(f"source '{spec}' holds no image folder, .tar shard or .parquet file; "
-                        f"pass a folder of images, a folder/glob of .tar shards, or .parquet files")
+        raise DataError(
+            f"source '{spec}' holds no image folder, .tar shard or .parquet file; "
+            f"pass a folder of images, a folder/glob of .tar shards, or .parquet files"
+        )
     return source
 
 
-def run_unit(unit: Unit) -> Tuple[pa.Table, Optional[dict], List[Skip]]:
+def run_unit(unit: Unit) -> tuple[pa.Table, dict | None, list[Skip]]:
     """Rows of one unit (container column = 0, source = 0), its container entry and what it skipped.
     A shard or parquet file that cannot be read at all gives no rows and no container."""
     try:
@@ -100,7 +105,7 @@ def _read_unit(unit: Unit):
     return table, container_entry(kind, container_path, origin=unit.path), skipped
 
 
-def container_entry(kind: str, path: str, origin: Optional[str] = None) -> dict:
+def container_entry(kind: str, path: str, origin: str | None = None) -> dict:
     stat = os.stat(origin or path)
     entry = {"kind": kind, "path": path, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if origin:
@@ -139,7 +144,7 @@ class _PreviousIndex:
         return rows, entry, []  # its skips were reported when it was first read
 
 
-def _run_units(units: List[Unit], previous: _PreviousIndex, num_workers: int, progress: bool):
+def _run_units(units: list[Unit], previous: _PreviousIndex, num_workers: int, progress: bool):
     results = [previous.reuse(u) for u in units]
     todo = [i for i, r in enumerate(results) if r is None]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="indexing", unit="file", disable=not progress)
@@ -160,7 +165,7 @@ def _run_units(units: List[Unit], previous: _PreviousIndex, num_workers: int, pr
     return results
 
 
-def _assemble(sources: List[Source], results) -> (pa.Table, dict):
+def _assemble(sources: list[Source], results) -> (pa.Table, dict):
     containers, container_ids, tables, source_meta, row = [], {}, [], [], 0
     it = iter(results)
     for source_id, source in enumerate(sources):
@@ -174,21 +179,42 @@ def _assemble(sources: List[Source], results) -> (pa.Table, dict):
                 container_ids[key] = len(containers)
                 containers.append(entry)
             n = table.num_rows
-            table = table.set_column(table.schema.get_field_index("container"), "container",
-                                     pa.array(np.full(n, container_ids[key], np.int32)))
-            table = table.set_column(table.schema.get_field_index("source"), "source",
-                                     pa.array(np.full(n, source_id, np.int16)))
+            table = table.set_column(
+                table.schema.get_field_index("container"),
+                "container",
+                pa.array(np.full(n, container_ids[key], np.int32)),
+            )
+            table = table.set_column(
+                table.schema.get_field_index("source"), "source", pa.array(np.full(n, source_id, np.int16))
+            )
             tables.append(table.cast(SCHEMA))
             row += n
-        source_meta.append({"name": source.name, "spec": source.spec, "weight": source.weight,
-                            "start_row": start_row, "num_rows": row - start_row, "classes": source.classes})
+        source_meta.append(
+            {
+                "name": source.name,
+                "spec": source.spec,
+                "weight": source.weight,
+                "start_row": start_row,
+                "num_rows": row - start_row,
+                "classes": source.classes,
+            }
+        )
     table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
     return table, {"containers": containers, "sources": source_meta}
 
 
-def build_index(specs: Sequence[str], out_path: str, *, weights: Optional[Sequence[float]] = None,
-                names: Optional[Sequence[str]] = None, probe: bool = False, incremental: bool = False,
-                num_workers: int = 0, progress: bool = False, skips: Optional[SkipReport] = None) -> str:
+def build_index(
+    specs: Sequence[str],
+    out_path: str,
+    *,
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    probe: bool = False,
+    incremental: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    skips: SkipReport | None = None,
+) -> str:
     """Index every SOURCE in `specs` into one Arrow file at `out_path` (atomically); returns the path.
     Unreadable entries are left out and recorded in `skips` (if given; else logged as a warning)."""
     weights = list(weights) if weights else [1.0] * len(specs)
@@ -210,8 +236,10 @@ def build_index(specs: Sequence[str], out_path: str, *, weights: Optional[Sequen
     if skips is None and report.total:
         log.warning("%s", report.summary())
     if table.num_rows == 0:
-        raise DataError(f"sources {list(specs)} hold no readable images (extensions "
-                        f"{', '.join(src_readers.IMAGE_EXTS)}); {report.summary()}")
+        raise DataError(
+            f"sources {list(specs)} hold no readable images (extensions "
+            f"{', '.join(src_readers.IMAGE_EXTS)}); {report.summary()}"
+        )
     write_index_atomic(table, meta, out_path)
     return out_path
 

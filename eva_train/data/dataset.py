@@ -4,6 +4,7 @@ Every random choice (crop, flip, mask, replacement of a bad image) comes from an
 (seed, epoch, sample id), so a sample is the same whatever worker makes it, and a resumed run
 sees exactly the batches the interrupted one would have.
 """
+
 import logging
 import os
 from dataclasses import dataclass
@@ -11,8 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eva_train.data.decode import (DEFAULT_JPEG_DECODER, DEFAULT_MAX_PIXELS, BadImageError, decode_crop, decode_full,
-                                   read_header)
+from eva_train.data.decode import (
+    DEFAULT_JPEG_DECODER,
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    decode_crop,
+    decode_full,
+    read_header,
+)
 from eva_train.data.errors import DataError
 from eva_train.data.index import IndexReader
 from eva_train.data.reading import HandleCache, read_image_bytes
@@ -59,11 +66,17 @@ class MaskedImageDataset(torch.utils.data.Dataset):
                 self._log_bad(row, exc)
                 row = replacement_row(row, bad, len(self.reader))
         else:
-            raise DataError(f"{MAX_REPLACEMENTS + 1} images in a row failed to load (last: row {row}); the "
-                            f"data is mostly unreadable: check the index with tools/build_index.py --check")
-        return {"images": image,  # (3, H, W) uint8
-                "mask": torch.from_numpy(self.mask_generator(rng)),
-                "label": self.reader.label(row), "index": row, "bad": bad}
+            raise DataError(
+                f"{MAX_REPLACEMENTS + 1} images in a row failed to load (last: row {row}); the "
+                f"data is mostly unreadable: check the index with tools/build_index.py --check"
+            )
+        return {
+            "images": image,  # (3, H, W) uint8
+            "mask": torch.from_numpy(self.mask_generator(rng)),
+            "label": self.reader.label(row),
+            "index": row,
+            "bad": bad,
+        }
 
     def load_image(self, row: int, rng: np.random.Generator) -> torch.Tensor:
         """Read, header, crop box, decode + crop + resize, flip: one (3, S, S) uint8 image; raises

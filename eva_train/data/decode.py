@@ -10,13 +10,13 @@ scale (DCT scaling, Pillow's `draft`): the output keeps full detail and decode g
 The crop is resized by torch's antialiased bicubic on uint8 channels-last (same filter as
 Pillow's BICUBIC resize, measured ~3-5x faster here), so decode stays the main cost.
 """
+
 import io
 import os
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +36,14 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and 
 DCT_FACTORS = (8, 4, 2)  # JPEG decode-time downscaling that libjpeg does with reduced IDCTs
 DEFAULT_JPEG_DECODER = os.environ.get("EVA_JPEG_DECODER") or ("simplejpeg" if simplejpeg is not None else "pillow")
 if DEFAULT_JPEG_DECODER not in ("pillow", "simplejpeg") or (DEFAULT_JPEG_DECODER == "simplejpeg" and not simplejpeg):
-    raise ImportError(f"EVA_JPEG_DECODER={DEFAULT_JPEG_DECODER!r}: use 'pillow', or 'simplejpeg' with simplejpeg "
-                      f"installed (pip install simplejpeg), or unset it to pick automatically")
+    raise ImportError(
+        f"EVA_JPEG_DECODER={DEFAULT_JPEG_DECODER!r}: use 'pillow', or 'simplejpeg' with simplejpeg "
+        f"installed (pip install simplejpeg), or unset it to pick automatically"
+    )
 SIMPLEJPEG_COLORSPACES = ("YCbCr", "Gray", "RGB")
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs (data.max_image_pixels in training)  # what it converts to RGB (not CMYK/YCCK)
+DEFAULT_MAX_PIXELS = (
+    64 * 1024 * 1024
+)  # refuse decompression bombs (data.max_image_pixels in training)  # what it converts to RGB (not CMYK/YCCK)
 _DECODE_BUFFER = threading.local()
 
 # EXIF orientation -> the same transform as PIL.ImageOps.exif_transpose, on an (H, W, C) array view
@@ -113,15 +117,16 @@ def exif_orientation(img: Image.Image) -> int:
 @dataclass
 class EncodedImage:
     """An image's bytes and what its header says: enough to choose a crop before decoding."""
+
     data: bytes
     width: int  # as stored (before EXIF orientation)
     height: int
     orientation: int
     is_jpeg: bool
-    pillow: Optional[Image.Image]  # Pillow's lazily opened image; None when simplejpeg read the header
+    pillow: Image.Image | None  # Pillow's lazily opened image; None when simplejpeg read the header
 
     @property
-    def upright_size(self) -> Tuple[int, int]:
+    def upright_size(self) -> tuple[int, int]:
         return (self.height, self.width) if self.orientation in TRANSPOSED_ORIENTATIONS else (self.width, self.height)
 
 
@@ -163,7 +168,7 @@ def decode_crop(image: EncodedImage, box, out_size: int, flip: bool) -> torch.Te
     pixels = _ORIENT[image.orientation](pixels)  # both decoders return the stored orientation
     scale = pixels.shape[1] / image.upright_size[0]  # DCT scaling shrank the image by `factor` (rounded up)
     left, top, right, bottom = [int(round(v * scale)) for v in box]
-    crop = pixels[top:max(bottom, top + 1), left:max(right, left + 1)]  # RGBX stays RGBX
+    crop = pixels[top : max(bottom, top + 1), left : max(right, left + 1)]  # RGBX stays RGBX
     return resize_pixels(channels_last(crop), out_size, flip)
 
 
@@ -174,7 +179,7 @@ def decode_full(image: EncodedImage) -> torch.Tensor:
     pixels = _decode_simplejpeg(image, 1) if image.pillow is None else None
     if pixels is None:
         pixels = _decode_pillow(image, 1)
-    upright = _ORIENT[image.orientation](pixels)[..., :3]          # (H, W, 3) view
+    upright = _ORIENT[image.orientation](pixels)[..., :3]  # (H, W, 3) view
     return torch.from_numpy(np.array(upright, copy=True)).permute(2, 0, 1).contiguous()
 
 

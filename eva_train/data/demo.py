@@ -6,6 +6,7 @@ exclusive `flock` on ROOT/.lock; the first one generates and writes ROOT/READY (
 the others wait on the lock and then find READY and reuse. A crashed generation leaves no READY,
 so the next caller starts over.
 """
+
 import fcntl
 import io
 import json
@@ -67,8 +68,10 @@ def ensure_demo_data(root, img_size: int = 64, num_train: int = 2000, num_val: i
         if ready.exists():
             found = json.loads(ready.read_text())
             if found != params:
-                raise DataError(f"demo data in {root} was made with {found}, not {params}; "
-                                f"delete {root} or pass another --data.demo_root")
+                raise DataError(
+                    f"demo data in {root} was made with {found}, not {params}; "
+                    f"delete {root} or pass another --data.demo_root"
+                )
         else:
             _generate(root, params)
     return str(root / "train.arrow"), str(root / "val.arrow")

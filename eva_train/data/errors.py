@@ -1,4 +1,5 @@
 """Errors raised by the data pipeline, each message naming the problem and the fix."""
+
 from eva_train.errors import ConfigError
 
 

@@ -9,13 +9,14 @@ the image bytes so a tar sample is one positioned read. Several index files open
 Lookups go through numpy views of the Arrow buffers: no per-row Python objects exist, so a
 30M-row index costs forked workers nothing that copy-on-read could duplicate.
 """
+
 import bisect
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,27 +28,29 @@ INDEX_FORMAT_VERSION = 1
 METADATA_KEY = b"eva_index"
 CONTAINER_KINDS = ("dir", "tar", "blob")
 
-SCHEMA = pa.schema([
-    ("path", pa.large_string()),     # file under a dir root, or member name in a tar shard
-    ("container", pa.int32()),       # index into metadata["containers"]
-    ("offset", pa.int64()),          # byte offset of the image in its container (0 for dir files)
-    ("size", pa.int64()),            # bytes of the image
-    ("label", pa.int32()),           # class id within its source, -1 when unlabeled
-    ("caption", pa.large_string()),  # null when absent
-    ("json", pa.large_string()),     # null when absent
-    ("width", pa.int32()),           # -1 unless probed
-    ("height", pa.int32()),
-    ("source", pa.int16()),          # index into metadata["sources"]
-])
+SCHEMA = pa.schema(
+    [
+        ("path", pa.large_string()),  # file under a dir root, or member name in a tar shard
+        ("container", pa.int32()),  # index into metadata["containers"]
+        ("offset", pa.int64()),  # byte offset of the image in its container (0 for dir files)
+        ("size", pa.int64()),  # bytes of the image
+        ("label", pa.int32()),  # class id within its source, -1 when unlabeled
+        ("caption", pa.large_string()),  # null when absent
+        ("json", pa.large_string()),  # null when absent
+        ("width", pa.int32()),  # -1 unless probed
+        ("height", pa.int32()),
+        ("source", pa.int16()),  # index into metadata["sources"]
+    ]
+)
 
 
 @dataclass
 class SourceInfo:
     name: str
-    weight: float          # repeat weight per epoch (2.0 = every row twice, 0.5 = half the rows)
-    start_row: int         # first row in the (merged) index
+    weight: float  # repeat weight per epoch (2.0 = every row twice, 0.5 = half the rows)
+    start_row: int  # first row in the (merged) index
     num_rows: int
-    classes: List[str]
+    classes: list[str]
 
 
 @dataclass
@@ -60,8 +63,8 @@ class IndexRecord:
     offset: int
     size: int
     label: int
-    caption: Optional[str]
-    json: Optional[str]
+    caption: str | None
+    json: str | None
     width: int
     height: int
 
@@ -79,27 +82,32 @@ def read_metadata(table_schema: pa.Schema, path: str) -> dict:
         raise DataError(f"{path} is an Arrow file but not an eva-train index; rebuild it with tools/build_index.py")
     meta = json.loads(raw)
     if meta.get("version") != INDEX_FORMAT_VERSION:
-        raise DataError(f"{path} has index format version {meta.get('version')}, this code reads "
-                        f"{INDEX_FORMAT_VERSION}; rebuild it with tools/build_index.py")
+        raise DataError(
+            f"{path} has index format version {meta.get('version')}, this code reads "
+            f"{INDEX_FORMAT_VERSION}; rebuild it with tools/build_index.py"
+        )
     return meta
 
 
 def _open_arrow(path: str):
     if not os.path.isfile(path):
-        raise DataError(f"data index '{path}' does not exist; build it with "
-                        f"`python tools/build_index.py SOURCE --out {path}`")
+        raise DataError(
+            f"data index '{path}' does not exist; build it with `python tools/build_index.py SOURCE --out {path}`"
+        )
     try:
         return pa.ipc.open_file(pa.memory_map(path, "r"))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"data index '{path}' is not a readable Arrow IPC file ({exc}); "
-                        f"rebuild it with tools/build_index.py") from None
+        raise DataError(
+            f"data index '{path}' is not a readable Arrow IPC file ({exc}); rebuild it with tools/build_index.py"
+        ) from None
 
 
 def _check_schema(schema: pa.Schema, path: str) -> None:
     for field in SCHEMA:
         if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
-            raise DataError(f"data index '{path}' lacks column {field.name}: {field.type}; "
-                            f"rebuild it with tools/build_index.py")
+            raise DataError(
+                f"data index '{path}' lacks column {field.name}: {field.type}; rebuild it with tools/build_index.py"
+            )
 
 
 class _Chunk:
@@ -116,7 +124,7 @@ class _Chunk:
         self.source = self._view(batch.column("source"), "h")
         path = batch.column("path")
         _, offsets, data = path.buffers()
-        self.path_offsets = memoryview(offsets).cast("q")[path.offset:path.offset + len(path) + 1]
+        self.path_offsets = memoryview(offsets).cast("q")[path.offset : path.offset + len(path) + 1]
         self.path_bytes = memoryview(data) if data is not None else memoryview(b"")
         self.num_rows = len(path)
         self.batch = batch  # keeps the buffers alive; captions/json are read through Arrow (cold path)
@@ -126,10 +134,10 @@ class _Chunk:
         if array.null_count:
             raise DataError(f"index column of type {array.type} has nulls; rebuild the index with tools/build_index.py")
         data = array.buffers()[1]
-        return memoryview(data).cast(fmt)[array.offset:array.offset + len(array)]
+        return memoryview(data).cast(fmt)[array.offset : array.offset + len(array)]
 
     def path(self, i: int) -> str:
-        return str(self.path_bytes[self.path_offsets[i]:self.path_offsets[i + 1]], "utf-8")
+        return str(self.path_bytes[self.path_offsets[i] : self.path_offsets[i + 1]], "utf-8")
 
 
 class _IndexFile:
@@ -157,9 +165,9 @@ class IndexReader:
         self._open()
 
     def _open(self) -> None:
-        self.files: List[_IndexFile] = []
-        self.containers: List[dict] = []
-        self.sources: List[SourceInfo] = []
+        self.files: list[_IndexFile] = []
+        self.containers: list[dict] = []
+        self.sources: list[SourceInfo] = []
         row = 0
         for path in self.paths:
             f = _IndexFile(path, row, len(self.sources), len(self.containers))
@@ -178,8 +186,11 @@ class IndexReader:
 
     def _add_sources(self, f: _IndexFile, first_row: int) -> None:
         for s in f.meta["sources"]:
-            self.sources.append(SourceInfo(s["name"], float(s["weight"]), first_row + s["start_row"],
-                                           s["num_rows"], list(s.get("classes", []))))
+            self.sources.append(
+                SourceInfo(
+                    s["name"], float(s["weight"]), first_row + s["start_row"], s["num_rows"], list(s.get("classes", []))
+                )
+            )
 
     def __getstate__(self):
         return {"paths": self.paths}
@@ -218,10 +229,19 @@ class IndexReader:
         chunk, i, f = self.locate(row)
         kind, container_path, path, offset, size = self.image_location(row)
         return IndexRecord(
-            row=row, source=f.first_source + int(chunk.source[i]), container_kind=kind,
-            container_path=container_path, path=path, offset=offset, size=size, label=int(chunk.label[i]),
-            caption=chunk.batch.column("caption")[i].as_py(), json=chunk.batch.column("json")[i].as_py(),
-            width=int(chunk.width[i]), height=int(chunk.height[i]))
+            row=row,
+            source=f.first_source + int(chunk.source[i]),
+            container_kind=kind,
+            container_path=container_path,
+            path=path,
+            offset=offset,
+            size=size,
+            label=int(chunk.label[i]),
+            caption=chunk.batch.column("caption")[i].as_py(),
+            json=chunk.batch.column("json")[i].as_py(),
+            width=int(chunk.width[i]),
+            height=int(chunk.height[i]),
+        )
 
     # Repeat weights: an epoch is a sequence of "virtual" ids; source s owns round(rows * weight)
     # of them, mapped onto its rows by an affine bijection mod rows that changes every epoch, so
@@ -267,13 +287,17 @@ def check_index(paths, sample_files: int = 16) -> IndexReader:
     for c in reader.containers:
         exists = os.path.isdir(c["path"]) if c["kind"] == "dir" else os.path.isfile(c["path"])
         if not exists:
-            raise DataError(f"index references missing {c['kind']} '{c['path']}'; restore it or rebuild the "
-                            f"index with tools/build_index.py")
+            raise DataError(
+                f"index references missing {c['kind']} '{c['path']}'; restore it or rebuild the "
+                f"index with tools/build_index.py"
+            )
     for row in _sample_rows(len(reader), sample_files):
         kind, root, path, _, _ = reader.image_location(int(row))
         if kind == "dir" and not os.path.isfile(os.path.join(root, path)):
-            raise DataError(f"index row {row} points to missing file '{os.path.join(root, path)}'; "
-                            f"the image folder changed since indexing: rebuild with tools/build_index.py")
+            raise DataError(
+                f"index row {row} points to missing file '{os.path.join(root, path)}'; "
+                f"the image folder changed since indexing: rebuild with tools/build_index.py"
+            )
     if reader.epoch_length == 0:
         raise DataError(f"index {reader.paths} has no samples; check the SOURCE folders given to tools/build_index.py")
     return reader

@@ -5,6 +5,7 @@ Same answer as Pillow's `getexif()[0x0112]`: the first APP1 "Exif" segment befor
 Returns None when only Pillow can tell (an XMP packet, which Pillow also reads orientation from,
 and no EXIF orientation): the caller then opens the image with Pillow.
 """
+
 SOI, SOS, APP1 = 0xD8, 0xDA, 0xE1
 STANDALONE = {0x01, SOI} | set(range(0xD0, 0xD8))  # markers without a length field
 ORIENTATION_TAG, SHORT, LONG = 0x0112, 3, 4
@@ -26,8 +27,8 @@ def jpeg_orientation(data: bytes):
             continue
         if marker == SOS:
             break
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        segment = data[pos + 4:pos + 2 + length]
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos + 4 : pos + 2 + length]
         if marker == APP1 and segment[:6] == b"Exif\x00\x00" and not exif_seen:  # Pillow reads the first
             orientation = _tiff_orientation(segment[6:])
             if orientation is not None:
@@ -45,11 +46,11 @@ def _tiff_orientation(tiff: bytes):
     if order is None:
         return 1
     ifd = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        if int.from_bytes(tiff[entry:entry + 2], order) == ORIENTATION_TAG:
-            kind = int.from_bytes(tiff[entry + 2:entry + 4], order)
+        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION_TAG:
+            kind = int.from_bytes(tiff[entry + 2 : entry + 4], order)
             width = {SHORT: 2, LONG: 4}.get(kind)
-            value = int.from_bytes(tiff[entry + 8:entry + 8 + width], order) if width else 1
+            value = int.from_bytes(tiff[entry + 8 : entry + 8 + width], order) if width else 1
             return value if 1 <= value <= 8 else 1
     return None

@@ -5,6 +5,7 @@ added until the target count is reached. BEiT can stop a few patches short when 
 fits; we top up with random single patches so every mask has exactly `num_masking_patches`
 (static shapes on the device: B * num_masking_patches predictions every step).
 """
+
 import math
 
 import numpy as np
@@ -37,7 +38,7 @@ class BlockMaskGenerator:
                 continue
             top = int(u_top * (self.height - h + 1))
             left = int(u_left * (self.width - w + 1))
-            block = mask[top:top + h, left:left + w]
+            block = mask[top : top + h, left : left + w]
             new = h * w - int(block.sum())
             if 0 < new <= max_new:
                 block[...] = True

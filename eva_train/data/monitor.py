@@ -1,4 +1,5 @@
 """Running count of replaced (bad) samples; aborts the run when their fraction passes a threshold."""
+
 from eva_train.data.errors import DataError
 
 
@@ -22,4 +23,5 @@ class BadSampleMonitor:
             raise DataError(
                 f"{self.bad_samples} of {self.seen_samples} samples ({self.fraction:.2%}) failed to read or decode, "
                 f"above data.bad_sample_threshold={self.threshold:.2%}; the worker logs name each bad file: fix or "
-                f"drop them and rebuild the index, or raise the limit with --data.bad_sample_threshold=X")
+                f"drop them and rebuild the index, or raise the limit with --data.bad_sample_threshold=X"
+            )

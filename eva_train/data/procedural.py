@@ -1,10 +1,21 @@
 """Procedural labeled images for the demo: 10 classes of distinct structure with random colors,
 phases, frequencies and positions, so a MIM loss falls and a kNN on features beats chance."""
+
 import numpy as np
 
 NUM_CLASSES = 10
-CLASS_NAMES = ("grating_0", "grating_45", "grating_90", "grating_135", "checkerboard",
-               "rings", "blobs", "disk", "pinwheel", "smooth_noise")
+CLASS_NAMES = (
+    "grating_0",
+    "grating_45",
+    "grating_90",
+    "grating_135",
+    "checkerboard",
+    "rings",
+    "blobs",
+    "disk",
+    "pinwheel",
+    "smooth_noise",
+)
 
 
 def _grid(size: int, rng: np.random.Generator):

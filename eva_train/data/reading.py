@@ -1,5 +1,6 @@
 """Bytes of one indexed image: a whole file under a folder root, or one positioned read from a
 tar shard / blob file through a small per-process cache of open descriptors."""
+
 import os
 from collections import OrderedDict
 

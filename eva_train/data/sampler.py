@@ -13,7 +13,8 @@ run can continue on any world size or worker count.
 next iterator starts past it, and every later state counts it (`skipped_samples`, cumulative), so
 a resume from a later checkpoint continues exactly where the skipping run would have.
 """
-from typing import Iterator, Optional, Tuple
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ class FeistelPermutation:
         self.half_bits = (bits + 1) // 2
         self.half_mask = np.uint64((1 << self.half_bits) - 1)
         words = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, epoch, 0xFE15]).generate_state(
-            FEISTEL_ROUNDS, dtype=np.uint64)
+            FEISTEL_ROUNDS, dtype=np.uint64
+        )
         self.keys = [np.uint64(k) for k in words]
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
@@ -69,27 +71,44 @@ def rank_positions(start: int, epoch_length: int, rank: int, world_size: int) ->
 class ResumableSampler(torch.utils.data.Sampler):
     """Yields `(epoch, sample_id)`; infinite unless `num_epochs` is given (then it has a length)."""
 
-    def __init__(self, epoch_length: int, *, rank: int, world_size: int, seed: int, shuffle: bool = True,
-                 num_epochs: Optional[int] = None, state: Optional[dict] = None):
+    def __init__(
+        self,
+        epoch_length: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        state: dict | None = None,
+    ):
         if epoch_length < world_size:
-            raise ValueError(f"an epoch of {epoch_length} samples cannot feed {world_size} ranks; "
-                             f"index more data or use fewer ranks")
+            raise ValueError(
+                f"an epoch of {epoch_length} samples cannot feed {world_size} ranks; index more data or use fewer ranks"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.epoch_length, self.rank, self.world_size = int(epoch_length), rank, world_size
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         state = state or {"epoch": 0, "position": 0}
         if state.get("epoch_length", self.epoch_length) != self.epoch_length:
-            raise ValueError(f"sampler state is for an epoch of {state['epoch_length']} samples but the index now "
-                             f"gives {self.epoch_length}; resume with the same --data.index")
+            raise ValueError(
+                f"sampler state is for an epoch of {state['epoch_length']} samples but the index now "
+                f"gives {self.epoch_length}; resume with the same --data.index"
+            )
         self.start_epoch, self.start_position = int(state["epoch"]), int(state["position"])
         self.skipped_before = int(state.get("skipped_samples", 0))  # by the runs this one resumes
-        self.skipped = 0                                              # by this run, all ranks
-        self.iter_start: Optional[Tuple[int, int]] = None             # set by skip: where iterators begin
+        self.skipped = 0  # by this run, all ranks
+        self.iter_start: tuple[int, int] | None = None  # set by skip: where iterators begin
 
     def state_dict(self, epoch: int, position: int) -> dict:
-        return {"epoch": epoch, "position": position, "epoch_length": self.epoch_length, "seed": self.seed,
-                "skipped_samples": self.skipped_before + self.skipped}
+        return {
+            "epoch": epoch,
+            "position": position,
+            "epoch_length": self.epoch_length,
+            "seed": self.seed,
+            "skipped_samples": self.skipped_before + self.skipped,
+        }
 
     def skip(self, count: int, global_samples_consumed: int) -> dict:
         """Drop the `count` samples (all ranks) that follow this run's first `global_samples_consumed`;
@@ -118,15 +137,19 @@ class ResumableSampler(torch.utils.data.Sampler):
             return np.asarray(positions, dtype=np.int64)
         return FeistelPermutation(self.epoch_length, self.seed, epoch)(positions)
 
-    def _epoch_keys(self, epoch: int, start: int) -> Iterator[Tuple[int, int]]:
+    def _epoch_keys(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
         positions = rank_positions(start, self.epoch_length, self.rank, self.world_size)
         for i in range(0, len(positions), CHUNK_POSITIONS):
-            chunk = np.arange(positions[i], positions[min(i + CHUNK_POSITIONS, len(positions)) - 1] + 1,
-                              self.world_size, dtype=np.int64)
+            chunk = np.arange(
+                positions[i],
+                positions[min(i + CHUNK_POSITIONS, len(positions)) - 1] + 1,
+                self.world_size,
+                dtype=np.int64,
+            )
             for sample_id in self.order(epoch, chunk).tolist():
                 yield epoch, sample_id
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, start = self.iter_start or (self.start_epoch, self.start_position)
         while self.num_epochs is None or epoch < self.start_epoch + self.num_epochs:
             yield from self._epoch_keys(epoch, start)

@@ -3,13 +3,14 @@
 Readers run in worker processes and return a list of (reason, path) pairs with their rows; the
 builder merges them here in unit order, so the report is the same for any worker count.
 """
+
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
 
-Skip = Tuple[str, str]  # (reason, path)
+Skip = tuple[str, str]  # (reason, path)
 
 # reasons, worded for the summary line
 DANGLING_SYMLINK = "dangling symlink"
@@ -25,7 +26,7 @@ UNREADABLE_SHARD = "unreadable shard or parquet file"
 BAD_LABEL = "unparseable .cls label (sample kept, label -1)"
 
 
-def check_file(path: str) -> Optional[str]:
+def check_file(path: str) -> str | None:
     """None if `path` can be indexed as an image file, else the reason it cannot. One stat and one
     access call: no file is opened (opening a FIFO would block the builder)."""
     try:
@@ -48,8 +49,8 @@ def check_file(path: str) -> Optional[str]:
 @dataclass
 class SkipReport:
     max_examples: int = 3
-    counts: Dict[str, int] = field(default_factory=dict)
-    examples: Dict[str, List[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, reason: str, path: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1

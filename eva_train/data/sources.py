@@ -5,13 +5,13 @@ assigns the real ids) and the list of entries it skipped, as (reason, path) pair
 one unreadable file or tar member never stops a build. Rows are built from numpy arrays and Arrow
 buffers; per-row Python work is limited to what one file or shard holds.
 """
+
 import hashlib
 import io
 import os
 import posixpath
 import tarfile
 from pathlib import Path
-from typing import List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,18 +36,22 @@ LABEL_COLUMNS = ("label", "cls")
 def _table(paths, offsets, sizes, labels, captions=None, jsons=None, widths=None, heights=None) -> pa.Table:
     n = len(sizes)
     minus_one = np.full(n, -1, np.int32)
-    return pa.table({
-        "path": pa.array(paths, pa.large_string()) if not isinstance(paths, pa.Array) else paths,
-        "container": pa.array(np.zeros(n, np.int32)),
-        "offset": pa.array(np.asarray(offsets, np.int64)),
-        "size": pa.array(np.asarray(sizes, np.int64)),
-        "label": pa.array(np.asarray(labels, np.int32)),
-        "caption": captions if isinstance(captions, pa.Array) else pa.array(captions or [None] * n, pa.large_string()),
-        "json": jsons if isinstance(jsons, pa.Array) else pa.array(jsons or [None] * n, pa.large_string()),
-        "width": pa.array(minus_one if widths is None else np.asarray(widths, np.int32)),
-        "height": pa.array(minus_one if heights is None else np.asarray(heights, np.int32)),
-        "source": pa.array(np.zeros(n, np.int16)),
-    }).cast(SCHEMA)
+    return pa.table(
+        {
+            "path": pa.array(paths, pa.large_string()) if not isinstance(paths, pa.Array) else paths,
+            "container": pa.array(np.zeros(n, np.int32)),
+            "offset": pa.array(np.asarray(offsets, np.int64)),
+            "size": pa.array(np.asarray(sizes, np.int64)),
+            "label": pa.array(np.asarray(labels, np.int32)),
+            "caption": captions
+            if isinstance(captions, pa.Array)
+            else pa.array(captions or [None] * n, pa.large_string()),
+            "json": jsons if isinstance(jsons, pa.Array) else pa.array(jsons or [None] * n, pa.large_string()),
+            "width": pa.array(minus_one if widths is None else np.asarray(widths, np.int32)),
+            "height": pa.array(minus_one if heights is None else np.asarray(heights, np.int32)),
+            "source": pa.array(np.zeros(n, np.int16)),
+        }
+    ).cast(SCHEMA)
 
 
 def is_image_name(name: str) -> bool:
@@ -63,7 +67,7 @@ def probe_size(fileobj) -> (int, int):
         return -1, -1
 
 
-def index_folder(root: str, subdir: str, label: int, probe: bool) -> Tuple[pa.Table, List[skips.Skip]]:
+def index_folder(root: str, subdir: str, label: int, probe: bool) -> tuple[pa.Table, list[skips.Skip]]:
     """Images under root/subdir (recursively), paths relative to root, sorted; unreadable entries skipped."""
     paths, sizes, skipped = [], [], []
     on_error = lambda exc: skipped.append((f"{skips.UNREADABLE} folder ({exc.strerror})", exc.filename))  # noqa: E731
@@ -135,7 +139,7 @@ def _trailing_garbage_at(path: str, offset: int) -> bool:
     return False
 
 
-def _tar_groups(path: str) -> Tuple[dict, List[skips.Skip]]:
+def _tar_groups(path: str) -> tuple[dict, list[skips.Skip]]:
     groups, skipped = {}, []  # key -> fields, in shard order (dicts keep insertion order)
     shard_bytes = os.path.getsize(path)
     with tarfile.open(path, "r:") as tar:
@@ -152,7 +156,7 @@ def _tar_groups(path: str) -> Tuple[dict, List[skips.Skip]]:
     return groups, skipped
 
 
-def index_tar(path: str, probe: bool) -> Tuple[pa.Table, List[skips.Skip]]:
+def index_tar(path: str, probe: bool) -> tuple[pa.Table, list[skips.Skip]]:
     found, skipped = _tar_groups(path)
     groups = [g for g in found.values() if "image" in g]
     names = [g["image"][0] for g in groups]
@@ -161,11 +165,20 @@ def index_tar(path: str, probe: bool) -> Tuple[pa.Table, List[skips.Skip]]:
     widths = heights = None
     if probe:
         with open(path, "rb") as f:
-            dims = np.array([probe_size(io.BytesIO(os.pread(f.fileno(), s, o))) for o, s in zip(offsets, sizes)],
-                            np.int32).reshape(-1, 2)
+            dims = np.array(
+                [probe_size(io.BytesIO(os.pread(f.fileno(), s, o))) for o, s in zip(offsets, sizes)], np.int32
+            ).reshape(-1, 2)
         widths, heights = dims[:, 0], dims[:, 1]
-    table = _table(names, offsets, sizes, [g.get("label", -1) for g in groups],
-                   [g.get("caption") for g in groups], [g.get("json") for g in groups], widths, heights)
+    table = _table(
+        names,
+        offsets,
+        sizes,
+        [g.get("label", -1) for g in groups],
+        [g.get("caption") for g in groups],
+        [g.get("json") for g in groups],
+        widths,
+        heights,
+    )
     return table, skipped
 
 
@@ -201,13 +214,13 @@ def _optional_int(table: pa.Table, candidates, default: int = -1) -> np.ndarray:
 def _write_blob(images: pa.Array, blob_path: str) -> (np.ndarray, np.ndarray):
     """Concatenate the image bytes into one file (one positioned read per sample later)."""
     _, offsets_buf, data_buf = images.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int64)[images.offset:images.offset + len(images) + 1]
+    offsets = np.frombuffer(offsets_buf, np.int64)[images.offset : images.offset + len(images) + 1]
     with atomic_path(blob_path) as tmp, open(tmp, "wb") as f:
-        f.write(memoryview(data_buf)[offsets[0]:offsets[-1]])
+        f.write(memoryview(data_buf)[offsets[0] : offsets[-1]])
     return offsets[:-1] - offsets[0], np.diff(offsets)
 
 
-def index_parquet(path: str, blob_dir: str, probe: bool) -> Tuple[pa.Table, str, List[skips.Skip]]:
+def index_parquet(path: str, blob_dir: str, probe: bool) -> tuple[pa.Table, str, list[skips.Skip]]:
     """Rows of a parquet file; image bytes are extracted into a blob file. Returns (rows, container
     path, skipped): null image cells and path rows whose file cannot be read are skipped."""
     table = pq.read_table(path)
@@ -227,8 +240,10 @@ def index_parquet(path: str, blob_dir: str, probe: bool) -> Tuple[pa.Table, str,
         return _table(keys, offsets, sizes, labels, captions, jsons, *dims), blob_path, skipped
     path_col = _pick(table.column_names, IMAGE_PATH_COLUMNS)
     if path_col is None:
-        raise DataError(f"parquet file {path} has neither an image bytes column ({', '.join(IMAGE_BYTES_COLUMNS)}) "
-                         f"nor an image path column ({', '.join(IMAGE_PATH_COLUMNS)}); rename the column")
+        raise DataError(
+            f"parquet file {path} has neither an image bytes column ({', '.join(IMAGE_BYTES_COLUMNS)}) "
+            f"nor an image path column ({', '.join(IMAGE_PATH_COLUMNS)}); rename the column"
+        )
     paths = table.column(path_col).combine_chunks().cast(pa.large_string()).fill_null("")
     root = os.path.dirname(path)
     reasons = [skips.check_file(os.path.join(root, p)) if p else skips.EMPTY for p in paths.to_pylist()]

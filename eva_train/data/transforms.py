@@ -11,9 +11,9 @@ evaluation, `predict` and `extract_feat` all call it, so one checkpoint scores t
 tool. It is torchvision's Resize(floor(size / crop_pct), bicubic, antialias) + CenterCrop(size) on
 uint8 tensors (deterministic; timm's and MAE's evaluation crop).
 """
+
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,14 +34,15 @@ class EvalTransform:
     floor(size / crop_pct) (bicubic, antialiased), then the center size x size crop. A (height, width)
     size: the image is scaled (aspect kept) to just cover floor(height / crop_pct) x floor(width /
     crop_pct), then center-cropped to height x width."""
-    size: Union[int, Tuple[int, int]]
+
+    size: int | tuple[int, int]
     crop_pct: float = EVAL_CROP_PCT
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         height, width = (self.size, self.size) if isinstance(self.size, int) else self.size
         cover_h, cover_w = math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
         if height == width:
-            resize_to = [cover_h]   # torchvision's shorter-side resize
+            resize_to = [cover_h]  # torchvision's shorter-side resize
         else:
             scale = max(cover_h / image.shape[-2], cover_w / image.shape[-1])
             resize_to = [max(cover_h, round(image.shape[-2] * scale)), max(cover_w, round(image.shape[-1] * scale))]
@@ -49,8 +50,9 @@ class EvalTransform:
         return TF.center_crop(resized, [height, width]).contiguous()
 
 
-def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32,
-                     device: Optional[torch.device] = None) -> torch.Tensor:
+def normalize_images(
+    images: torch.Tensor, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> torch.Tensor:
     """(B, 3, H, W) pixel values in [0, 255] (uint8 or float) -> ImageNet-normalized `dtype` on
     `device` (default: where the images are), computed in fp32."""
     x = images.to(device if device is not None else images.device, non_blocking=True).float()

@@ -8,10 +8,11 @@ equally sized batches: the sample list is padded to a multiple of the world size
 flagged `valid=False`, so under ZeRO-3 every rank runs the same forwards and nothing is dropped or
 counted twice.
 """
+
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +29,14 @@ class LabeledImages(Dataset):
     """Images with integer labels; `__getitem__` -> {"images": uint8 (3,H,W), "label": int64}.
     `load_image(i)` gives image i as upright RGB uint8 (3, H, W)."""
 
-    def __init__(self, load_image: Callable[[int], torch.Tensor], labels: np.ndarray,
-                 class_names: List[str], transform: Optional[Callable] = None, origin: str = ""):
+    def __init__(
+        self,
+        load_image: Callable[[int], torch.Tensor],
+        labels: np.ndarray,
+        class_names: list[str],
+        transform: Callable | None = None,
+        origin: str = "",
+    ):
         self.load_image = load_image
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = class_names
@@ -39,7 +46,7 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image = self.load_image(i)
         if self.transform is not None:
             image = self.transform(image)
@@ -95,12 +102,15 @@ def index_images(paths: Sequence[str]) -> LabeledImages:
         raise ValueError(f"index {list(paths)} has no rows; build it from a labeled image folder")
     if labels.min() < 0:
         row = int(np.argmax(labels < 0))
-        raise ValueError(f"index {list(paths)} has unlabeled rows (first: {reader.record(row).location}); "
-                         f"evaluation needs labels: index class folders or shards with .cls files")
+        raise ValueError(
+            f"index {list(paths)} has unlabeled rows (first: {reader.record(row).location}); "
+            f"evaluation needs labels: index class folders or shards with .cls files"
+        )
     class_lists = {tuple(s.classes) for s in reader.sources}
     if len(class_lists) > 1:
-        raise ValueError(f"index files {list(paths)} come from sources with different classes; "
-                         f"evaluate one labeled set at a time")
+        raise ValueError(
+            f"index files {list(paths)} come from sources with different classes; evaluate one labeled set at a time"
+        )
     classes = list(next(iter(class_lists))) or [f"class_{i}" for i in range(int(labels.max()) + 1)]
     return LabeledImages(_IndexImages(reader), labels, classes, origin=",".join(map(str, paths)))
 
@@ -121,9 +131,14 @@ def open_labeled(sources: Sequence[str]) -> LabeledImages:
 def train_transform(img_size: int, min_crop_scale: float) -> Callable:
     """Fine-tune / probe training augmentation on uint8 tensors (torchvision's, drawing from torch's
     RNG, seeded per rank by the runner)."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), antialias=True,
-                                          interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip()])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                img_size, scale=(min_crop_scale, 1.0), antialias=True, interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+        ]
+    )
 
 
 class PaddedView(Dataset):
@@ -137,7 +152,7 @@ class PaddedView(Dataset):
     def __len__(self) -> int:
         return self.padded_len
 
-    def __getitem__(self, p: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, p: int) -> dict[str, torch.Tensor]:
         item = dict(self.dataset[p % self.num_samples])
         item["valid"] = torch.tensor(p < self.num_samples)
         return item
@@ -156,21 +171,35 @@ class StridedPositions(Sampler):
         return len(self.positions)
 
 
-def eval_loader(dataset: LabeledImages, batch_size: int, rank: int, world_size: int,
-                num_workers: int = 0) -> DataLoader:
+def eval_loader(
+    dataset: LabeledImages, batch_size: int, rank: int, world_size: int, num_workers: int = 0
+) -> DataLoader:
     """Ordered, padded, sharded batches with `images`, `label`, `valid`; see `unshard`."""
     padded = PaddedView(dataset, world_size)
-    return DataLoader(padded, batch_size=batch_size, sampler=StridedPositions(len(padded), rank, world_size),
-                      num_workers=num_workers, persistent_workers=False)
+    return DataLoader(
+        padded,
+        batch_size=batch_size,
+        sampler=StridedPositions(len(padded), rank, world_size),
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
 
 
-def train_loader(dataset: LabeledImages, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 0) -> DataLoader:
+def train_loader(
+    dataset: LabeledImages, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0
+) -> DataLoader:
     """Shuffled per epoch (call `loader.sampler.set_epoch`), tail dropped so ranks stay in step."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if len(sampler) < batch_size:
-        raise ValueError(f"{len(dataset)} training images give {len(sampler)} per rank, fewer than one "
-                         f"batch of {batch_size}; lower the batch size or add images")
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, persistent_workers=num_workers > 0)
+        raise ValueError(
+            f"{len(dataset)} training images give {len(sampler)} per rank, fewer than one "
+            f"batch of {batch_size}; lower the batch size or add images"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+    )

@@ -6,30 +6,37 @@ data.val_index), extracted on all ranks (the trained model may be ZeRO-3 partiti
 eval.knn_k / knn_temperature. Linear probe: the `linear_demo` recipe's protocol on those cached
 features. Rank 0 prints the table and writes OUT/final_report.json.
 """
+
 import json
 import logging
 from pathlib import Path
-from typing import Dict
 
 import torch
 
 from eva_train.eval.knn import knn_accuracy
-from eva_train.runtime.fsio import atomic_write_text
 from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.eval.linear_probe import fit_linear_probe, head_accuracy
 from eva_train.eval.protocol_config import build_protocol_config
 from eva_train.models import build_backbone
 from eva_train.models.variants import VARIANTS
+from eva_train.runtime.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
 PROBE_RECIPE = "linear_demo"
-RANDOM_INIT_SEED_OFFSET = 1   # the baseline's init differs from the pretrained run's init
+RANDOM_INIT_SEED_OFFSET = 1  # the baseline's init differs from the pretrained run's init
 
 
-def _scores(monitor: KnnMonitor, model: torch.nn.Module) -> Dict[str, float]:
+def _scores(monitor: KnnMonitor, model: torch.nn.Module) -> dict[str, float]:
     train_feats, train_labels, val_feats, val_labels = monitor.features(model)
-    scores = knn_accuracy(train_feats, train_labels, val_feats, val_labels, monitor.num_classes,
-                          k=monitor.cfg.knn_k, temperature=monitor.cfg.knn_temperature)
+    scores = knn_accuracy(
+        train_feats,
+        train_labels,
+        val_feats,
+        val_labels,
+        monitor.num_classes,
+        k=monitor.cfg.knn_k,
+        temperature=monitor.cfg.knn_temperature,
+    )
     head = fit_linear_probe(train_feats, train_labels, monitor.num_classes, build_protocol_config(PROBE_RECIPE))
     probe = head_accuracy(head, val_feats.cpu(), val_labels.cpu(), prefix="linear_")
     return {**scores, **probe}
@@ -41,11 +48,17 @@ def _random_backbone(cfg, device: torch.device) -> torch.nn.Module:
         return build_backbone(cfg.model.variant, cfg.model.img_size).to(device)
 
 
-def _print_table(report: Dict) -> None:
-    rows = [("kNN top-1", "knn_top1"), ("kNN top-5", "knn_top5"), ("linear top-1", "linear_top1"),
-            ("linear top-5", "linear_top5")]
-    print(f"\nfinal report ({report['num_classes']} classes, {report['num_train']} train / "
-          f"{report['num_val']} val images, chance {100 / report['num_classes']:.1f}%)")
+def _print_table(report: dict) -> None:
+    rows = [
+        ("kNN top-1", "knn_top1"),
+        ("kNN top-5", "knn_top5"),
+        ("linear top-1", "linear_top1"),
+        ("linear top-5", "linear_top5"),
+    ]
+    print(
+        f"\nfinal report ({report['num_classes']} classes, {report['num_train']} train / "
+        f"{report['num_val']} val images, chance {100 / report['num_classes']:.1f}%)"
+    )
     print(f"{'metric':<14}{'pretrained':>12}{'random init':>13}{'gain':>9}")
     for name, key in rows:
         p, r = report["pretrained"][key], report["random_init"][key]
@@ -53,7 +66,7 @@ def _print_table(report: Dict) -> None:
     print(flush=True)
 
 
-def final_report(cfg, model: torch.nn.Module, rank: int, world_size: int) -> Dict:
+def final_report(cfg, model: torch.nn.Module, rank: int, world_size: int) -> dict:
     """Collective (every rank calls it). Returns the report on every rank."""
     eval_cfg = dict(cfg.eval.__dict__)
     eval_cfg["knn_train_index"] = cfg.eval.knn_train_index or list(cfg.data.index)
@@ -62,14 +75,21 @@ def final_report(cfg, model: torch.nn.Module, rank: int, world_size: int) -> Dic
     patch_size = VARIANTS[cfg.model.variant].patch_size
     monitor = KnnMonitor(type(cfg.eval)(**eval_cfg), cfg.model.img_size, patch_size, rank, world_size, num_workers=1)
     if not (monitor.cfg.knn_train_index and monitor.cfg.knn_val_index):
-        raise ValueError("eval.final_report needs a labeled train/val pair: set eval.knn_train_index and "
-                         "eval.knn_val_index (or data.index and data.val_index)")
+        raise ValueError(
+            "eval.final_report needs a labeled train/val pair: set eval.knn_train_index and "
+            "eval.knn_val_index (or data.index and data.val_index)"
+        )
     pretrained = _scores(monitor, model)
     random_init = _scores(monitor, _random_backbone(cfg, next(model.parameters()).device))
     train_set, val_set = monitor.datasets()
-    report = {"pretrained": pretrained, "random_init": random_init, "num_classes": monitor.num_classes,
-              "num_train": len(train_set), "num_val": len(val_set),
-              "gain": {k: pretrained[k] - random_init[k] for k in pretrained}}
+    report = {
+        "pretrained": pretrained,
+        "random_init": random_init,
+        "num_classes": monitor.num_classes,
+        "num_train": len(train_set),
+        "num_val": len(val_set),
+        "gain": {k: pretrained[k] - random_init[k] for k in pretrained},
+    }
     if rank == 0:
         _print_table(report)
         path = Path(cfg.train.output_dir) / "final_report.json"

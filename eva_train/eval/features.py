@@ -1,5 +1,6 @@
 """Feature extraction on all ranks with the same number of forwards, gathered in sample order."""
-from typing import Callable, Tuple
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -8,13 +9,14 @@ from eva_train.data.transforms import normalize_images
 
 
 @torch.no_grad()
-def extract_local(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def extract_local(
+    forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's (features (n,D) fp32, labels (n,), valid (n,)) in its loader order."""
     feats, labels, valid = [], [], []
     for batch in loader:
         images = normalize_images(batch["images"], dtype, device)
-        feats.append(forward(images).float())                       # (B, D)
+        feats.append(forward(images).float())  # (B, D)
         labels.append(batch["label"].to(device))
         valid.append(batch["valid"].to(device))
     if not feats:
@@ -29,15 +31,20 @@ def gather_in_order(local: torch.Tensor, world_size: int) -> torch.Tensor:
         return local
     parts = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(parts, local.contiguous())
-    stacked = torch.stack(parts, dim=1)                             # (n_per_rank, W, ...)
-    return stacked.reshape(-1, *local.shape[1:])                    # (n_per_rank * W, ...)
+    stacked = torch.stack(parts, dim=1)  # (n_per_rank, W, ...)
+    return stacked.reshape(-1, *local.shape[1:])  # (n_per_rank * W, ...)
 
 
-def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device,
-                     world_size: int, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    loader,
+    device: torch.device,
+    world_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All samples' (features (N, D) fp32, labels (N,)) on every rank, padding removed."""
     feats, labels, valid = extract_local(forward, loader, device, dtype)
     feats = gather_in_order(feats, world_size)
     labels = gather_in_order(labels, world_size)
-    valid = gather_in_order(valid.to(torch.uint8), world_size).bool()   # gloo cannot gather bool
+    valid = gather_in_order(valid.to(torch.uint8), world_size).bool()  # gloo cannot gather bool
     return feats[valid], labels[valid]

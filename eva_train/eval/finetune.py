@@ -1,6 +1,7 @@
 """Full fine-tuning (MAE/BEiT/EVA protocol): layer-wise lr decay, drop-path, activation
 checkpointing, RandAugment and random erasing, mixup/cutmix, label smoothing, an fp32 EMA of the
 weights evaluated and saved beside the live ones; timm's RandAugment, RandomErasing, Mixup, EMA."""
+
 from collections.abc import Callable
 
 import torch
@@ -27,10 +28,12 @@ def _mixup(cfg: ProtocolConfig, num_classes: int):
     if aug.mixup <= 0 and aug.cutmix <= 0:
         return None
     if cfg.train.micro_batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pair images within a batch: train.micro_batch_size="
-                          f"{cfg.train.micro_batch_size} must be even")
-    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing,
-                 num_classes=num_classes)
+        raise ConfigError(
+            f"mixup/cutmix pair images within a batch: train.micro_batch_size={cfg.train.micro_batch_size} must be even"
+        )
+    return Mixup(
+        mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing, num_classes=num_classes
+    )
 
 
 class RandAugmentUint8:
@@ -38,8 +41,7 @@ class RandAugmentUint8:
     create_transform reads it (translate by 45% of the crop size, fill with the mean color)."""
 
     def __init__(self, config_str: str, img_size: int):
-        hparams = {"translate_const": int(img_size * 0.45),
-                   "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN)}
         self.augment = rand_augment_transform(config_str, hparams)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,7 @@ def finetune_train_transform(cfg: ProtocolConfig, img_size: int) -> Callable:
     crop_flip = train_transform(img_size, cfg.data.min_crop_scale)
     if not cfg.aug.rand_augment:
         return crop_flip
-    return T.Compose([crop_flip, RandAugmentUint8(cfg.aug.rand_augment, img_size)])   # picklable for workers
+    return T.Compose([crop_flip, RandAugmentUint8(cfg.aug.rand_augment, img_size)])  # picklable for workers
 
 
 class FinetuneTask:
@@ -62,21 +64,36 @@ class FinetuneTask:
         self.num_blocks = len(backbone.blocks)
         backbone.set_grad_checkpointing(cfg.model.checkpoint_fraction)
         self.crop_pct = cfg.data.eval_crop_pct or EVAL_CROP_PCT
-        self.spec["eval_crop_pct"] = self.crop_pct   # recorded in the classifier file's metadata
+        self.spec["eval_crop_pct"] = self.crop_pct  # recorded in the classifier file's metadata
         head = LinearHead(backbone.embed_dim, len(self.class_names), batch_norm=False, init_std=HEAD_INIT_STD_FINETUNE)
         self.module = Classifier(backbone, head).to(device)
         img_size, workers = self.spec["img_size"], cfg.data.num_workers
-        self._train_loader = train_loader(train.with_transform(finetune_train_transform(cfg, img_size)),
-                                          cfg.train.micro_batch_size, rank, world_size, cfg.train.seed, workers)
-        self._val_loader = eval_loader(val.with_transform(EvalTransform(img_size, self.crop_pct)),
-                                       cfg.train.micro_batch_size, rank, world_size, workers)
+        self._train_loader = train_loader(
+            train.with_transform(finetune_train_transform(cfg, img_size)),
+            cfg.train.micro_batch_size,
+            rank,
+            world_size,
+            cfg.train.seed,
+            workers,
+        )
+        self._val_loader = eval_loader(
+            val.with_transform(EvalTransform(img_size, self.crop_pct)),
+            cfg.train.micro_batch_size,
+            rank,
+            world_size,
+            workers,
+        )
         self.mixup = _mixup(cfg, len(self.class_names))
-        self.erasing = (RandomErasing(cfg.aug.random_erasing, mode="pixel", device=str(device))
-                        if cfg.aug.random_erasing > 0 else None)
+        self.erasing = (
+            RandomErasing(cfg.aug.random_erasing, mode="pixel", device=str(device))
+            if cfg.aug.random_erasing > 0
+            else None
+        )
         # fp32 copy of the starting weights: a 1e-4 step of a 0.9999 EMA vanishes in bf16 rounding,
         # and the engine turns the module into bf16; under ZeRO <= 2 every rank holds the full weights
-        self.ema = (ModelEmaV3(self.module, decay=cfg.aug.ema_decay, dtype=torch.float32)
-                    if cfg.aug.ema_decay > 0 else None)
+        self.ema = (
+            ModelEmaV3(self.module, decay=cfg.aug.ema_decay, dtype=torch.float32) if cfg.aug.ema_decay > 0 else None
+        )
 
     def train_loader(self):
         return self._train_loader
@@ -85,9 +102,9 @@ class FinetuneTask:
         images = normalize_images(batch["images"], dtype, device)
         labels = batch["label"].to(device)
         if self.erasing is not None:
-            images = self.erasing(images)                    # after normalization, as timm (pixel noise)
+            images = self.erasing(images)  # after normalization, as timm (pixel noise)
         if self.mixup is not None:
-            images, labels = self.mixup(images, labels)      # labels become (B, C) soft targets
+            images, labels = self.mixup(images, labels)  # labels become (B, C) soft targets
         return images, labels
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,8 +127,10 @@ class FinetuneTask:
         if self.ema is None:
             return
         if "ema" not in state:
-            raise ConfigError("the checkpoint to resume holds no EMA weights (saved with aug.ema_decay=0); resume "
-                              "with --aug.ema_decay=0 or start a new output dir")
+            raise ConfigError(
+                "the checkpoint to resume holds no EMA weights (saved with aug.ema_decay=0); resume "
+                "with --aug.ema_decay=0 or start a new output dir"
+            )
         self.ema.module.load_state_dict(state["ema"])
 
     def _accuracy(self, module: torch.nn.Module, prefix: str) -> dict[str, float]:

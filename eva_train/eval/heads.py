@@ -1,8 +1,9 @@
 """Classification heads and the classifier that puts one on an EVA backbone."""
+
 import torch
 import torch.nn as nn
 
-HEAD_INIT_STD_PROBE = 0.01    # MAE/EVA linear probe: trunc_normal(std=.01)
+HEAD_INIT_STD_PROBE = 0.01  # MAE/EVA linear probe: trunc_normal(std=.01)
 HEAD_INIT_STD_FINETUNE = 2e-5  # MAE fine-tune: tiny head init (timm's head_init_scale x .02 style)
 
 
@@ -18,7 +19,7 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.bn(feats))      # (B, D) -> (B, C)
+        return self.linear(self.bn(feats))  # (B, D) -> (B, C)
 
 
 class Classifier(nn.Module):
@@ -30,4 +31,4 @@ class Classifier(nn.Module):
         self.head = head
 
     def forward(self, images_normalized: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images_normalized))   # (B,3,H,W) -> (B, C)
+        return self.head(self.backbone(images_normalized))  # (B,3,H,W) -> (B, C)

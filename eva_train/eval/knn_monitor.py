@@ -5,8 +5,8 @@ Called on ALL ranks with the engine's module. Every rank runs the same number of
 equally sized batches (padded sharding, see `eval.data`), so ZeRO-3's parameter gathering in
 the forward hooks stays in step; features are all-gathered so each rank returns the same dict.
 """
+
 import logging
-from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -29,18 +29,28 @@ def evenly_spaced_subset(dataset: LabeledImages, max_images: int):
 
 
 class KnnMonitor:
-    def __init__(self, eval_cfg, img_size: int, patch_size: int, rank: int, world_size: int,
-                 batch_size: Optional[int] = None, num_workers: int = 2):
+    def __init__(
+        self,
+        eval_cfg,
+        img_size: int,
+        patch_size: int,
+        rank: int,
+        world_size: int,
+        batch_size: int | None = None,
+        num_workers: int = 2,
+    ):
         if eval_cfg.knn_every_steps > 0 and not (eval_cfg.knn_train_index and eval_cfg.knn_val_index):
-            raise ValueError("eval.knn_every_steps > 0 needs eval.knn_train_index and eval.knn_val_index "
-                             "(labeled index files or image folders); set them or --eval.knn_every_steps=0")
+            raise ValueError(
+                "eval.knn_every_steps > 0 needs eval.knn_train_index and eval.knn_val_index "
+                "(labeled index files or image folders); set them or --eval.knn_every_steps=0"
+            )
         if img_size % patch_size:
             raise ValueError(f"kNN monitor img_size {img_size} is not a multiple of patch size {patch_size}")
         self.cfg = eval_cfg
         self.img_size, self.rank, self.world_size = img_size, rank, world_size
         self.batch_size = batch_size or getattr(eval_cfg, "knn_batch_size", 64)
         self.num_workers = num_workers
-        self._sets = None   # opened on first run: start-up stays cheap when the monitor never fires
+        self._sets = None  # opened on first run: start-up stays cheap when the monitor never fires
 
     def due(self, step: int) -> bool:
         every = self.cfg.knn_every_steps
@@ -52,17 +62,19 @@ class KnnMonitor:
             transform = EvalTransform(self.img_size)
             train = open_labeled(self.cfg.knn_train_index).with_transform(transform)
             val = open_labeled(self.cfg.knn_val_index).with_transform(transform)
-            self.num_classes = max(len(train.class_names), int(train.labels.max()) + 1,
-                                   int(val.labels.max()) + 1)
-            self._sets = (evenly_spaced_subset(train, self.cfg.knn_max_images),
-                          evenly_spaced_subset(val, self.cfg.knn_max_images))
+            self.num_classes = max(len(train.class_names), int(train.labels.max()) + 1, int(val.labels.max()) + 1)
+            self._sets = (
+                evenly_spaced_subset(train, self.cfg.knn_max_images),
+                evenly_spaced_subset(val, self.cfg.knn_max_images),
+            )
         return self._sets
 
     def features(self, model: torch.nn.Module):
         """(train_feats, train_labels, val_feats, val_labels) of `model`'s pooled output."""
         param = next(model.parameters())
-        loaders = [eval_loader(ds, self.batch_size, self.rank, self.world_size, self.num_workers)
-                   for ds in self.datasets()]
+        loaders = [
+            eval_loader(ds, self.batch_size, self.rank, self.world_size, self.num_workers) for ds in self.datasets()
+        ]
         was_training = model.training
         model.eval()
         try:
@@ -72,8 +84,15 @@ class KnnMonitor:
             model.train(was_training)
         return (*train, *val)
 
-    def run(self, model: torch.nn.Module) -> Dict[str, float]:
+    def run(self, model: torch.nn.Module) -> dict[str, float]:
         """`{"knn_top1": %, "knn_top5": %}`; the same on every rank."""
         train_feats, train_labels, val_feats, val_labels = self.features(model)
-        return knn_accuracy(train_feats, train_labels, val_feats, val_labels, self.num_classes,
-                            k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+        return knn_accuracy(
+            train_feats,
+            train_labels,
+            val_feats,
+            val_labels,
+            self.num_classes,
+            k=self.cfg.knn_k,
+            temperature=self.cfg.knn_temperature,
+        )

@@ -12,8 +12,8 @@ weight decay or `always_adapt`), so the groups here carry `always_adapt` = "hold
 the update equals MAE's; with decay > 0 timm's trust-ratio denominator is ||g|| + wd ||w|| (the
 LARS paper's) where MAE's is ||g + wd w||.
 """
+
 import re
-from typing import Dict, List
 
 import torch
 from timm.optim import Lars
@@ -26,9 +26,13 @@ LARS_TRUST_COEFFICIENT = 0.001
 
 def protocol_lr(cfg, epoch: int, batch: int, batches_per_epoch: int) -> float:
     """LR of batch `batch` (0-based) of epoch `epoch` (0-based) for a ProtocolConfig `cfg`."""
-    return lr_at_step(epoch * batches_per_epoch + batch, peak_lr=cfg.peak_lr(), min_lr=cfg.optim.min_lr,
-                      warmup_steps=round(cfg.optim.warmup_epochs * batches_per_epoch),
-                      total_steps=cfg.train.epochs * batches_per_epoch)
+    return lr_at_step(
+        epoch * batches_per_epoch + batch,
+        peak_lr=cfg.peak_lr(),
+        min_lr=cfg.optim.min_lr,
+        warmup_steps=round(cfg.optim.warmup_epochs * batches_per_epoch),
+        total_steps=cfg.train.epochs * batches_per_epoch,
+    )
 
 
 def layer_id(name: str, num_blocks: int) -> int:
@@ -40,12 +44,13 @@ def layer_id(name: str, num_blocks: int) -> int:
     return int(match.group(1)) + 1 if match else num_blocks + 1
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                 num_blocks: int = 0) -> List[Dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0, num_blocks: int = 0
+) -> list[dict]:
     """Groups by (layer, decay?, matrix?) with `lr_scale` = layer_decay ** (num_blocks + 1 - layer),
     weight decay by the shared rule, `always_adapt` (read by LARS only) for matrices. Frozen params
     are left out."""
-    groups: Dict[tuple, Dict] = {}
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -53,13 +58,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
         layer = layer_id(name, num_blocks) if layer_decay != 1.0 else 0
         scale = layer_decay ** (num_blocks + 1 - layer) if layer_decay != 1.0 else 1.0
         matrix = p.ndim > 1
-        group = groups.setdefault((layer, decay, matrix), {"params": [], "weight_decay": decay, "lr_scale": scale,
-                                                           "always_adapt": matrix})
+        group = groups.setdefault(
+            (layer, decay, matrix), {"params": [], "weight_decay": decay, "lr_scale": scale, "always_adapt": matrix}
+        )
         group["params"].append(p)
     return list(groups.values())
 
 
-def build_optimizer(groups: List[Dict], name: str, momentum: float, betas) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], name: str, momentum: float, betas) -> torch.optim.Optimizer:
     if name == "lars":
         return Lars(groups, lr=0.0, momentum=momentum, trust_coeff=LARS_TRUST_COEFFICIENT)
     if name == "sgd":

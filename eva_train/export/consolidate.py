@@ -18,6 +18,7 @@ Only files of a DeepSpeed checkpoint directory the user named are unpickled, and
 allow-list: a file naming any other global is refused, naming it (no code from a checkpoint runs). Torch is imported
 only to compare with a live model (`reference`).
 """
+
 import json
 import logging
 import math
@@ -26,29 +27,30 @@ import re
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eva_train.runtime import torch_zip
 from eva_train.export.layouts import LayoutPlan, plan_layout
 from eva_train.export.safetensors_writer import SAFETENSORS_NAMES, StreamingSafetensorsWriter
+from eva_train.runtime import torch_zip
 
 if TYPE_CHECKING:  # only a live-model comparison touches torch tensors
     import torch
 
 log = logging.getLogger(__name__)
 OUTPUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # safetensors dtype names
-Piece = Tuple[str, int, np.ndarray]   # (param name, flat element offset, flat values)
+Piece = tuple[str, int, np.ndarray]  # (param name, flat element offset, flat values)
 
 
 class ConsolidationError(RuntimeError):
     pass
 
 
-def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Path:
+def resolve_checkpoint(path: str, tag: str | None = None) -> Path:
     """OUT, OUT/checkpoints (uses `latest` or --tag), or a tag dir itself -> the tag dir."""
     root = Path(path)
     if not root.is_dir():
@@ -66,16 +68,20 @@ def resolve_checkpoint(path: str, tag: Optional[str] = None) -> Path:
     if latest.is_file():
         tag = latest.read_text().strip()
         if not (root / tag).is_dir():
-            raise ConsolidationError(f"{latest} names tag '{tag}' but {root / tag} is missing; pass --tag "
-                                     f"(available: {_tags(root) or 'none'})")
+            raise ConsolidationError(
+                f"{latest} names tag '{tag}' but {root / tag} is missing; pass --tag "
+                f"(available: {_tags(root) or 'none'})"
+            )
         return root / tag
     if _tags(root):
         raise ConsolidationError(f"{root} has no 'latest' file; pass --tag, one of: {', '.join(_tags(root))}")
-    raise ConsolidationError(f"{root} is not a DeepSpeed checkpoint: no *_model_states.pt files and no tag "
-                             f"dirs; pass OUT/checkpoints or OUT/checkpoints/<tag>")
+    raise ConsolidationError(
+        f"{root} is not a DeepSpeed checkpoint: no *_model_states.pt files and no tag "
+        f"dirs; pass OUT/checkpoints or OUT/checkpoints/<tag>"
+    )
 
 
-def _tags(root: Path) -> List[str]:
+def _tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*model_states.pt")))
 
 
@@ -88,8 +94,9 @@ def _check_zip(path: Path) -> None:
                 if info.header_offset + info.compress_size > size:
                     raise zipfile.BadZipFile("member beyond end of file")
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ConsolidationError(f"{path} is truncated or corrupt ({exc}); the save was probably interrupted: "
-                                 f"use an earlier tag (--tag)") from None
+        raise ConsolidationError(
+            f"{path} is truncated or corrupt ({exc}); the save was probably interrupted: use an earlier tag (--tag)"
+        ) from None
 
 
 def _load_pickled(path: Path) -> dict:
@@ -100,29 +107,31 @@ def _load_pickled(path: Path) -> dict:
     except torch_zip.UnsafePickleError as exc:  # a crafted file, not a damaged save: no --tag hint
         raise ConsolidationError(str(exc)) from None
     except (torch_zip.TorchZipError, ValueError, EOFError) as exc:
-        raise ConsolidationError(f"{path} cannot be read as a DeepSpeed checkpoint file ({exc}); use an "
-                                 f"earlier tag (--tag)") from None
+        raise ConsolidationError(
+            f"{path} cannot be read as a DeepSpeed checkpoint file ({exc}); use an earlier tag (--tag)"
+        ) from None
 
 
 @dataclass
 class ZeroCheckpoint:
     """What a DeepSpeed ZeRO checkpoint tag dir holds, read from rank 0's model states."""
+
     tag_dir: Path
     stage: int
     world_size: int
-    optim_files: List[Path]
-    model_files: List[Path]
-    param_shapes: List["OrderedDict[str, Tuple[int, ...]]"]  # per param group
-    frozen_shapes: "OrderedDict[str, Tuple[int, ...]]"
+    optim_files: list[Path]
+    model_files: list[Path]
+    param_shapes: list["OrderedDict[str, tuple[int, ...]]"]  # per param group
+    frozen_shapes: "OrderedDict[str, tuple[int, ...]]"
     buffers: "OrderedDict[str, np.ndarray]"
-    module_only: "OrderedDict[str, np.ndarray]"             # ZeRO-1/2 frozen params found only in the module
-    shared: Dict[str, str]                                  # alias -> source
-    client: dict = field(default_factory=dict)              # step, config (eva-train client_state)
+    module_only: "OrderedDict[str, np.ndarray]"  # ZeRO-1/2 frozen params found only in the module
+    shared: dict[str, str]  # alias -> source
+    client: dict = field(default_factory=dict)  # step, config (eva-train client_state)
     ds_version: str = ""
-    partition_numels: List[int] = field(default_factory=list)   # ZeRO-1/2: rank 0's partition per group
+    partition_numels: list[int] = field(default_factory=list)  # ZeRO-1/2: rank 0's partition per group
 
     @classmethod
-    def open(cls, path: str, tag: Optional[str] = None) -> "ZeroCheckpoint":
+    def open(cls, path: str, tag: str | None = None) -> "ZeroCheckpoint":
         tag_dir = resolve_checkpoint(path, tag)
         optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
         zero3_models = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of)
@@ -130,8 +139,10 @@ class ZeroCheckpoint:
         if not model_files:
             raise ConsolidationError(f"{tag_dir} is not a DeepSpeed checkpoint (no *_model_states.pt)")
         if not optim_files:
-            raise ConsolidationError(f"{tag_dir} has no *_optim_states.pt files: not a ZeRO checkpoint, or saved "
-                                     f"without optimizer state; nothing to consolidate")
+            raise ConsolidationError(
+                f"{tag_dir} has no *_optim_states.pt files: not a ZeRO checkpoint, or saved "
+                f"without optimizer state; nothing to consolidate"
+            )
         states = _load_pickled(model_files[0])
         if "buffer_names" not in states or "param_shapes" not in states:
             raise ConsolidationError(f"{model_files[0]} is not a DeepSpeed model-states file")
@@ -152,38 +163,55 @@ class ZeroCheckpoint:
         shared = dict(states.get("shared_params") or {})
         known = {n for group in param_shapes for n in group} | set(frozen) | buffer_names | set(shared)
         module_only = OrderedDict((k, v) for k, v in module.items() if k not in known) if not zero3 else OrderedDict()
-        buffers = OrderedDict((k, torch_zip.to_float32(v) if torch_zip.is_float(v) else v)
-                              for k, v in module.items() if k in buffer_names)
+        buffers = OrderedDict(
+            (k, torch_zip.to_float32(v) if torch_zip.is_float(v) else v) for k, v in module.items() if k in buffer_names
+        )
         ours = states.get("eva_client_state") or states  # eva-train's save keeps its client state under this key
         client = {k: ours[k] for k in ("step", "config", "samples_seen", "code_version") if k in ours}
-        return cls(tag_dir, 3 if zero3 else 2, int(states.get("dp_world_size", len(optim_files))), optim_files,
-                   model_files, param_shapes, frozen, buffers, module_only, shared, client,
-                   str(states.get("ds_version", "")))
+        return cls(
+            tag_dir,
+            3 if zero3 else 2,
+            int(states.get("dp_world_size", len(optim_files))),
+            optim_files,
+            model_files,
+            param_shapes,
+            frozen,
+            buffers,
+            module_only,
+            shared,
+            client,
+            str(states.get("ds_version", "")),
+        )
 
     def _check_complete(self) -> None:
         found = [_rank_of(p) for p in self.optim_files]
         missing = sorted(set(range(self.world_size)) - set(found))
         if missing or len(found) != self.world_size:
-            raise ConsolidationError(f"{self.tag_dir} is incomplete: the checkpoint was saved by {self.world_size} "
-                                     f"ranks but optimizer shards for ranks {missing or found} are missing; "
-                                     f"use an earlier tag (--tag)")
+            raise ConsolidationError(
+                f"{self.tag_dir} is incomplete: the checkpoint was saved by {self.world_size} "
+                f"ranks but optimizer shards for ranks {missing or found} are missing; "
+                f"use an earlier tag (--tag)"
+            )
         if self.stage == 3 and len(self.model_files) != self.world_size:
-            raise ConsolidationError(f"{self.tag_dir} is incomplete: {len(self.model_files)} of {self.world_size} "
-                                     f"zero_pp_rank_*_model_states.pt files; use an earlier tag (--tag)")
+            raise ConsolidationError(
+                f"{self.tag_dir} is incomplete: {len(self.model_files)} of {self.world_size} "
+                f"zero_pp_rank_*_model_states.pt files; use an earlier tag (--tag)"
+            )
         marker = self.tag_dir / "COMPLETE"
         if marker.is_file():
             saved = json.loads(marker.read_text()).get("world_size", self.world_size)
             if saved != self.world_size:
                 raise ConsolidationError(f"{marker} says world size {saved}, the files say {self.world_size}")
         elif "config" in self.client:
-            raise ConsolidationError(f"{self.tag_dir} has no COMPLETE marker: the eva-train save was interrupted; "
-                                     f"use an earlier tag (--tag)")
+            raise ConsolidationError(
+                f"{self.tag_dir} has no COMPLETE marker: the eva-train save was interrupted; use an earlier tag (--tag)"
+            )
         else:
             log.warning("%s has no COMPLETE marker (not written by eva-train); checking shard files only", self.tag_dir)
         for path in self.optim_files + self.model_files:
             _check_zip(path)
 
-    def tensor_shapes(self) -> "OrderedDict[str, Tuple[int, ...]]":
+    def tensor_shapes(self) -> "OrderedDict[str, tuple[int, ...]]":
         """Every output tensor (params, frozen params, buffers, tied copies) -> full shape."""
         shapes = OrderedDict((k, tuple(v.shape)) for k, v in self.buffers.items())
         shapes.update((k, tuple(v.shape)) for k, v in self.module_only.items())
@@ -209,9 +237,13 @@ class ZeroCheckpoint:
         else:
             if rank == 0:
                 yield from self._zero2_frozen()
-            yield from _zero12_pieces(self.param_shapes, optim["single_partition_of_fp32_groups"],
-                                      [rank * n for n in self.partition_numels],
-                                      optim.get("param_alignment_paddings"), self.optim_files[rank])
+            yield from _zero12_pieces(
+                self.param_shapes,
+                optim["single_partition_of_fp32_groups"],
+                [rank * n for n in self.partition_numels],
+                optim.get("param_alignment_paddings"),
+                self.optim_files[rank],
+            )
 
     def _zero3_frozen(self, rank: int) -> Iterator[Piece]:
         if not self.frozen_shapes:
@@ -222,7 +254,7 @@ class ZeroCheckpoint:
             chunk = math.ceil(numel / self.world_size)
             start = rank * chunk
             if start < numel:
-                yield name, start, fragments[name].reshape(-1)[:min(chunk, numel - start)]
+                yield name, start, fragments[name].reshape(-1)[: min(chunk, numel - start)]
 
     def _zero2_frozen(self) -> Iterator[Piece]:
         if self.frozen_shapes:
@@ -236,7 +268,7 @@ def _rank_of(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _zero3_pieces(param_shapes, flat_groups: List[np.ndarray], rank: int, world_size: int) -> Iterator[Piece]:
+def _zero3_pieces(param_shapes, flat_groups: list[np.ndarray], rank: int, world_size: int) -> Iterator[Piece]:
     cursor = _FlatCursor(flat_groups)
     for group in param_shapes:
         for name, shape in group.items():
@@ -247,12 +279,15 @@ def _zero3_pieces(param_shapes, flat_groups: List[np.ndarray], rank: int, world_
             for offset, values in cursor.take(chunk, keep=valid):
                 yield name, start + offset, values
     if cursor.position != cursor.total:
-        raise ConsolidationError(f"rank {rank}: consumed {cursor.position} of {cursor.total} partition elements; "
-                                 f"the checkpoint does not match its param_shapes")
+        raise ConsolidationError(
+            f"rank {rank}: consumed {cursor.position} of {cursor.total} partition elements; "
+            f"the checkpoint does not match its param_shapes"
+        )
 
 
-def _zero12_pieces(param_shapes, partitions: List[np.ndarray], part_starts: List[int], alignment_paddings,
-                   path: Path) -> Iterator[Piece]:
+def _zero12_pieces(
+    param_shapes, partitions: list[np.ndarray], part_starts: list[int], alignment_paddings, path: Path
+) -> Iterator[Piece]:
     partitions = [p.reshape(-1) for p in partitions]
     if not len(partitions) == len(param_shapes) == len(part_starts):
         raise ConsolidationError(f"{path}: {len(partitions)} fp32 groups but {len(param_shapes)} param groups")
@@ -264,14 +299,14 @@ def _zero12_pieces(param_shapes, partitions: List[np.ndarray], part_starts: List
             numel = math.prod(shape)
             lo, hi = max(offset, part_start), min(offset + numel, part_end)
             if lo < hi:
-                yield name, lo - offset, partition[lo - part_start:hi - part_start]
+                yield name, lo - offset, partition[lo - part_start : hi - part_start]
             offset += numel + padding
 
 
 class _FlatCursor:
     """Reads consecutive ranges across a list of flat tensors (a rank's ZeRO-3 groups)."""
 
-    def __init__(self, groups: List[np.ndarray]):
+    def __init__(self, groups: list[np.ndarray]):
         self.groups = [g.reshape(-1) for g in groups]
         self.bounds = [0]
         for g in self.groups:
@@ -279,7 +314,7 @@ class _FlatCursor:
         self.total = self.bounds[-1]
         self.position = 0
 
-    def take(self, length: int, keep: int) -> Iterator[Tuple[int, np.ndarray]]:
+    def take(self, length: int, keep: int) -> Iterator[tuple[int, np.ndarray]]:
         """Advance by `length`; yield (offset within the range, values) for its first `keep` elements."""
         start, end = self.position, self.position + keep
         self.position += length
@@ -288,7 +323,7 @@ class _FlatCursor:
         for index, g in enumerate(self.groups):
             lo, hi = max(start, self.bounds[index]), min(end, self.bounds[index + 1])
             if lo < hi:
-                yield lo - start, g[lo - self.bounds[index]:hi - self.bounds[index]]
+                yield lo - start, g[lo - self.bounds[index] : hi - self.bounds[index]]
 
 
 @dataclass
@@ -297,12 +332,19 @@ class ConsolidationReport:
     tensors: int
     bytes: int
     seconds: float
-    dropped: List[str]
+    dropped: list[str]
 
 
-def consolidate(ckpt_dir: str, out_path: str, tag: Optional[str] = None, dtype: str = "fp32",
-                layout: str = "native", progress: bool = True, swiglu: Optional[bool] = None,
-                reference: Optional[Mapping[str, "torch.Tensor"]] = None) -> ConsolidationReport:
+def consolidate(
+    ckpt_dir: str,
+    out_path: str,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    layout: str = "native",
+    progress: bool = True,
+    swiglu: bool | None = None,
+    reference: Mapping[str, "torch.Tensor"] | None = None,
+) -> ConsolidationReport:
     """Write the checkpoint's full weights to `out_path` (safetensors) in `layout` names.
     `reference` (a live model's state dict, same layout) is compared tensor by tensor."""
     if dtype not in OUTPUT_DTYPES:
@@ -341,10 +383,17 @@ def dtype_name(array: np.ndarray) -> str:
     return "BF16" if isinstance(array, torch_zip.BF16Array) else SAFETENSORS_NAMES[array.dtype]
 
 
-def _metadata(ckpt: ZeroCheckpoint, layout: str, dtype: str) -> Dict[str, str]:
-    meta = {"format": "pt", "producer": "eva_train.export.consolidate", "layout": layout, "dtype": dtype,
-            "source_tag": ckpt.tag_dir.name, "zero_stage": str(ckpt.stage), "world_size": str(ckpt.world_size),
-            "ds_version": ckpt.ds_version}
+def _metadata(ckpt: ZeroCheckpoint, layout: str, dtype: str) -> dict[str, str]:
+    meta = {
+        "format": "pt",
+        "producer": "eva_train.export.consolidate",
+        "layout": layout,
+        "dtype": dtype,
+        "source_tag": ckpt.tag_dir.name,
+        "zero_stage": str(ckpt.stage),
+        "world_size": str(ckpt.world_size),
+        "ds_version": ckpt.ds_version,
+    }
     if "config" in ckpt.client:
         meta["config"] = json.dumps(ckpt.client["config"], sort_keys=True, default=str)
     if "step" in ckpt.client:
@@ -356,9 +405,10 @@ def _stream(ckpt: ZeroCheckpoint, plan: LayoutPlan, writer: StreamingSafetensors
     """Read rank by rank; one writer thread does the pwrites while this thread checks the next
     piece for NaN/Inf (both release the GIL, so reading and writing overlap)."""
     from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    aliases: Dict[str, List[str]] = {}
+    aliases: dict[str, list[str]] = {}
     for alias, source in ckpt.shared.items():
         aliases.setdefault(source, []).append(alias)
     nonfinite = set()
@@ -392,11 +442,13 @@ def _route_piece(plan: LayoutPlan, writer, name: str, offset: int, values: np.nd
         lo, hi = max(offset, route.src_start), min(end, route.src_start + route.length)
         if lo >= hi:
             continue
-        piece = values[lo - offset:hi - offset]
+        piece = values[lo - offset : hi - offset]
         if route.dest is None:
             if bool(torch_zip.to_float32(piece).any() if torch_zip.is_float(piece) else piece.any()):
-                raise ConsolidationError(f"{name} has non-zero values where the {plan.layout} layout has none "
-                                         f"(a learned k bias); use --layout native")
+                raise ConsolidationError(
+                    f"{name} has non-zero values where the {plan.layout} layout has none "
+                    f"(a learned k bias); use --layout native"
+                )
             continue
         writer.write(route.dest, route.dest_start + lo - route.src_start, piece)
 
@@ -404,13 +456,20 @@ def _route_piece(plan: LayoutPlan, writer, name: str, offset: int, values: np.nd
 def _verify(writer: StreamingSafetensorsWriter, plan: LayoutPlan, nonfinite: set) -> None:
     """Every tensor fully written; no NaN/Inf; the file reads back with the planned names/shapes."""
     if nonfinite:
-        raise ConsolidationError(f"NaN/Inf in {len(nonfinite)} tensors, e.g. {sorted(nonfinite)[:5]}: the "
-                                 f"checkpoint is from a diverged run; use an earlier tag (--tag)")
-    short = [f"{name} ({writer.written_elems[name]}/{math.prod(shape)})" for name, (shape, _) in writer.specs.items()
-             if writer.written_elems[name] + plan.zero_fill.get(name, 0) != math.prod(shape)]
+        raise ConsolidationError(
+            f"NaN/Inf in {len(nonfinite)} tensors, e.g. {sorted(nonfinite)[:5]}: the "
+            f"checkpoint is from a diverged run; use an earlier tag (--tag)"
+        )
+    short = [
+        f"{name} ({writer.written_elems[name]}/{math.prod(shape)})"
+        for name, (shape, _) in writer.specs.items()
+        if writer.written_elems[name] + plan.zero_fill.get(name, 0) != math.prod(shape)
+    ]
     if short:
-        raise ConsolidationError(f"{len(short)} tensors not fully covered by the shards, e.g. {short[:3]}: the "
-                                 f"checkpoint does not match its param_shapes (mixed or partial save?)")
+        raise ConsolidationError(
+            f"{len(short)} tensors not fully covered by the shards, e.g. {short[:3]}: the "
+            f"checkpoint does not match its param_shapes (mixed or partial save?)"
+        )
     os.fsync(writer.fd)
     from safetensors import safe_open
 
@@ -442,4 +501,3 @@ def compare_with_reference(path: str, reference: Mapping[str, "torch.Tensor"], a
                 bad.append(name)
     if bad:
         raise ConsolidationError(f"{len(bad)} tensors differ from the live model, e.g. {bad[:5]}")
-

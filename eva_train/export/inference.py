@@ -1,16 +1,18 @@
 """Feature extraction API: a consolidated file -> eval-mode backbone -> patch and pooled features.
 
-  model = get_model("eva.safetensors", device="cuda")
-  feats = extract_feat(model, ["a.jpg", "b.png"])        # or a uint8 (B, 3, H, W) tensor, any size
-  feats["pooled"]  # (B, D): cls token after the final norm (EVA.forward)
-  feats["patch"]   # (B, N, D): patch tokens after the final norm, row-major grid
-  feats["grid"]    # (B, 2): (rows, cols) of each image's patch grid
-  extract_feat(model, files, img_size=336, keep_aspect=True)  # no square crop; "patch" a list
+model = get_model("eva.safetensors", device="cuda")
+feats = extract_feat(model, ["a.jpg", "b.png"])        # or a uint8 (B, 3, H, W) tensor, any size
+feats["pooled"]  # (B, D): cls token after the final norm (EVA.forward)
+feats["patch"]   # (B, N, D): patch tokens after the final norm, row-major grid
+feats["grid"]    # (B, 2): (rows, cols) of each image's patch grid
+extract_feat(model, files, img_size=336, keep_aspect=True)  # no square crop; "patch" a list
 """
+
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -26,8 +28,13 @@ from eva_train.models.variants import VARIANTS
 ImageInput = Union[torch.Tensor, Sequence[Union[str, "PIL.Image.Image"]]]  # noqa: F821
 
 
-def get_model(path: str, variant: Optional[str] = None, img_size: Union[int, Tuple[int, int], None] = None,
-              device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def get_model(
+    path: str,
+    variant: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """The EVA backbone in eval mode with the file's weights (any layout `eva_train.export.weights` reads).
     `variant` / `img_size` (int or (H, W)) default to the file's eva-train config metadata, else the
     size its square position table was saved at; a table of another size is resampled on load. The
@@ -46,7 +53,7 @@ def get_model(path: str, variant: Optional[str] = None, img_size: Union[int, Tup
     return model.to(device=device, dtype=dtype).eval()
 
 
-def saved_img_size(state_dict: Dict[str, torch.Tensor], patch_size: int) -> Optional[int]:
+def saved_img_size(state_dict: dict[str, torch.Tensor], patch_size: int) -> int | None:
     """The image side a file's backbone position table (any layout's `...pos_embed`, (1, 1 + g*g, D))
     was saved at, or None when there is none or it is not square."""
     for key, table in state_dict.items():
@@ -62,8 +69,13 @@ def _file_model_config(path: str) -> dict:
 
 
 @torch.no_grad()
-def extract_feat(model: nn.Module, images: ImageInput, batch_size: int = 64,
-                 img_size: Union[int, Tuple[int, int], None] = None, keep_aspect: bool = False) -> Dict[str, Any]:
+def extract_feat(
+    model: nn.Module,
+    images: ImageInput,
+    batch_size: int = 64,
+    img_size: int | tuple[int, int] | None = None,
+    keep_aspect: bool = False,
+) -> dict[str, Any]:
     """Features on the model's device in fp32: "pooled" (B, D), "patch" (B, N, D) (row-major grid)
     and "grid" (B, 2), each image's (rows, cols) of patches.
 
@@ -85,13 +97,16 @@ def extract_feat(model: nn.Module, images: ImageInput, batch_size: int = 64,
     for indices, pixels in groups:
         grid = model.patch_embed.grid_for(*pixels.shape[-2:])
         for start in range(0, len(indices), batch_size):
-            batch = normalize_images(pixels[start:start + batch_size], param.dtype, param.device)
-            tokens = model.forward_features(batch).float()                    # (b, 1 + N, D)
-            for row, index in enumerate(indices[start:start + batch_size]):
-                pooled[index], patches[index] = tokens[row, 0], tokens[row, model.num_prefix_tokens:]
+            batch = normalize_images(pixels[start : start + batch_size], param.dtype, param.device)
+            tokens = model.forward_features(batch).float()  # (b, 1 + N, D)
+            for row, index in enumerate(indices[start : start + batch_size]):
+                pooled[index], patches[index] = tokens[row, 0], tokens[row, model.num_prefix_tokens :]
                 grids[index] = grid
-    return {"pooled": torch.stack(pooled), "patch": patches if keep_aspect else torch.stack(patches),
-            "grid": torch.tensor(grids, dtype=torch.long).view(count, 2)}
+    return {
+        "pooled": torch.stack(pooled),
+        "patch": patches if keep_aspect else torch.stack(patches),
+        "grid": torch.tensor(grids, dtype=torch.long).view(count, 2),
+    }
 
 
 def _tensor_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -100,21 +115,25 @@ def _tensor_pixels(images: torch.Tensor) -> torch.Tensor:
     return images if images.dtype == torch.uint8 else images.float() * 255.0
 
 
-def preprocess_groups(images: Sequence, size: Union[int, Tuple[int, int]], patch_size: int,
-                      keep_aspect: bool = False) -> List[Tuple[List[int], torch.Tensor]]:
+def preprocess_groups(
+    images: Sequence, size: int | tuple[int, int], patch_size: int, keep_aspect: bool = False
+) -> list[tuple[list[int], torch.Tensor]]:
     """Image files / PIL images / uint8 (3, H, W) tensors through `EvalTransform` as `extract_feat`
     describes -> [(indices into `images`, uint8 (b, 3, H, W))], one group per output size."""
     if not images:
         raise ValueError("no images given")
     sides = (size,) if isinstance(size, int) else tuple(size)
     if any(not isinstance(side, int) or side < patch_size or side % patch_size for side in sides) or (
-            keep_aspect and len(sides) != 1):
-        raise ValueError(f"img_size={size!r}: give {'one int, the shorter side' if keep_aspect else 'an int or (H, W)'}"
-                         f" made of multiples of the patch size {patch_size}")
+        keep_aspect and len(sides) != 1
+    ):
+        raise ValueError(
+            f"img_size={size!r}: give {'one int, the shorter side' if keep_aspect else 'an int or (H, W)'}"
+            f" made of multiples of the patch size {patch_size}"
+        )
     if not keep_aspect:
         transform = EvalTransform(size)
         return [(list(range(len(images))), torch.stack([transform(load_rgb(item)) for item in images]))]
-    by_size: Dict[Tuple[int, int], List] = {}
+    by_size: dict[tuple[int, int], list] = {}
     for index, item in enumerate(images):
         pixels = load_rgb(item)
         target = aspect_kept_size(*pixels.shape[-2:], size, patch_size)
@@ -123,7 +142,7 @@ def preprocess_groups(images: Sequence, size: Union[int, Tuple[int, int]], patch
     return [([i for i, _ in group], torch.stack([p for _, p in group])) for group in by_size.values()]
 
 
-def aspect_kept_size(height: int, width: int, short_side: int, patch_size: int) -> Tuple[int, int]:
+def aspect_kept_size(height: int, width: int, short_side: int, patch_size: int) -> tuple[int, int]:
     """(H, W) for a `height` x `width` image with its shorter side scaled to `short_side` and the
     longer one scaled alike, then floored to a multiple of the patch size."""
     scaled_long = int(max(height, width) * short_side / min(height, width))
@@ -131,6 +150,6 @@ def aspect_kept_size(height: int, width: int, short_side: int, patch_size: int) 
     return (short_side, long_side) if height <= width else (long_side, short_side)
 
 
-def list_image_files(folder: str) -> List[str]:
+def list_image_files(folder: str) -> list[str]:
     """Image files in a folder (sorted), for `extract_feat(model, list_image_files(dir))`."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if is_image_name(f))

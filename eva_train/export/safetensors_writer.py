@@ -7,6 +7,7 @@ crash or an error leaves no file at PATH. Every WRITEBACK_BYTES written, the ker
 start writing the dirty pages out (Linux sync_file_range, asynchronous), so the disk works while
 the shards are still being read and the final fsync has little left to wait for.
 """
+
 import ctypes
 import ctypes.util
 import json
@@ -14,27 +15,30 @@ import math
 import os
 import struct
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 from safetensors import safe_open
 
-from eva_train.runtime.torch_zip import BF16Array, float32_to_bf16, to_float32
 from eva_train.runtime.fsio import fsync_path
+from eva_train.runtime.torch_zip import BF16Array, float32_to_bf16, to_float32
 
 WRITEBACK_BYTES = 64 << 20
 
 
-def read_metadata(path: str) -> Dict[str, str]:
+def read_metadata(path: str) -> dict[str, str]:
     """A weights file's safetensors metadata ({} for .pt/.pth files, which carry none); torch-free.
     A missing file is a one-line ValueError naming the fix."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint '{path}' does not exist; pass a .safetensors file "
-                         f"(consolidate a training run with tools/consolidate.py)")
+        raise ValueError(
+            f"checkpoint '{path}' does not exist; pass a .safetensors file "
+            f"(consolidate a training run with tools/consolidate.py)"
+        )
     if not str(path).endswith(".safetensors"):
         return {}
     with safe_open(path, framework="np") as f:
         return dict(f.metadata() or {})
+
+
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -50,9 +54,20 @@ def _sync_file_range():
 
 _SYNC_FILE_RANGE = _sync_file_range()
 
-SAFETENSORS_NAMES = {np.dtype(t): name for t, name in [
-    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"), (np.int32, "I32"),
-    (np.int16, "I16"), (np.int8, "I8"), (np.uint8, "U8"), (np.bool_, "BOOL")]}
+SAFETENSORS_NAMES = {
+    np.dtype(t): name
+    for t, name in [
+        (np.float64, "F64"),
+        (np.float32, "F32"),
+        (np.float16, "F16"),
+        (np.int64, "I64"),
+        (np.int32, "I32"),
+        (np.int16, "I16"),
+        (np.int8, "I8"),
+        (np.uint8, "U8"),
+        (np.bool_, "BOOL"),
+    ]
+}
 NUMPY_DTYPES = {name: dtype for dtype, name in SAFETENSORS_NAMES.items()}
 ITEMSIZE = {**{name: dtype.itemsize for name, dtype in NUMPY_DTYPES.items()}, "BF16": 2}
 
@@ -69,13 +84,14 @@ def convert(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class StreamingSafetensorsWriter:
-    def __init__(self, path: str, specs: "OrderedDict[str, Tuple[Tuple[int, ...], str]]",
-                 metadata: Optional[Dict[str, str]] = None):
+    def __init__(
+        self, path: str, specs: "OrderedDict[str, tuple[tuple[int, ...], str]]", metadata: dict[str, str] | None = None
+    ):
         self.path = os.fspath(path)
         self.tmp_path = self.path + ".tmp"
         self.specs = specs
-        self.offsets: Dict[str, int] = {}      # name -> byte offset of its data in the file
-        self.written_elems: Dict[str, int] = {name: 0 for name in specs}
+        self.offsets: dict[str, int] = {}  # name -> byte offset of its data in the file
+        self.written_elems: dict[str, int] = {name: 0 for name in specs}
         self._unflushed = 0  # bytes written since writeback was last started
         header = self._header(metadata or {})
         self.data_start = 8 + len(header)
@@ -88,12 +104,11 @@ class StreamingSafetensorsWriter:
         except OSError:
             pass  # filesystems without fallocate: the sparse file still reads back zeros
 
-    def _header(self, metadata: Dict[str, str]) -> bytes:
+    def _header(self, metadata: dict[str, str]) -> bytes:
         entries, cursor = {}, 0
         for name, (shape, dtype) in self.specs.items():
             nbytes = math.prod(shape) * ITEMSIZE[dtype]
-            entries[name] = {"dtype": dtype, "shape": list(shape),
-                             "data_offsets": [cursor, cursor + nbytes]}
+            entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
             self.offsets[name] = cursor
             cursor += nbytes
         self.total_bytes = cursor
@@ -109,8 +124,11 @@ class StreamingSafetensorsWriter:
         if elem_offset < 0 or elem_offset + values.size > math.prod(shape):
             raise ValueError(f"piece [{elem_offset}, {elem_offset + values.size}) is outside {name} {tuple(shape)}")
         if values.size:
-            os.pwrite(self.fd, memoryview(values.view(np.uint8)), self.data_start + self.offsets[name]
-                      + elem_offset * ITEMSIZE[dtype])
+            os.pwrite(
+                self.fd,
+                memoryview(values.view(np.uint8)),
+                self.data_start + self.offsets[name] + elem_offset * ITEMSIZE[dtype],
+            )
         self.written_elems[name] += values.size
         self._unflushed += values.nbytes
         if self._unflushed >= WRITEBACK_BYTES:

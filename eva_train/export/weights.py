@@ -2,16 +2,17 @@
 (`module` wrapper) releases, timm EVA checkpoints, open_clip EVA towers, mmpretrain EVA
 checkpoints and our own consolidated files; for continued pretraining or as a teacher.
 
-Files are read by `eva_train.runtime.weights_file` (safetensors or `torch.load(weights_only=True)`). The
+Files are read by `eva_train.models.weights_file` (safetensors or `torch.load(weights_only=True)`). The
 position table is resized to the model's grid (bicubic), tensors of another shape (a different
 `lm_head` width) are skipped, and what did not load is reported, never silently dropped.
 """
+
 import json
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,25 +20,32 @@ from safetensors.torch import load_file
 
 from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
 from eva_train.export.safetensors_writer import read_metadata
-from eva_train.runtime.weights_file import read_state_dict, unwrap  # noqa: F401 - read_state_dict re-exported
+from eva_train.models.weights_file import read_state_dict, unwrap  # noqa: F401 - read_state_dict re-exported
 
 log = logging.getLogger(__name__)
 # Tensors a weights file may hold that no backbone takes: heads of other tasks. They are left out
 # (listed in the report); any other tensor the model has no place for is an error.
-KNOWN_HEADS = ("lm_head.", "mask_token", "decoder",            # MIM / MAE heads (ours, EVA-01 MIM releases)
-               "head.", "fc_norm.",                           # timm classifier head (+ its norm beside `norm`)
-               "visual.head.", "visual.trunk.head.", "visual.proj",  # open_clip projections
-               "neck.")                                       # mmpretrain necks
+KNOWN_HEADS = (
+    "lm_head.",
+    "mask_token",
+    "decoder",  # MIM / MAE heads (ours, EVA-01 MIM releases)
+    "head.",
+    "fc_norm.",  # timm classifier head (+ its norm beside `norm`)
+    "visual.head.",
+    "visual.trunk.head.",
+    "visual.proj",  # open_clip projections
+    "neck.",
+)  # mmpretrain necks
 
 
 @dataclass
 class ImportReport:
     source_layout: str
-    missing: List[str] = field(default_factory=list)       # model tensors the file did not provide
-    unexpected: List[str] = field(default_factory=list)    # file tensors the model has no place for
-    ignored: List[str] = field(default_factory=list)       # file tensors of KNOWN_HEADS, left out
-    mismatched: List[str] = field(default_factory=list)    # model tensors skipped: file shape differs
-    resized: List[str] = field(default_factory=list)       # e.g. pos_embed resampled to the model's grid
+    missing: list[str] = field(default_factory=list)  # model tensors the file did not provide
+    unexpected: list[str] = field(default_factory=list)  # file tensors the model has no place for
+    ignored: list[str] = field(default_factory=list)  # file tensors of KNOWN_HEADS, left out
+    mismatched: list[str] = field(default_factory=list)  # model tensors skipped: file shape differs
+    resized: list[str] = field(default_factory=list)  # e.g. pos_embed resampled to the model's grid
 
     def summary(self) -> str:
         parts = [f"layout {self.source_layout}"]
@@ -46,12 +54,16 @@ class ImportReport:
             if values:
                 parts.append(f"{len(values)} {name} ({', '.join(values[:4])}{', ...' if len(values) > 4 else ''})")
         if self.unexpected:
-            parts.append(f"only known heads ({', '.join(h.rstrip('.') for h in KNOWN_HEADS)}) and a CLIP file's text "
-                         f"tower may be left out")
+            parts.append(
+                f"only known heads ({', '.join(h.rstrip('.') for h in KNOWN_HEADS)}) and a CLIP file's text "
+                f"tower may be left out"
+            )
         if any(".attn.norm." in k for k in self.unexpected):
-            parts.append("the file's blocks have attn.norm (an EVA02-CLIP tower, timm scale_attn_inner=True), a "
-                         "LayerNorm this model lacks: its features would be wrong; build the backbone with "
-                         "scale_attn_inner=True (eva_train.models.build_backbone(..., scale_attn_inner=True))")
+            parts.append(
+                "the file's blocks have attn.norm (an EVA02-CLIP tower, timm scale_attn_inner=True), a "
+                "LayerNorm this model lacks: its features would be wrong; build the backbone with "
+                "scale_attn_inner=True (eva_train.models.build_backbone(..., scale_attn_inner=True))"
+            )
         return "; ".join(parts)
 
 
@@ -72,8 +84,14 @@ def official_eva02_to_timm(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDi
     `eva.checkpoint_filter_fn` (tests check against it); that function itself needs a timm model and
     moves a MIM file's final norm to `fc_norm`, so it is not called here."""
     separate_qkv = any(".attn.q_proj.weight" in k for k in state_dict)
-    renames = [("mlp.ffn_ln.", "mlp.norm."), ("attn.inner_attn_ln.", "attn.norm."), ("mlp.w12.", "mlp.fc1."),
-               ("mlp.w1.", "mlp.fc1_g."), ("mlp.w2.", "mlp.fc1_x."), ("mlp.w3.", "mlp.fc2.")]
+    renames = [
+        ("mlp.ffn_ln.", "mlp.norm."),
+        ("attn.inner_attn_ln.", "attn.norm."),
+        ("mlp.w12.", "mlp.fc1."),
+        ("mlp.w1.", "mlp.fc1_g."),
+        ("mlp.w2.", "mlp.fc1_x."),
+        ("mlp.w3.", "mlp.fc2."),
+    ]
     if separate_qkv:
         renames += [("attn.q_bias", "attn.q_proj.bias"), ("attn.v_bias", "attn.v_proj.bias")]
     out = OrderedDict()
@@ -86,13 +104,15 @@ def official_eva02_to_timm(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDi
     return out
 
 
-def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                 layout: Optional[str] = None) -> tuple:
+def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str | None = None) -> tuple:
     """(tensors under our names, ImportReport) for `model` (an EVA / EvaForMIM)."""
     layout = layout or detect_layout(state_dict)
     shapes = full_shapes(model)
-    if layout == "timm" and any(k.endswith(".attn.qkv.bias") for k in state_dict) and all(
-            k in state_dict for k in shapes if not k.startswith(MIM_ONLY_PREFIXES)):
+    if (
+        layout == "timm"
+        and any(k.endswith(".attn.qkv.bias") for k in state_dict)
+        and all(k in state_dict for k in shapes if not k.startswith(MIM_ONLY_PREFIXES))
+    ):
         layout = "native"  # our own file of a learned-k-bias variant: timm has no name for a full qkv bias
     report = ImportReport(layout)
     if layout == "open_clip":  # a whole CLIP file: its tower is the weights, the text side is left out
@@ -110,7 +130,8 @@ def to_our_names(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     converted, missing, mismatched, used = plan.invert_partial(state_dict, shapes)
     _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used)
     report.missing = [k for k in missing if k not in converted and k not in mismatched] + [
-        k for k in plan.dropped if k not in converted and k not in mismatched]
+        k for k in plan.dropped if k not in converted and k not in mismatched
+    ]
     report.mismatched = mismatched
     leftover = [k for k in state_dict if k not in used]
     report.ignored += [k for k in leftover if k.startswith(KNOWN_HEADS)]
@@ -123,8 +144,10 @@ def _fc_norm_as_norm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Map
     (applied after pooling) and have no `norm`: its weights are the final norm's."""
     if prefix + "fc_norm.weight" not in state_dict or prefix + "norm.weight" in state_dict:
         return state_dict
-    return OrderedDict((prefix + k[len(prefix + "fc_"):] if k.startswith(prefix + "fc_norm.") else k, v)
-                       for k, v in state_dict.items())
+    return OrderedDict(
+        (prefix + k[len(prefix + "fc_") :] if k.startswith(prefix + "fc_norm.") else k, v)
+        for k, v in state_dict.items()
+    )
 
 
 def _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used) -> None:
@@ -139,7 +162,7 @@ def _take_mim_only_as_is(state_dict, shapes, plan, converted, mismatched, used) 
             used.add(name)
 
 
-def full_shapes(model: nn.Module) -> "OrderedDict[str, Tuple[int, ...]]":
+def full_shapes(model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
     """State-dict names -> shapes, also for ZeRO-3 partitioned params (whose .shape is empty)."""
     return OrderedDict((k, tuple(getattr(v, "ds_shape", v.shape))) for k, v in model.state_dict(keep_vars=True).items())
 
@@ -160,8 +183,9 @@ def _resize_pos_embed(state_dict, plan, model, shapes, report: ImportReport):
     return state_dict
 
 
-def load_weights(model: nn.Module, source: Union[str, Mapping[str, torch.Tensor]], layout: Optional[str] = None,
-                 strict: bool = False) -> ImportReport:
+def load_weights(
+    model: nn.Module, source: str | Mapping[str, torch.Tensor], layout: str | None = None, strict: bool = False
+) -> ImportReport:
     """Load a file (or state dict) of any supported layout into `model`; log and return the report.
     strict=True raises on anything missing, unexpected or mismatched."""
     state_dict = read_state_dict(source) if isinstance(source, str) else unwrap(dict(source))
@@ -180,8 +204,10 @@ def check_init_from(model: nn.Module, state_dict: Mapping[str, torch.Tensor], pa
     converted, report = to_our_names(state_dict, model)
     missing = [k for k in report.missing if not k.startswith(MIM_ONLY_PREFIXES)]
     if report.mismatched or missing or report.unexpected or not converted:
-        raise LayoutError(f"model.init_from {path} does not fit model {type(model).__name__}: {report.summary()}; "
-                          f"check model.variant / model.img_size against the file")
+        raise LayoutError(
+            f"model.init_from {path} does not fit model {type(model).__name__}: {report.summary()}; "
+            f"check model.variant / model.img_size against the file"
+        )
     return converted, report
 
 
@@ -207,14 +233,16 @@ def init_from(model: nn.Module, path: str) -> ImportReport:
     return report
 
 
-def model_from_metadata(metadata: Dict[str, str], state_dict: Mapping[str, torch.Tensor], backbone_only: bool):
+def model_from_metadata(metadata: dict[str, str], state_dict: Mapping[str, torch.Tensor], backbone_only: bool):
     """Build the eva-train model a consolidated file was made from (its `config` metadata)."""
     from eva_train.config import ModelConfig
     from eva_train.models import build_backbone, build_model
 
     if "config" not in metadata:
-        raise ValueError("the file has no eva-train config in its metadata (not made by tools/consolidate.py "
-                         "from an eva-train run); build the model yourself and call load_weights")
+        raise ValueError(
+            "the file has no eva-train config in its metadata (not made by tools/consolidate.py "
+            "from an eva-train run); build the model yourself and call load_weights"
+        )
     model_cfg = json.loads(metadata["config"]).get("model", {})
     variant, img_size = model_cfg.get("variant"), model_cfg.get("img_size")
     if backbone_only or "lm_head.weight" not in state_dict:

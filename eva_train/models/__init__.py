@@ -1,5 +1,6 @@
 """Student models. Importing this package stays light (`eva_train.config.validate` imports
 `eva_train.models.variants`); the torch modules are imported when a model is built."""
+
 import dataclasses
 
 
@@ -17,11 +18,15 @@ def check_model_config(model_cfg) -> None:
     if model_cfg.mode not in ("mim", "mae"):
         raise ValueError(f"model.mode '{model_cfg.mode}' is unknown; use mim or mae")
     if model_cfg.mode == "mae" and cfg.rope:
-        raise ValueError(f"model.mode=mae does not support RoPE variants like {model_cfg.variant}; use an "
-                         f"EVA-01 variant (e.g. eva_mae_b16) or model.mode=mim")
+        raise ValueError(
+            f"model.mode=mae does not support RoPE variants like {model_cfg.variant}; use an "
+            f"EVA-01 variant (e.g. eva_mae_b16) or model.mode=mim"
+        )
     if model_cfg.mode == "mae" and (model_cfg.decoder_heads <= 0 or model_cfg.decoder_width % model_cfg.decoder_heads):
-        raise ValueError(f"model.decoder_width={model_cfg.decoder_width} is not divisible by "
-                         f"model.decoder_heads={model_cfg.decoder_heads}; change one of them")
+        raise ValueError(
+            f"model.decoder_width={model_cfg.decoder_width} is not divisible by "
+            f"model.decoder_heads={model_cfg.decoder_heads}; change one of them"
+        )
     if not 0.0 <= model_cfg.drop_path_rate < 1.0:
         raise ValueError(f"model.drop_path_rate={model_cfg.drop_path_rate} must lie in [0, 1)")
 
@@ -38,8 +43,15 @@ def build_model(model_cfg, teacher_dim: int):
     else:
         from eva_train.models.mae import EvaForMAE
 
-        model = EvaForMAE(cfg, model_cfg.img_size, teacher_dim, model_cfg.drop_path_rate,
-                          model_cfg.decoder_depth, model_cfg.decoder_width, model_cfg.decoder_heads)
+        model = EvaForMAE(
+            cfg,
+            model_cfg.img_size,
+            teacher_dim,
+            model_cfg.drop_path_rate,
+            model_cfg.decoder_depth,
+            model_cfg.decoder_width,
+            model_cfg.decoder_heads,
+        )
     model.set_grad_checkpointing(model_cfg.checkpoint_fraction)
     return model
 

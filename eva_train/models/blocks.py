@@ -5,8 +5,8 @@ Every parameter is initialised inside the `__init__` of the module that owns it 
 parameters are already partitioned when its parent's `__init__` continues, and on the meta device.
 State-dict names follow timm's `eva.py`.
 """
+
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ class QkvLinear(InitLinear):
     """The fused qkv projection; its bias may come from the parent (EVA's q_bias/v_bias), so the
     weight is still used inside this module's own forward (ZeRO-3 gathers it there)."""
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias if bias is None else bias)
 
 
@@ -66,15 +66,23 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         return eva_kernels.layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention, EVA-style biases, optional 2D RoPE on patch tokens."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, k_bias: bool, qkv_fused: bool,
-                 proj_std_divisor: float, inner_norm_eps: Optional[float] = None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool,
+        k_bias: bool,
+        qkv_fused: bool,
+        proj_std_divisor: float,
+        inner_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -91,7 +99,7 @@ class Attention(nn.Module):
         self.norm = LayerNorm(dim, inner_norm_eps) if inner_norm_eps is not None else None
         self.proj = InitLinear(dim, dim, std_divisor=proj_std_divisor)
 
-    def _qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
         if self.qkv_fused:
             bias = None
@@ -105,12 +113,12 @@ class Attention(nn.Module):
         B, T, C = t.shape
         return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, hd)
 
-    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self._qkv(x)
         if rope is not None:
             q, k = eva_kernels.rope_2d(q, k, rope[0], rope[1], num_prefix_tokens=T - rope[0].shape[0])
-        out = eva_kernels.attention(q, k, v).transpose(1, 2).reshape(B, T, C)   # (B, T, C)
+        out = eva_kernels.attention(q, k, v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(out if self.norm is None else self.norm(out))
 
 
@@ -162,8 +170,15 @@ class Block(nn.Module):
         dim, num_heads, hidden = cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim
         divisor = math.sqrt(2.0 * (layer_index + 1))  # EVA/BEiT depth rescale of residual outputs
         self.norm1 = LayerNorm(dim, cfg.norm_eps)
-        self.attn = Attention(dim, num_heads, cfg.qkv_bias, cfg.k_bias, cfg.qkv_fused, divisor,
-                              cfg.norm_eps if cfg.scale_attn_inner else None)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            cfg.qkv_bias,
+            cfg.k_bias,
+            cfg.qkv_fused,
+            divisor,
+            cfg.norm_eps if cfg.scale_attn_inner else None,
+        )
         self.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm2 = LayerNorm(dim, cfg.norm_eps)
         if cfg.swiglu and cfg.sub_ln:
@@ -174,7 +189,7 @@ class Block(nn.Module):
             self.mlp = Mlp(dim, hidden, divisor)
         self.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         branch = self.drop_path1(self.attn(self.norm1(x), rope))
-        h, x = self.norm2(branch, residual=x)                         # x <- x + branch; h = norm2(x)
+        h, x = self.norm2(branch, residual=x)  # x <- x + branch; h = norm2(x)
         return x + self.drop_path2(self.mlp(h))

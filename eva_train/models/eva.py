@@ -4,7 +4,6 @@ State-dict names equal timm's `Eva` (num_classes=0, global_pool='token'), so a t
 same dims loads our backbone with strict=True; MIM-only tensors are `mask_token` and `lm_head.*`,
 as in official EVA-01 checkpoints.
 """
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,18 +18,20 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens: (B, 3, H, W) -> (B, N, D), any H, W that are multiples
     of the patch size; `img_size` (H, W) is the size the model is set up for."""
 
-    def __init__(self, patch_size: int, embed_dim: int, img_size: Tuple[int, int]):
+    def __init__(self, patch_size: int, embed_dim: int, img_size: tuple[int, int]):
         super().__init__()
         self.patch_size = patch_size
         self.img_size = img_size
         self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def grid_for(self, height: int, width: int) -> Tuple[int, int]:
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
         """The (rows, cols) patch grid of an image size; a one-line error for other sizes."""
         p = self.patch_size
         if height % p or width % p or height <= 0 or width <= 0:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}; resize or "
-                             f"crop to multiples of {p} (e.g. {max(p, height // p * p)}x{max(p, width // p * p)})")
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {p}; resize or "
+                f"crop to multiples of {p} (e.g. {max(p, height // p * p)}x{max(p, width // p * p)})"
+            )
         return height // p, width // p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,7 @@ class EVA(nn.Module):
 
     position_tables = ("pos_embed",)  # learned (1, 1 + N, D) tables that follow the grid
 
-    def __init__(self, cfg: EvaConfig, img_size: Optional[Union[int, Tuple[int, int]]] = None,
-                 drop_path_rate: float = 0.0):
+    def __init__(self, cfg: EvaConfig, img_size: int | tuple[int, int] | None = None, drop_path_rate: float = 0.0):
         super().__init__()
         self.cfg = cfg
         self.patch_size = cfg.patch_size
@@ -74,14 +74,14 @@ class EVA(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i, rates[i]) for i in range(cfg.depth)])
         self.norm = LayerNorm(cfg.embed_dim, cfg.norm_eps)
 
-    def _set_size(self, img_hw: Tuple[int, int]) -> None:
-        self.grid_size = self.patch_embed.grid_for(*img_hw)          # (rows, cols)
-        self.img_size = img_hw                                         # (H, W)
+    def _set_size(self, img_hw: tuple[int, int]) -> None:
+        self.grid_size = self.patch_embed.grid_for(*img_hw)  # (rows, cols)
+        self.img_size = img_hw  # (H, W)
         self.patch_embed.img_size = img_hw
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self._pos_cache, self._rope_cache = GridCache(), GridCache()
 
-    def _rope_tables(self, grid: Tuple[int, int], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(self, grid: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_sin_cos(grid, self.cfg.head_dim, self.cfg.rope_ref_grid, self.cfg.rope_temperature, device=device)
 
     def init_non_persistent_buffers(self) -> None:
@@ -101,14 +101,16 @@ class EVA(nn.Module):
         return module
 
     @torch.no_grad()
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Set the model up for `img_size` (int or (H, W)) for good: position tables resampled into
         their parameters (new Parameter objects: build optimizers afterwards), RoPE rebuilt."""
         img_hw = as_hw(img_size)
         old_grid, new_grid = self.grid_size, self.patch_embed.grid_for(*img_hw)
         if any(hasattr(getattr(self, name), "ds_id") for name in self.position_tables):
-            raise ValueError("set_input_size on a ZeRO-3 partitioned model: build the model with the new img_size, "
-                             "or call it before deepspeed.initialize / on consolidated weights")
+            raise ValueError(
+                "set_input_size on a ZeRO-3 partitioned model: build the model with the new img_size, "
+                "or call it before deepspeed.initialize / on consolidated weights"
+            )
         for name in self.position_tables:
             table = getattr(self, name)
             resized = resize_pos_embed(table.data, new_grid, self.num_prefix_tokens, old_grid=old_grid)
@@ -117,7 +119,7 @@ class EVA(nn.Module):
         if self.cfg.rope:
             self.rope_sin, self.rope_cos = self._rope_tables(new_grid, device=self.rope_sin.device)
 
-    def pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + rows*cols, D) position table of a grid; the parameter itself at the set-up grid."""
         if grid == self.grid_size:
             return self.pos_embed
@@ -129,7 +131,7 @@ class EVA(nn.Module):
             return resample()
         return self._pos_cache.get(grid, (table.data_ptr(), table._version, table.dtype, table.device), resample)
 
-    def rope_for(self, grid: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    def rope_for(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sin, cos) RoPE tables of a grid (None without RoPE); the buffers at the set-up grid."""
         if not self.cfg.rope:
             return None
@@ -153,12 +155,13 @@ class EVA(nn.Module):
                 x = block(x, rope)
         return x
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                         mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: normalized images (B, 3, H, W), H and W multiples of the patch size; mask: bool (B, N),
         True = replace by mask_token. Returns tokens after the final norm, (B, 1 + N), N = H*W/p^2."""
         grid = self.patch_embed.grid_for(*x.shape[-2:])
-        x = self.patch_embed(x)                                               # (B, N, D)
+        x = self.patch_embed(x)  # (B, N, D)
         B, N = x.shape[:2]
         if mask is not None:
             if mask.shape != (B, N):
@@ -171,18 +174,20 @@ class EVA(nn.Module):
         """Pooled feature: the cls token after the final norm, (B, D)."""
         return self.forward_features(x)[:, 0]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # weights saved at another image size: resample the position tables (bicubic, like timm);
         # RoPE tables are recomputed for our grid, never loaded (official EVA-02 files store them)
         for name in self.position_tables:
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
                 state_dict[key] = resize_pos_embed(state_dict[key], self.grid_size, self.num_prefix_tokens)
-        for key in [k for k in state_dict if k.startswith(prefix) and _is_rope_table(k[len(prefix):])]:
+        for key in [k for k in state_dict if k.startswith(prefix) and _is_rope_table(k[len(prefix) :])]:
             del state_dict[key]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _is_rope_table(name: str) -> bool:
@@ -194,15 +199,15 @@ class EvaForMIM(EVA):
     """EVA-01 masked image modeling: masked patches become `mask_token` in the encoder; the final
     norm -> `lm_head` Linear(D -> teacher_dim) predicts the teacher's features at masked patches."""
 
-    def __init__(self, cfg: EvaConfig, img_size: Optional[int], teacher_dim: int, drop_path_rate: float = 0.0):
+    def __init__(self, cfg: EvaConfig, img_size: int | None, teacher_dim: int, drop_path_rate: float = 0.0):
         super().__init__(cfg, img_size, drop_path_rate)
         self.mask_token = _trunc_normal_param(1, 1, cfg.embed_dim)
         self.lm_head = InitLinear(cfg.embed_dim, teacher_dim)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """With mask: (M, teacher_dim) predictions at masked patches, row-major order of `mask`
         (M = mask.sum()). Without: the pooled backbone feature (B, D), e.g. for kNN monitoring."""
         if mask is None:
             return super().forward(x)
-        tokens = self.forward_features(x, mask, self.mask_token)            # (B, 1+N, D)
-        return self.lm_head(tokens[:, 1:][mask])                            # (M, teacher_dim)
+        tokens = self.forward_features(x, mask, self.mask_token)  # (B, 1+N, D)
+        return self.lm_head(tokens[:, 1:][mask])  # (M, teacher_dim)

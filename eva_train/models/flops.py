@@ -6,7 +6,6 @@ EVA sizes). mmpretrain's "Flops (G)" are multiply-adds: EVA-g/14 at 224 is 267.2
 A training step costs the forward 3x (forward + backward twice its size), plus one more forward of
 the checkpointed blocks (recomputed in backward), plus the teacher's forward.
 """
-from typing import Optional
 
 from eva_train.models.variants import VARIANTS, EvaConfig, num_checkpointed_blocks
 
@@ -18,8 +17,8 @@ def mlp_macs_per_token(cfg: EvaConfig) -> int:
 
 def block_flops(num_tokens: int, width: int, mlp_macs: int) -> float:
     """One pre-LN transformer block over `num_tokens` tokens."""
-    linear_macs = num_tokens * (4 * width * width + mlp_macs)          # qkv (3 D^2) + proj (D^2) + MLP
-    attention_macs = 2 * num_tokens * num_tokens * width               # q k^T and attn v, all heads
+    linear_macs = num_tokens * (4 * width * width + mlp_macs)  # qkv (3 D^2) + proj (D^2) + MLP
+    attention_macs = 2 * num_tokens * num_tokens * width  # q k^T and attn v, all heads
     return 2.0 * (linear_macs + attention_macs)
 
 
@@ -27,15 +26,18 @@ def patch_embed_flops(num_patches: int, patch_size: int, width: int, in_chans: i
     return 2.0 * num_patches * in_chans * patch_size * patch_size * width
 
 
-def transformer_forward_flops(num_patches: int, num_prefix_tokens: int, width: int, depth: int,
-                              mlp_macs: int, patch_size: int) -> float:
+def transformer_forward_flops(
+    num_patches: int, num_prefix_tokens: int, width: int, depth: int, mlp_macs: int, patch_size: int
+) -> float:
     """Patch embedding + `depth` blocks over all patches and the prefix (cls) tokens."""
-    return (patch_embed_flops(num_patches, patch_size, width)
-            + depth * block_flops(num_patches + num_prefix_tokens, width, mlp_macs))
+    return patch_embed_flops(num_patches, patch_size, width) + depth * block_flops(
+        num_patches + num_prefix_tokens, width, mlp_macs
+    )
 
 
-def forward_flops(variant: str, img_size: Optional[int] = None, num_masked_patches: int = 0,
-                  teacher_dim: int = 0) -> float:
+def forward_flops(
+    variant: str, img_size: int | None = None, num_masked_patches: int = 0, teacher_dim: int = 0
+) -> float:
     """Backbone forward FLOPs per image, plus the MIM head on the masked patches when teacher_dim > 0."""
     cfg = VARIANTS[variant]
     grid = (img_size or cfg.default_img_size) // cfg.patch_size
@@ -47,11 +49,14 @@ def _mae_forward_flops(model_cfg, cfg: EvaConfig, grid: int, num_masked: int, te
     n = grid * grid
     visible_tokens = 1 + n - num_masked
     width = model_cfg.decoder_width
-    encoder = (patch_embed_flops(n, cfg.patch_size, cfg.embed_dim)
-               + cfg.depth * block_flops(visible_tokens, cfg.embed_dim, mlp_macs_per_token(cfg)))
-    decoder = (2.0 * visible_tokens * cfg.embed_dim * width
-               + model_cfg.decoder_depth * block_flops(1 + n, width, 2 * width * 4 * width)
-               + 2.0 * num_masked * width * teacher_dim)
+    encoder = patch_embed_flops(n, cfg.patch_size, cfg.embed_dim) + cfg.depth * block_flops(
+        visible_tokens, cfg.embed_dim, mlp_macs_per_token(cfg)
+    )
+    decoder = (
+        2.0 * visible_tokens * cfg.embed_dim * width
+        + model_cfg.decoder_depth * block_flops(1 + n, width, 2 * width * 4 * width)
+        + 2.0 * num_masked * width * teacher_dim
+    )
     return encoder + decoder
 
 
@@ -73,10 +78,8 @@ def recompute_flops(model_cfg, num_masked_patches: int) -> float:
     return checkpointed * block_flops(tokens, cfg.embed_dim, mlp_macs_per_token(cfg))
 
 
-def train_flops_per_image(model_cfg, teacher_forward_flops: float, teacher_dim: int,
-                          num_masked_patches: int) -> float:
+def train_flops_per_image(model_cfg, teacher_forward_flops: float, teacher_dim: int, num_masked_patches: int) -> float:
     """Model FLOPs of one training image: 3x the student forward + recomputation + the teacher
     forward (`Teacher.forward_flops_per_image()`)."""
     student = student_forward_flops(model_cfg, teacher_dim, num_masked_patches)
     return 3.0 * student + recompute_flops(model_cfg, num_masked_patches) + teacher_forward_flops
-

@@ -1,16 +1,18 @@
 """Position embeddings: resampling learned absolute tables and building EVA-02's 2D RoPE tables,
 for any (rows, cols) patch grid."""
+
 import math
 from collections import OrderedDict
-from typing import Callable, Hashable, Optional, Tuple, Union
+from collections.abc import Callable, Hashable
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
-Grid = Union[int, Tuple[int, int]]
+Grid = Union[int, tuple[int, int]]
 
 
-def as_hw(size: Grid) -> Tuple[int, int]:
+def as_hw(size: Grid) -> tuple[int, int]:
     """An int (square) or (h, w) pair -> (h, w) of ints."""
     if isinstance(size, int):
         return size, size
@@ -18,8 +20,9 @@ def as_hw(size: Grid) -> Tuple[int, int]:
     return int(h), int(w)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Grid, num_prefix_tokens: int = 1,
-                     old_grid: Optional[Grid] = None) -> torch.Tensor:
+def resize_pos_embed(
+    pos_embed: torch.Tensor, new_grid: Grid, num_prefix_tokens: int = 1, old_grid: Grid | None = None
+) -> torch.Tensor:
     """Resample a (1, prefix + h*w, D) table to the `new_grid` (rows, cols): bicubic with
     antialiasing in fp32, like timm's `resample_abs_pos_embed`; prefix (cls) rows are kept as
     they are. `old_grid` defaults to `infer_grid(rows, like=new_grid)`. The one resize used
@@ -35,13 +38,13 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: Grid, num_prefix_tokens:
     if (old_h, old_w) == (new_h, new_w):
         return pos_embed
     dim = patches.shape[-1]
-    grid = patches.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()           # (1, D, h, w)
+    grid = patches.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()  # (1, D, h, w)
     grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=1)
 
 
-def infer_grid(num_patch_rows: int, like: Grid, num_prefix_tokens: int = 1) -> Tuple[int, int]:
+def infer_grid(num_patch_rows: int, like: Grid, num_prefix_tokens: int = 1) -> tuple[int, int]:
     """The (rows, cols) grid a table of `num_patch_rows` rows was saved at: square if it can be,
     else the aspect of `like` (weights saved after `set_input_size` to a non-square size)."""
     side = math.isqrt(num_patch_rows)
@@ -53,13 +56,16 @@ def infer_grid(num_patch_rows: int, like: Grid, num_prefix_tokens: int = 1) -> T
     if unit_h * unit_w * scale * scale == num_patch_rows:
         return unit_h * scale, unit_w * scale
     aspect = f" nor a {h}:{w} one" if h != w else ""
-    raise ValueError(f"pos_embed has {num_patch_rows} patch rows, not a square grid{aspect}; check "
-                     f"num_prefix_tokens={num_prefix_tokens}, or build the model at the size the weights were "
-                     f"saved at, load them, then call set_input_size")
+    raise ValueError(
+        f"pos_embed has {num_patch_rows} patch rows, not a square grid{aspect}; check "
+        f"num_prefix_tokens={num_prefix_tokens}, or build the model at the size the weights were "
+        f"saved at, load them, then call set_input_size"
+    )
 
 
-def rope_sin_cos(grid: Grid, head_dim: int, ref_grid: Grid, temperature: float = 10000.0,
-                 device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_sin_cos(
+    grid: Grid, head_dim: int, ref_grid: Grid, temperature: float = 10000.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-02 2D RoPE tables for a (rows, cols) grid, each (rows*cols, head_dim), row-major patches.
 
     timm `RotaryEmbeddingCat(in_pixels=False, ref_feat_shape)` layout: head_dim/4 frequencies
@@ -72,12 +78,12 @@ def rope_sin_cos(grid: Grid, head_dim: int, ref_grid: Grid, temperature: float =
     (rows, cols), (ref_rows, ref_cols) = as_hw(grid), as_hw(ref_grid)
     num_bands = head_dim // 4
     bands = 1.0 / temperature ** (torch.arange(num_bands, dtype=torch.float32, device=device) / num_bands)
-    row_pos = torch.arange(rows, dtype=torch.float32, device=device) / rows * ref_rows    # (rows,)
-    col_pos = torch.arange(cols, dtype=torch.float32, device=device) / cols * ref_cols    # (cols,)
-    r, c = torch.meshgrid(row_pos, col_pos, indexing="ij")                                # (rows, cols) each
-    coords = torch.stack([r, c], dim=-1).reshape(rows * cols, 2)                         # (N, 2)
-    angles = (coords[:, :, None] * bands).reshape(rows * cols, 2 * num_bands)            # (N, hd/2)
-    angles = angles.repeat_interleave(2, dim=-1)                                          # (N, hd)
+    row_pos = torch.arange(rows, dtype=torch.float32, device=device) / rows * ref_rows  # (rows,)
+    col_pos = torch.arange(cols, dtype=torch.float32, device=device) / cols * ref_cols  # (cols,)
+    r, c = torch.meshgrid(row_pos, col_pos, indexing="ij")  # (rows, cols) each
+    coords = torch.stack([r, c], dim=-1).reshape(rows * cols, 2)  # (N, 2)
+    angles = (coords[:, :, None] * bands).reshape(rows * cols, 2 * num_bands)  # (N, hd/2)
+    angles = angles.repeat_interleave(2, dim=-1)  # (N, hd)
     return angles.sin(), angles.cos()
 
 
@@ -88,9 +94,9 @@ class GridCache:
 
     def __init__(self, max_grids: int = 8):
         self.max_grids = max_grids
-        self._entries: "OrderedDict[Tuple[int, int], Tuple[Hashable, object]]" = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int], tuple[Hashable, object]] = OrderedDict()
 
-    def get(self, grid: Tuple[int, int], stamp: Hashable, compute: Callable[[], object]):
+    def get(self, grid: tuple[int, int], stamp: Hashable, compute: Callable[[], object]):
         entry = self._entries.get(grid)
         if entry is None or entry[0] != stamp:
             entry = (stamp, compute())

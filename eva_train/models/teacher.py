@@ -6,9 +6,9 @@ student's (a p16 student at 224 has 14x14 patches: the p14 teacher sees 196 px, 
 table resized once at build time). Weights never load silently wrong: any missing, unexpected or
 mis-shaped key is an error naming the file.
 """
+
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import open_clip
 import torch
@@ -21,13 +21,15 @@ from open_clip.transformer import VisionTransformer
 from eva_train.errors import ConfigError
 from eva_train.models import flops
 from eva_train.models.pos_embed import resize_pos_embed
-from eva_train.runtime.weights_file import read_state_dict as read_weights_file
+from eva_train.models.weights_file import read_state_dict as read_weights_file
 
 log = logging.getLogger(__name__)
 
 # the demo's tower: small enough to run every step on 2 CPU cores
-TINY_TOWER = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
-                                              "patch_size": 8}}
+TINY_TOWER = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+}
 RANDOM_TEACHER_SEED = 1234
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -39,8 +41,14 @@ class TeacherLoadError(ConfigError):
 class Teacher(nn.Module):
     """Frozen vision tower: uint8 images (B, 3, H, W) -> float32 patch targets (B, N, out_dim)."""
 
-    def __init__(self, visual: nn.Module, out_dim: int, input_px: int, autocast_dtype: Optional[torch.dtype],
-                 input_transform: str = "none"):
+    def __init__(
+        self,
+        visual: nn.Module,
+        out_dim: int,
+        input_px: int,
+        autocast_dtype: torch.dtype | None,
+        input_transform: str = "none",
+    ):
         super().__init__()
         if input_transform not in ("none", "gray_standardized"):
             raise ValueError(f"teacher input_transform '{input_transform}' is unknown; use none or gray_standardized")
@@ -62,8 +70,9 @@ class Teacher(nn.Module):
             raise ValueError(f"teacher expects uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = (images.float() - self.mean) / self.std
         if x.shape[-1] != self.input_px or x.shape[-2] != self.input_px:
-            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="bicubic", antialias=True,
-                              align_corners=False)
+            x = F.interpolate(
+                x, size=(self.input_px, self.input_px), mode="bicubic", antialias=True, align_corners=False
+            )
         return x
 
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,7 @@ class Teacher(nn.Module):
             _, tokens = self.visual._pool(self.visual.transformer(self.visual._embeds(x)))  # after ln_post
             return tokens @ self.visual.proj
         trunk = self.visual.trunk  # open_clip TimmModel (EVA-CLIP): trunk norm -> head projection
-        tokens = trunk.forward_features(x)[:, trunk.num_prefix_tokens:]
+        tokens = trunk.forward_features(x)[:, trunk.num_prefix_tokens :]
         return self.visual.head(trunk.head(trunk.fc_norm(tokens)))
 
     @torch.no_grad()
@@ -103,21 +112,25 @@ def _tower_patch_size(visual: nn.Module) -> int:
     return visual.trunk.patch_embed.patch_size[0]
 
 
-def _model_config(name: str) -> Dict:
+def _model_config(name: str) -> dict:
     if name == "tiny":
         return {"embed_dim": TINY_TOWER["embed_dim"], "vision_cfg": dict(TINY_TOWER["vision_cfg"])}
     if name.startswith("hf-hub:"):
-        raise ValueError(f"teacher.name '{name}' would download from the Hugging Face hub; download the config "
-                         f"and weights once, then use 'local-dir:DIR' (DIR holding open_clip_config.json)")
+        raise ValueError(
+            f"teacher.name '{name}' would download from the Hugging Face hub; download the config "
+            f"and weights once, then use 'local-dir:DIR' (DIR holding open_clip_config.json)"
+        )
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"teacher.name '{name}' is not an open_clip model config; use 'tiny' or one of "
-                         f"open_clip.list_models(), e.g. ViT-L-14-quickgelu (OpenAI CLIP-L/14), EVA02-L-14")
+        raise ValueError(
+            f"teacher.name '{name}' is not an open_clip model config; use 'tiny' or one of "
+            f"open_clip.list_models(), e.g. ViT-L-14-quickgelu (OpenAI CLIP-L/14), EVA02-L-14"
+        )
     return cfg
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a local weights file (eva_train.runtime.weights_file: safetensors, or a torch file
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file (eva_train.models.weights_file: safetensors, or a torch file
     loaded with weights_only=True; training checkpoints unwrapped)."""
     if not Path(path).is_file():
         raise TeacherLoadError(f"teacher.checkpoint '{path}' does not exist; pass the local path of the weights")
@@ -130,26 +143,38 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def visual_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def visual_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep the vision tower's tensors, without a `visual.` / `module.` prefix."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k.startswith("visual.") for k in state):
-        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        return {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     return state
 
 
-def _check_keys(visual: nn.Module, state: Dict[str, torch.Tensor], path: str) -> None:
+def _check_keys(visual: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     expected = visual.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and state[k].shape != v.shape]
-    problems = [(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                                  ("shape mismatch (file vs model)", mismatched)) if keys]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        (label, keys)
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch (file vs model)", mismatched),
+        )
+        if keys
+    ]
     if problems:
         detail = "; ".join(f"{len(keys)} {label}: {', '.join(keys[:5])}" for label, keys in problems)
-        raise TeacherLoadError(f"teacher.checkpoint '{path}' does not fit the {type(visual).__name__} tower "
-                               f"of teacher.name: {detail}; check teacher.name matches the weights")
+        raise TeacherLoadError(
+            f"teacher.checkpoint '{path}' does not fit the {type(visual).__name__} tower "
+            f"of teacher.name: {detail}; check teacher.name matches the weights"
+        )
 
 
 def teacher_out_dim(name: str) -> int:
@@ -157,7 +182,7 @@ def teacher_out_dim(name: str) -> int:
     return int(_model_config(name)["embed_dim"])
 
 
-def check_teacher_weights(teacher_cfg, state: Dict[str, torch.Tensor]) -> int:
+def check_teacher_weights(teacher_cfg, state: dict[str, torch.Tensor]) -> int:
     """Start-up check of a teacher file's tensors (meta tensors are enough) against the tower of
     teacher_cfg.name, built on the meta device; returns the output width. TeacherLoadError if unfit."""
     tower_cfg = _model_config(teacher_cfg.name)
@@ -170,7 +195,7 @@ def check_teacher_weights(teacher_cfg, state: Dict[str, torch.Tensor]) -> int:
 def _adapt_to_grid(visual: nn.Module, grid: int) -> None:
     """Resize the tower's position table so its patch grid equals the student's."""
     if isinstance(visual, VisionTransformer):
-        table = visual.positional_embedding.data.unsqueeze(0)                  # (1, 1+g*g, W)
+        table = visual.positional_embedding.data.unsqueeze(0)  # (1, 1+g*g, W)
         resized = resize_pos_embed(table, grid, num_prefix_tokens=1)[0]
         visual.positional_embedding = nn.Parameter(resized, requires_grad=False)
         visual.grid_size = (grid, grid)
@@ -178,11 +203,11 @@ def _adapt_to_grid(visual: nn.Module, grid: int) -> None:
         visual.set_input_size(grid * _tower_patch_size(visual))
 
 
-def _uses_openai_weights(raw: Dict[str, torch.Tensor]) -> bool:
+def _uses_openai_weights(raw: dict[str, torch.Tensor]) -> bool:
     return any(k in raw for k in OPENAI_METADATA_KEYS)
 
 
-def _build_tower(name: str, cfg: Dict, raw: Optional[Dict[str, torch.Tensor]]) -> Tuple[nn.Module, int]:
+def _build_tower(name: str, cfg: dict, raw: dict[str, torch.Tensor] | None) -> tuple[nn.Module, int]:
     quick_gelu = bool(cfg.get("quick_gelu", False))
     if raw is not None and _uses_openai_weights(raw) and not quick_gelu:
         # OpenAI's CLIP was trained with QuickGELU; a GELU tower would give subtly wrong targets
@@ -209,15 +234,20 @@ def build_teacher(teacher_cfg, student_grid: int, device) -> Teacher:
     device = torch.device(device)
     tower_cfg = _model_config(teacher_cfg.name)  # an unknown name fails before a large file is read
     if teacher_cfg.random_init:
-        log.warning("teacher: RANDOM INIT %s (seed %d): the targets carry no CLIP knowledge; demo only",
-                    teacher_cfg.name, RANDOM_TEACHER_SEED)
+        log.warning(
+            "teacher: RANDOM INIT %s (seed %d): the targets carry no CLIP knowledge; demo only",
+            teacher_cfg.name,
+            RANDOM_TEACHER_SEED,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_TEACHER_SEED)
             visual, out_dim = _build_tower(teacher_cfg.name, tower_cfg, None)
     else:
         if not teacher_cfg.checkpoint:
-            raise TeacherLoadError(f"teacher.checkpoint is empty; give the local path of the {teacher_cfg.name} "
-                                   f"weights (only the demo may use teacher.random_init=true)")
+            raise TeacherLoadError(
+                f"teacher.checkpoint is empty; give the local path of the {teacher_cfg.name} "
+                f"weights (only the demo may use teacher.random_init=true)"
+            )
         raw = read_state_dict(teacher_cfg.checkpoint)
         visual, out_dim = _build_tower(teacher_cfg.name, tower_cfg, raw)
         state = visual_state_dict(raw)
@@ -233,4 +263,3 @@ def build_teacher(teacher_cfg, student_grid: int, device) -> Teacher:
         raise TeacherLoadError("teacher.input_transform is for the demo's random teacher only; use none")
     teacher = Teacher(visual, out_dim, student_grid * _tower_patch_size(visual), autocast_dtype, transform)
     return teacher.to(device)
-

@@ -1,5 +1,6 @@
 """Learning-rate schedule: linear warmup, then cosine decay to min_lr. Computed per step by the
 engine (no DeepSpeed scheduler), so a resumed run needs nothing but the step number."""
+
 import math
 
 
@@ -12,8 +13,15 @@ def lr_at_step(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, t
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def plan_steps(*, total_steps: int, epochs: float, warmup_steps: int, warmup_epochs: float,
-               dataset_size: int, global_batch_size: int):
+def plan_steps(
+    *,
+    total_steps: int,
+    epochs: float,
+    warmup_steps: int,
+    warmup_epochs: float,
+    dataset_size: int,
+    global_batch_size: int,
+):
     """(total_steps, warmup_steps): explicit values win, otherwise epochs x dataset / global batch."""
     steps_per_epoch = dataset_size / global_batch_size
     total = total_steps if total_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))

@@ -1,9 +1,10 @@
 """Which parameters take weight decay: the one rule for pretraining (AdamW) and the eval protocols
 (LARS / SGD / AdamW). Matrices decay; biases, norm weights (1-d) and the token/position tables do
 not (BEiT/MAE/EVA convention)."""
-from typing import Sequence
 
-NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "mask_token")   # also decoder_pos_embed, decoder mask token
+from collections.abc import Sequence
+
+NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "mask_token")  # also decoder_pos_embed, decoder mask token
 
 
 def skips_weight_decay(name: str, shape: Sequence[int]) -> bool:

@@ -33,9 +33,16 @@ def plan_finetune(recipe: str, world: int, gpu: GpuSpec) -> dict:
     with torch.device("meta"):
         backbone = build_backbone(m.variant, img_size=img_size, **({"depth": m.depth} if m.depth else {}))
     sizes = [p.numel() for p in backbone.parameters()] + [arch.embed_dim * IMAGENET_CLASSES, IMAGENET_CLASSES]
-    student = memory.StudentShape(arch=arch, params=sum(sizes), persistent_params=sum(n for n in sizes if n < 1e5),
-                                  largest_param=max(sizes), img_size=img_size, masked_patches=0, teacher_dim=0,
-                                  checkpointed_blocks=num_checkpointed_blocks(m.checkpoint_fraction, arch.depth))
+    student = memory.StudentShape(
+        arch=arch,
+        params=sum(sizes),
+        persistent_params=sum(n for n in sizes if n < 1e5),
+        largest_param=max(sizes),
+        img_size=img_size,
+        masked_patches=0,
+        teacher_dim=0,
+        checkpointed_blocks=num_checkpointed_blocks(m.checkpoint_fraction, arch.depth),
+    )
     zero = memory.ZeroSettings(stage=max(1, t.zero_stage), overlap_comm=t.zero_stage == 3)
     ranks = world if t.zero_stage > 0 else 1  # stage 0: nothing partitioned
     dtype_bytes = DTYPE_BYTES.get(t.precision, 4)
@@ -43,7 +50,9 @@ def plan_finetune(recipe: str, world: int, gpu: GpuSpec) -> dict:
     peak = mem.peak + (4.0 * student.params if cfg.aug.ema_decay > 0 else 0.0)  # EMA weights, kept in fp32
     usable = gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION)
     verdict = "fits" if peak <= usable else "DOES NOT FIT"
-    detail = (f"{m.variant} at {img_size}px, micro batch {t.micro_batch_size}, checkpointing "
-              f"{student.checkpointed_blocks}/{arch.depth} blocks, ZeRO-{t.zero_stage} on {ranks} "
-              f"rank(s): {peak / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB -> {verdict}")
+    detail = (
+        f"{m.variant} at {img_size}px, micro batch {t.micro_batch_size}, checkpointing "
+        f"{student.checkpointed_blocks}/{arch.depth} blocks, ZeRO-{t.zero_stage} on {ranks} "
+        f"rank(s): {peak / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB -> {verdict}"
+    )
     return {"recipe": cfg.recipe, "fits": peak <= usable, "peak_bytes": peak, "detail": detail}

@@ -5,16 +5,17 @@ is what CUDA reports as total memory (what an allocator can ever hand out), not 
 `link_gbs` is the inter-node bandwidth per GPU in one direction (one 400 Gb/s NIC per H100/H200,
 200 Gb/s per A100 in the usual rail-optimised clusters); `nvlink_gbs` the intra-node one.
 """
+
 from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class GpuSpec:
     name: str
-    memory_gib: float          # usable device memory
-    bf16_tflops: float         # dense peak, TFLOP/s
-    link_gbs: float            # inter-node GB/s per GPU, one direction
-    nvlink_gbs: float          # intra-node GB/s per GPU, one direction
+    memory_gib: float  # usable device memory
+    bf16_tflops: float  # dense peak, TFLOP/s
+    link_gbs: float  # inter-node GB/s per GPU, one direction
+    nvlink_gbs: float  # intra-node GB/s per GPU, one direction
     match: tuple[str, ...] = ()  # all of these in a CUDA device name (upper case) select this entry
 
     @property
@@ -52,18 +53,22 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return spec.peak_flops if spec else None
 
 
-def custom_spec(base: GpuSpec | None, memory_gib: float | None = None, tflops: float | None = None,
-                link_gbs: float | None = None) -> GpuSpec:
+def custom_spec(
+    base: GpuSpec | None, memory_gib: float | None = None, tflops: float | None = None, link_gbs: float | None = None
+) -> GpuSpec:
     """`base` with any of its numbers replaced (a card not in the table needs all three)."""
     if base is None:
-        missing = [n for n, v in (("--gpu-mem", memory_gib), ("--gpu-tflops", tflops), ("--link-gbps", link_gbs))
-                   if v is None]
+        missing = [
+            n for n, v in (("--gpu-mem", memory_gib), ("--gpu-tflops", tflops), ("--link-gbps", link_gbs)) if v is None
+        ]
         if missing:
-            raise ValueError(f"a custom GPU needs {', '.join(missing)} too (or --gpu NAME with "
-                             f"one of {', '.join(GPUS)})")
+            raise ValueError(
+                f"a custom GPU needs {', '.join(missing)} too (or --gpu NAME with one of {', '.join(GPUS)})"
+            )
         base = GpuSpec("custom", 0.0, 0.0, 0.0, 0.0)
-    changes = {k: v for k, v in (("memory_gib", memory_gib), ("bf16_tflops", tflops), ("link_gbs", link_gbs))
-               if v is not None}
+    changes = {
+        k: v for k, v in (("memory_gib", memory_gib), ("bf16_tflops", tflops), ("link_gbs", link_gbs)) if v is not None
+    }
     name = base.name if not changes else f"{base.name} ({', '.join(f'{k}={v:g}' for k, v in changes.items())})"
     return replace(base, name=name, nvlink_gbs=max(base.nvlink_gbs, changes.get("link_gbs", 0.0)), **changes)
 

@@ -17,13 +17,18 @@ Terms (P = trainable student parameters, N = data-parallel ranks, b = bytes of t
   fragmentation (the gap between max_memory_allocated and max_memory_reserved): a micro batch
   "fits" when the predicted peak stays below (1 - WORKSPACE_FRACTION) of the card.
 """
+
 from dataclasses import dataclass, field
 
 from eva_train.models.variants import EvaConfig
 
-WORKSPACE_FRACTION = 0.08   # of device memory, kept free (CUDA context is outside what torch reports)
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e5,
-               "stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 5e7}
+WORKSPACE_FRACTION = 0.08  # of device memory, kept free (CUDA context is outside what torch reports)
+DS_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "stage3_param_persistence_threshold": 1e5,
+    "stage3_max_live_parameters": 1e9,
+    "stage3_prefetch_bucket_size": 5e7,
+}
 
 
 @dataclass(frozen=True)
@@ -41,25 +46,29 @@ class ZeroSettings:
         z = ds.get("zero_optimization", {})
         stage = int(z.get("stage", 0))
         offload = z.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
-        return cls(stage=stage, offload_optimizer=offload,
-                   reduce_bucket_size=float(z.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])),
-                   overlap_comm=bool(z.get("overlap_comm", stage == 3)),  # DeepSpeed's default: on for stage 3
-                   persistence_threshold=float(z.get("stage3_param_persistence_threshold",
-                                                     DS_DEFAULTS["stage3_param_persistence_threshold"])),
-                   max_live_parameters=float(z.get("stage3_max_live_parameters",
-                                                   DS_DEFAULTS["stage3_max_live_parameters"])),
-                   prefetch_bucket_size=float(z.get("stage3_prefetch_bucket_size",
-                                                    DS_DEFAULTS["stage3_prefetch_bucket_size"])))
+        return cls(
+            stage=stage,
+            offload_optimizer=offload,
+            reduce_bucket_size=float(z.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"])),
+            overlap_comm=bool(z.get("overlap_comm", stage == 3)),  # DeepSpeed's default: on for stage 3
+            persistence_threshold=float(
+                z.get("stage3_param_persistence_threshold", DS_DEFAULTS["stage3_param_persistence_threshold"])
+            ),
+            max_live_parameters=float(z.get("stage3_max_live_parameters", DS_DEFAULTS["stage3_max_live_parameters"])),
+            prefetch_bucket_size=float(
+                z.get("stage3_prefetch_bucket_size", DS_DEFAULTS["stage3_prefetch_bucket_size"])
+            ),
+        )
 
 
 @dataclass(frozen=True)
 class StudentShape:
     arch: EvaConfig
-    params: int                 # trainable parameters (backbone, mask token, MIM head)
-    persistent_params: int      # ZeRO-3 keeps these whole: parameters below the persistence threshold
-    largest_param: int          # numel of the largest single parameter (ZeRO-3 gathers at least this)
+    params: int  # trainable parameters (backbone, mask token, MIM head)
+    persistent_params: int  # ZeRO-3 keeps these whole: parameters below the persistence threshold
+    largest_param: int  # numel of the largest single parameter (ZeRO-3 gathers at least this)
     img_size: int
-    masked_patches: int         # per image
+    masked_patches: int  # per image
     teacher_dim: int
     checkpointed_blocks: int
 
@@ -83,6 +92,7 @@ class MemoryBreakdown:
     """Bytes per GPU; `peak` is the largest of the three phases (teacher forward, student
     forward+backward, optimizer step), each a sum of the items live in it (so the items can add up to
     more than the peak)."""
+
     items: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -100,9 +110,9 @@ def block_saved_elements(a: EvaConfig, tokens: int) -> float:
     qkv = 3 + (2 if a.rope else 0) if a.qkv_fused else 3
     attention = 2 + qkv + 1 + (1 if a.scale_attn_inner else 0)  # reshaping the SDPA output is a view
     if a.swiglu:
-        mlp_hidden = 5 if a.sub_ln else 4   # gate, value, silu(gate), product (+ sub-LN output)
+        mlp_hidden = 5 if a.sub_ln else 4  # gate, value, silu(gate), product (+ sub-LN output)
     else:
-        mlp_hidden = 2                      # fc1 output (GELU input) and GELU output
+        mlp_hidden = 2  # fc1 output (GELU input) and GELU output
     return tokens * (d * (attention + 2) + f * mlp_hidden)
 
 
@@ -120,10 +130,12 @@ def activation_bytes(s: StudentShape, dtype_bytes: int) -> dict[str, float]:
     blocks = k * block_input + max((depth - k) * full, full if k else 0.0)
     px = 3 * s.img_size * s.img_size
     m = s.masked_patches
-    embed_head = (px * dtype_bytes                       # normalized images (patch conv input)
-                  + 2 * t * a.embed_dim * dtype_bytes    # final norm input and output
-                  + m * a.embed_dim * dtype_bytes        # masked tokens into the head
-                  + m * s.teacher_dim * (dtype_bytes + 12))  # head output, fp32 pred and target in the loss
+    embed_head = (
+        px * dtype_bytes  # normalized images (patch conv input)
+        + 2 * t * a.embed_dim * dtype_bytes  # final norm input and output
+        + m * a.embed_dim * dtype_bytes  # masked tokens into the head
+        + m * s.teacher_dim * (dtype_bytes + 12)
+    )  # head output, fp32 pred and target in the loss
     transient = t * (a.mlp_hidden_dim + a.embed_dim) * dtype_bytes  # the first gradients of backward (fc2, fc1)
     return {"blocks": blocks, "embed_head": embed_head, "transient": transient}
 
@@ -133,10 +145,15 @@ def teacher_bytes(t: TeacherShape | None, on_gpu: bool) -> dict[str, float]:
     if t is None:
         return {"weights": 0.0, "forward": 0.0, "targets": 0.0}
     low = 2 if on_gpu else 4
-    forward = (2 * 3 * t.input_px ** 2 * 4                     # float images, normalized
-               + t.tokens * (2 * t.width * 4                   # residual stream in and out (fp32)
-                             + 2 * t.mlp_hidden * low          # MLP hidden and its activation
-                             + t.width * low))                 # a linear's low-precision input copy
+    forward = (
+        2 * 3 * t.input_px** 2 * 4  # float images, normalized
+        + t.tokens
+        * (
+            2 * t.width * 4  # residual stream in and out (fp32)
+            + 2 * t.mlp_hidden * low  # MLP hidden and its activation
+            + t.width * low
+        )
+    )  # a linear's low-precision input copy
     return {"weights": 4.0 * t.params, "forward": forward, "targets": 4.0 * (t.tokens - 1) * t.out_dim}
 
 
@@ -150,7 +167,7 @@ def state_bytes(s: StudentShape, z: ZeroSettings, world: int, dtype_bytes: int) 
     optimizer = 0.0 if z.offload_optimizer else 12.0 * p / n
     grads = {1: b * p + 4.0 * p / n, 2: (b + 4.0) * p / n, 3: 0.0 if z.offload_optimizer else 4.0 * p / n}[z.stage]
     copies = 2 if (z.overlap_comm and z.stage < 3) else 1
-    bucket_dtype = 4 if z.stage == 1 else b          # ZeRO-1 reduces into fp32, 2 and 3 in the compute dtype
+    bucket_dtype = 4 if z.stage == 1 else b  # ZeRO-1 reduces into fp32, 2 and 3 in the compute dtype
     buckets = copies * z.reduce_bucket_size * bucket_dtype  # allocated whole, even for a smaller model
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "buckets": buckets}
 
@@ -166,24 +183,38 @@ def gathered_bytes(s: StudentShape, z: ZeroSettings, world: int, dtype_bytes: in
     return dtype_bytes * live * (1 - 1 / world)
 
 
-def predict(s: StudentShape, teacher: TeacherShape | None, z: ZeroSettings, world: int, micro_batch: int,
-            dtype_bytes: int, on_gpu: bool) -> MemoryBreakdown:
+def predict(
+    s: StudentShape,
+    teacher: TeacherShape | None,
+    z: ZeroSettings,
+    world: int,
+    micro_batch: int,
+    dtype_bytes: int,
+    on_gpu: bool,
+) -> MemoryBreakdown:
     state = state_bytes(s, z, world, dtype_bytes)
     acts = activation_bytes(s, dtype_bytes)
     tb = teacher_bytes(teacher, on_gpu)
     gathered = gathered_bytes(s, z, world, dtype_bytes)
-    batch_in = micro_batch * 3 * s.img_size ** 2  # the uint8 batch on the device
+    batch_in = micro_batch * 3 * s.img_size**2  # the uint8 batch on the device
     # ZeRO-1/2 gradients appear as backward frees the activations (and fill at the step); ZeRO-3's fp32
     # gradient partitions are allocated with the engine and live throughout
     grads_in_backward = state["gradients"] if z.stage == 3 else 0.0
     base = sum(state.values()) - state["gradients"] + tb["weights"] + batch_in
     per_image_student = acts["blocks"] + acts["embed_head"] + acts["transient"]
-    items = dict(state, gathered=gathered, teacher_weights=tb["weights"],
-                 teacher_forward=micro_batch * tb["forward"], teacher_targets=micro_batch * tb["targets"],
-                 activations=micro_batch * per_image_student, batch=batch_in)
+    items = dict(
+        state,
+        gathered=gathered,
+        teacher_weights=tb["weights"],
+        teacher_forward=micro_batch * tb["forward"],
+        teacher_targets=micro_batch * tb["targets"],
+        activations=micro_batch * per_image_student,
+        batch=batch_in,
+    )
     step_temporaries = 0.0 if z.offload_optimizer else 4.0 * s.params / world  # AdamW's update of a partition
-    phases = {"teacher forward": base + grads_in_backward + micro_batch * tb["forward"],
-              "student fwd+bwd": base + grads_in_backward + gathered
-              + micro_batch * (tb["targets"] + per_image_student),
-              "optimizer step": base + state["gradients"] + step_temporaries}
+    phases = {
+        "teacher forward": base + grads_in_backward + micro_batch * tb["forward"],
+        "student fwd+bwd": base + grads_in_backward + gathered + micro_batch * (tb["targets"] + per_image_student),
+        "optimizer step": base + state["gradients"] + step_temporaries,
+    }
     return MemoryBreakdown(items=items, phases=phases)

@@ -1,5 +1,6 @@
 """The plan of a pretraining recipe on a cluster: memory per GPU, largest micro batch that fits,
 ZeRO traffic, throughput, wall-clock and GPU-hours; as a dict and as the text the tools print."""
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from eva_train.plan.gpus import GpuSpec
 from eva_train.plan.shapes import RecipeShapes, recipe_shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MFU = 0.40          # assumed when no measurement is given: between NeMo's CLIP-g (~20%) and our 50% goal
+DEFAULT_MFU = 0.40  # assumed when no measurement is given: between NeMo's CLIP-g (~20%) and our 50% goal
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MAX_MICRO_BATCH = 4096
 
@@ -19,7 +20,7 @@ MAX_MICRO_BATCH = 4096
 @dataclass(frozen=True)
 class Throughput:
     mfu: float
-    mfu_source: str              # "assumed" or where the measurement came from
+    mfu_source: str  # "assumed" or where the measurement came from
 
 
 def read_ds_config(path: str) -> dict:
@@ -30,13 +31,15 @@ def read_ds_config(path: str) -> dict:
     return json.loads(candidate.read_text())
 
 
-def predict_memory(shapes: RecipeShapes, zero: memory.ZeroSettings, world: int, micro_batch: int,
-                   precision: str, on_gpu: bool = True) -> memory.MemoryBreakdown:
+def predict_memory(
+    shapes: RecipeShapes, zero: memory.ZeroSettings, world: int, micro_batch: int, precision: str, on_gpu: bool = True
+) -> memory.MemoryBreakdown:
     return memory.predict(shapes.student, shapes.teacher, zero, world, micro_batch, DTYPE_BYTES[precision], on_gpu)
 
 
-def largest_micro_batch(shapes: RecipeShapes, zero: memory.ZeroSettings, world: int, precision: str,
-                        gpu: GpuSpec) -> int:
+def largest_micro_batch(
+    shapes: RecipeShapes, zero: memory.ZeroSettings, world: int, precision: str, gpu: GpuSpec
+) -> int:
     """Largest micro batch whose predicted peak stays within the card less the workspace (0: none)."""
     budget = gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION)
     low, high = 0, MAX_MICRO_BATCH
@@ -49,8 +52,15 @@ def largest_micro_batch(shapes: RecipeShapes, zero: memory.ZeroSettings, world: 
     return low
 
 
-def build_plan(cfg: Config, world: int, gpu: GpuSpec, nodes: int, dataset_size: int, throughput: Throughput,
-               ds_config: dict | None = None) -> dict:
+def build_plan(
+    cfg: Config,
+    world: int,
+    gpu: GpuSpec,
+    nodes: int,
+    dataset_size: int,
+    throughput: Throughput,
+    ds_config: dict | None = None,
+) -> dict:
     ds_config = ds_config if ds_config is not None else read_ds_config(cfg.train.deepspeed_config)
     zero = memory.ZeroSettings.from_ds_config(ds_config)
     shapes = recipe_shapes(cfg, zero.persistence_threshold)
@@ -61,67 +71,103 @@ def build_plan(cfg: Config, world: int, gpu: GpuSpec, nodes: int, dataset_size: 
     compute_s = accum * micro / images_per_s
     link = gpu.link_gbs if nodes > 1 else gpu.nvlink_gbs
     traffic = comm.plan_comm(zero.stage, shapes.student.params, DTYPE_BYTES[precision], world, accum, link, compute_s)
-    total, _ = plan_steps(total_steps=cfg.train.total_steps, epochs=cfg.train.epochs,
-                          warmup_steps=cfg.optim.warmup_steps, warmup_epochs=cfg.optim.warmup_epochs,
-                          dataset_size=dataset_size, global_batch_size=cfg.train.global_batch_size)
+    total, _ = plan_steps(
+        total_steps=cfg.train.total_steps,
+        epochs=cfg.train.epochs,
+        warmup_steps=cfg.optim.warmup_steps,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        dataset_size=dataset_size,
+        global_batch_size=cfg.train.global_batch_size,
+    )
     step_s = max(compute_s, traffic.seconds_per_step)  # collectives overlap compute; the slower one sets the pace
     wall_s = total * step_s
-    return {"recipe": cfg.recipe, "gpu": gpu.name, "world_size": world, "nodes": nodes,
-            "zero_stage": zero.stage, "offload_optimizer": zero.offload_optimizer, "precision": precision,
-            "micro_batch_size": micro, "gradient_accumulation_steps": accum,
-            "checkpointed_blocks": shapes.student.checkpointed_blocks, "depth": shapes.student.arch.depth,
-            "student_params": shapes.student.params,
-            "teacher_params": shapes.teacher.params if shapes.teacher else 0,
-            "memory_bytes": mem.items, "memory_phases_bytes": mem.phases, "peak_bytes": mem.peak,
-            "usable_bytes": gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION), "gpu_bytes": gpu.memory_bytes,
-            "fits": mem.peak <= gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION),
-            "largest_micro_batch": largest_micro_batch(shapes, zero, world, precision, gpu),
-            "comm_bytes_per_step": traffic.bytes_per_step, "comm_seconds_per_step": traffic.seconds_per_step,
-            "compute_seconds_per_step": compute_s, "comm_hidden": traffic.hidden, "link_gbs": link,
-            "train_flops_per_image": shapes.train_flops_per_image, "mfu": throughput.mfu,
-            "mfu_source": throughput.mfu_source, "images_per_s_per_gpu": images_per_s * compute_s / step_s,
-            "dataset_size": dataset_size, "global_batch_size": cfg.train.global_batch_size, "total_steps": total,
-            "step_seconds": step_s, "wall_clock_hours": wall_s / 3600, "gpu_hours": wall_s * world / 3600}
+    return {
+        "recipe": cfg.recipe,
+        "gpu": gpu.name,
+        "world_size": world,
+        "nodes": nodes,
+        "zero_stage": zero.stage,
+        "offload_optimizer": zero.offload_optimizer,
+        "precision": precision,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": accum,
+        "checkpointed_blocks": shapes.student.checkpointed_blocks,
+        "depth": shapes.student.arch.depth,
+        "student_params": shapes.student.params,
+        "teacher_params": shapes.teacher.params if shapes.teacher else 0,
+        "memory_bytes": mem.items,
+        "memory_phases_bytes": mem.phases,
+        "peak_bytes": mem.peak,
+        "usable_bytes": gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION),
+        "gpu_bytes": gpu.memory_bytes,
+        "fits": mem.peak <= gpu.memory_bytes * (1 - memory.WORKSPACE_FRACTION),
+        "largest_micro_batch": largest_micro_batch(shapes, zero, world, precision, gpu),
+        "comm_bytes_per_step": traffic.bytes_per_step,
+        "comm_seconds_per_step": traffic.seconds_per_step,
+        "compute_seconds_per_step": compute_s,
+        "comm_hidden": traffic.hidden,
+        "link_gbs": link,
+        "train_flops_per_image": shapes.train_flops_per_image,
+        "mfu": throughput.mfu,
+        "mfu_source": throughput.mfu_source,
+        "images_per_s_per_gpu": images_per_s * compute_s / step_s,
+        "dataset_size": dataset_size,
+        "global_batch_size": cfg.train.global_batch_size,
+        "total_steps": total,
+        "step_seconds": step_s,
+        "wall_clock_hours": wall_s / 3600,
+        "gpu_hours": wall_s * world / 3600,
+    }
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:7.2f} GiB"
 
 
-MEMORY_ROWS = (("parameters", "parameters (compute dtype)"), ("gathered", "ZeRO-3 gathered layers"),
-               ("gradients", "gradients"), ("optimizer", "optimizer (fp32 master + AdamW moments)"),
-               ("buckets", "DeepSpeed reduce buckets"), ("teacher_weights", "teacher weights (fp32, whole)"),
-               ("teacher_targets", "teacher targets (fp32)"),
-               ("teacher_forward", "teacher forward (no_grad, transient)"),
-               ("activations", "student activations"), ("batch", "input batch (uint8)"))
+MEMORY_ROWS = (
+    ("parameters", "parameters (compute dtype)"),
+    ("gathered", "ZeRO-3 gathered layers"),
+    ("gradients", "gradients"),
+    ("optimizer", "optimizer (fp32 master + AdamW moments)"),
+    ("buckets", "DeepSpeed reduce buckets"),
+    ("teacher_weights", "teacher weights (fp32, whole)"),
+    ("teacher_targets", "teacher targets (fp32)"),
+    ("teacher_forward", "teacher forward (no_grad, transient)"),
+    ("activations", "student activations"),
+    ("batch", "input batch (uint8)"),
+)
 
 
 def format_plan(p: dict) -> str:
     """The text both tools/plan.py and `pretrain.py --dry-run` print."""
     mem = p["memory_bytes"]
-    lines = [f"plan: {p['recipe']} on {p['world_size']} x {p['gpu']} ({p['nodes']} node(s)), ZeRO-{p['zero_stage']}"
-             f"{' + optimizer offload' if p['offload_optimizer'] else ''}, {p['precision']}, micro batch "
-             f"{p['micro_batch_size']} x accumulation {p['gradient_accumulation_steps']}, activation checkpointing "
-             f"{p['checkpointed_blocks']}/{p['depth']} blocks",
-             f"  student {p['student_params'] / 1e6:.2f}M params, teacher {p['teacher_params'] / 1e6:.2f}M",
-             "  memory per GPU (predicted peak of live tensors):"]
+    lines = [
+        f"plan: {p['recipe']} on {p['world_size']} x {p['gpu']} ({p['nodes']} node(s)), ZeRO-{p['zero_stage']}"
+        f"{' + optimizer offload' if p['offload_optimizer'] else ''}, {p['precision']}, micro batch "
+        f"{p['micro_batch_size']} x accumulation {p['gradient_accumulation_steps']}, activation checkpointing "
+        f"{p['checkpointed_blocks']}/{p['depth']} blocks",
+        f"  student {p['student_params'] / 1e6:.2f}M params, teacher {p['teacher_params'] / 1e6:.2f}M",
+        "  memory per GPU (predicted peak of live tensors):",
+    ]
     lines += [f"    {label:<42}{_gib(mem[key])}" for key, label in MEMORY_ROWS]
     for phase, value in p["memory_phases_bytes"].items():
         lines.append(f"    peak in {phase:<34}{_gib(value)}")
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
-    lines += [f"    {'peak':<42}{_gib(p['peak_bytes'])}  of {_gib(p['usable_bytes']).strip()} usable "
-              f"({memory.WORKSPACE_FRACTION:.0%} of {_gib(p['gpu_bytes']).strip()} kept for workspace): {verdict}",
-              f"  largest micro batch that fits: {p['largest_micro_batch']}"
-              f"{' (the most it tries)' if p['largest_micro_batch'] == MAX_MICRO_BATCH else ''}",
-              f"  ZeRO traffic per step: {p['comm_bytes_per_step'] / 1e9:.1f} GB per GPU = "
-              f"{p['comm_seconds_per_step']:.3f} s at {p['link_gbs']:g} GB/s vs {p['compute_seconds_per_step']:.3f} s "
-              f"compute: {'hidden under compute' if p['comm_hidden'] else 'NOT hidden: communication-bound'}",
-              f"  throughput at {p['mfu']:.0%} MFU ({p['mfu_source']}): {p['train_flops_per_image'] / 1e9:.0f} "
-              f"GFLOP per image -> {p['images_per_s_per_gpu']:.1f} images/s per GPU, "
-              f"{p['images_per_s_per_gpu'] * p['world_size']:.0f} images/s in all",
-              f"  whole recipe: {p['total_steps']} steps x {p['global_batch_size']} images ({p['dataset_size']} "
-              f"per epoch) -> {p['wall_clock_hours']:.1f} h wall-clock ({p['wall_clock_hours'] / 24:.1f} days), "
-              f"{p['gpu_hours']:.0f} GPU-hours"]
+    lines += [
+        f"    {'peak':<42}{_gib(p['peak_bytes'])}  of {_gib(p['usable_bytes']).strip()} usable "
+        f"({memory.WORKSPACE_FRACTION:.0%} of {_gib(p['gpu_bytes']).strip()} kept for workspace): {verdict}",
+        f"  largest micro batch that fits: {p['largest_micro_batch']}"
+        f"{' (the most it tries)' if p['largest_micro_batch'] == MAX_MICRO_BATCH else ''}",
+        f"  ZeRO traffic per step: {p['comm_bytes_per_step'] / 1e9:.1f} GB per GPU = "
+        f"{p['comm_seconds_per_step']:.3f} s at {p['link_gbs']:g} GB/s vs {p['compute_seconds_per_step']:.3f} s "
+        f"compute: {'hidden under compute' if p['comm_hidden'] else 'NOT hidden: communication-bound'}",
+        f"  throughput at {p['mfu']:.0%} MFU ({p['mfu_source']}): {p['train_flops_per_image'] / 1e9:.0f} "
+        f"GFLOP per image -> {p['images_per_s_per_gpu']:.1f} images/s per GPU, "
+        f"{p['images_per_s_per_gpu'] * p['world_size']:.0f} images/s in all",
+        f"  whole recipe: {p['total_steps']} steps x {p['global_batch_size']} images ({p['dataset_size']} "
+        f"per epoch) -> {p['wall_clock_hours']:.1f} h wall-clock ({p['wall_clock_hours'] / 24:.1f} days), "
+        f"{p['gpu_hours']:.0f} GPU-hours",
+    ]
     return "\n".join(lines)
 
 

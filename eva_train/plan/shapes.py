@@ -1,6 +1,7 @@
 """What the planner needs to know of a recipe's student and teacher, read off the real modules built
 on the meta device (no memory, no weights file): parameter counts, sizes and FLOPs come from the same
 code that trains, not from a second description of the architectures."""
+
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,14 @@ def _teacher_shape(teacher) -> TeacherShape:
     linears = [m for m in blocks[0].mlp.modules() if isinstance(m, torch.nn.Linear)]
     width = linears[0].in_features
     grid = teacher.input_px // teacher_patch(teacher)
-    return TeacherShape(params=sum(p.numel() for p in visual.parameters()), width=width,
-                        mlp_hidden=max(m.out_features for m in linears), tokens=grid * grid + 1,
-                        out_dim=teacher.out_dim, input_px=teacher.input_px)
+    return TeacherShape(
+        params=sum(p.numel() for p in visual.parameters()),
+        width=width,
+        mlp_hidden=max(m.out_features for m in linears),
+        tokens=grid * grid + 1,
+        out_dim=teacher.out_dim,
+        input_px=teacher.input_px,
+    )
 
 
 def teacher_patch(teacher) -> int:
@@ -55,10 +61,15 @@ def recipe_shapes(cfg: Config, persistence_threshold: float = 1e5) -> RecipeShap
     with torch.device("meta"):
         model = build_model(cfg.model, teacher.out_dim)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-    student = StudentShape(arch=arch, params=sum(sizes),
-                           persistent_params=sum(n for n in sizes if n < persistence_threshold),
-                           largest_param=max(sizes), img_size=cfg.model.img_size, masked_patches=masked,
-                           teacher_dim=teacher.out_dim,
-                           checkpointed_blocks=num_checkpointed_blocks(cfg.model.checkpoint_fraction, arch.depth))
+    student = StudentShape(
+        arch=arch,
+        params=sum(sizes),
+        persistent_params=sum(n for n in sizes if n < persistence_threshold),
+        largest_param=max(sizes),
+        img_size=cfg.model.img_size,
+        masked_patches=masked,
+        teacher_dim=teacher.out_dim,
+        checkpointed_blocks=num_checkpointed_blocks(cfg.model.checkpoint_fraction, arch.depth),
+    )
     train_flops = flops.train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim, masked)
     return RecipeShapes(student=student, teacher=_teacher_shape(teacher), train_flops_per_image=train_flops)

@@ -25,6 +25,7 @@ size, so `prepare_resume` (before the engine is built) converts the checkpoint o
 DeepSpeed's public `checkpoint.load_universal` switch, and `load` reads the universal copy, which
 re-partitions fp32 weights and Adam moments for the new world size.
 """
+
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,7 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def step_of_tag(tag: str) -> Optional[int]:
+def step_of_tag(tag: str) -> int | None:
     match = TAG_PATTERN.match(tag)
     return int(match.group(1)) if match else None
 
@@ -70,17 +71,23 @@ def step_of_tag(tag: str) -> Optional[int]:
 def check_checkpoint_config(ckpt_cfg: CheckpointConfig) -> None:
     """Cheap checks, before anything expensive starts; one line with the fix."""
     if ckpt_cfg.every_steps < 0:
-        raise CheckpointError(f"checkpoint.every_steps={ckpt_cfg.every_steps} is negative; use 0 (only at the end) "
-                              f"or a positive interval")
+        raise CheckpointError(
+            f"checkpoint.every_steps={ckpt_cfg.every_steps} is negative; use 0 (only at the end) or a positive interval"
+        )
     if ckpt_cfg.keep_last < 1:
-        raise CheckpointError(f"checkpoint.keep_last={ckpt_cfg.keep_last} would delete the checkpoint just "
-                              f"written; use 1 or more")
+        raise CheckpointError(
+            f"checkpoint.keep_last={ckpt_cfg.keep_last} would delete the checkpoint just written; use 1 or more"
+        )
     if ckpt_cfg.keep_every < 0:
-        raise CheckpointError(f"checkpoint.keep_every={ckpt_cfg.keep_every} is negative; use 0 (none) or a step interval")
+        raise CheckpointError(
+            f"checkpoint.keep_every={ckpt_cfg.keep_every} is negative; use 0 (none) or a step interval"
+        )
     resume = ckpt_cfg.resume
     if resume not in ("auto", "none") and not os.path.exists(resume):
-        raise CheckpointError(f"checkpoint.resume '{resume}' does not exist; pass auto, none, or the path of a "
-                              f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir")
+        raise CheckpointError(
+            f"checkpoint.resume '{resume}' does not exist; pass auto, none, or the path of a "
+            f"checkpoint dir (OUT/checkpoints/step_XXXXXXXX) or of a run's output dir"
+        )
     if resume not in ("auto", "none"):
         check_safe_to_load(resolve_checkpoint_path(Path(resume)))
 
@@ -138,7 +145,7 @@ def _remove_tag_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def read_complete(tag_dir: Path) -> Optional[Dict[str, Any]]:
+def read_complete(tag_dir: Path) -> dict[str, Any] | None:
     """The COMPLETE record of a tag dir, or None when the save never finished."""
     try:
         return json.loads((Path(tag_dir) / COMPLETE_FILE).read_text())
@@ -146,17 +153,17 @@ def read_complete(tag_dir: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def is_healthy(record: Optional[Dict[str, Any]]) -> bool:
+def is_healthy(record: dict[str, Any] | None) -> bool:
     """Complete and not marked unhealthy (possibly still unconfirmed)."""
     return record is not None and record.get("healthy", True) is True
 
 
-def is_confirmed(record: Optional[Dict[str, Any]]) -> bool:
+def is_confirmed(record: dict[str, Any] | None) -> bool:
     """Healthy, and a step run from its weights had a finite loss and gradient norm."""
     return is_healthy(record) and record.get("confirmed", True) is True
 
 
-def list_tags(ckpt_root: Path) -> List[Tuple[int, Path]]:
+def list_tags(ckpt_root: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every tag dir, complete or not, in step order."""
     if not ckpt_root.is_dir():
         return []
@@ -169,7 +176,7 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def retained_steps(steps: List[int], keep_last: int, keep_every: int) -> List[int]:
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> list[int]:
     """Which complete checkpoints survive: the newest `keep_last`, plus every multiple of `keep_every`."""
     newest = sorted(steps)[-keep_last:] if keep_last > 0 else []
     permanent = [s for s in steps if keep_every > 0 and s % keep_every == 0]
@@ -188,15 +195,25 @@ def convert_to_universal(tag_dir: Path) -> Path:
         return final
     staging = tag_dir / f".{UNIVERSAL_DIR}.tmp"  # one converter at a time (rank 0)
     shutil.rmtree(staging, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(staging / tag_dir.name), "--inject_missing_state"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(staging / tag_dir.name),
+        "--inject_missing_state",
+    ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["(no output)"]
-        raise CheckpointError(f"converting {tag_dir} for a new world size failed ({tail[0]}); resume on the "
-                              f"world size it was saved with (see its COMPLETE file)")
+        raise CheckpointError(
+            f"converting {tag_dir} for a new world size failed ({tail[0]}); resume on the "
+            f"world size it was saved with (see its COMPLETE file)"
+        )
     _fsync_tree(staging)
     os.replace(staging, final)
     fsync_path(tag_dir)
@@ -213,8 +230,8 @@ class CheckpointManager:
         self.cfg = ckpt_cfg
         self.rank = rank
         self.world_size = world_size
-        self.last_saved_step: Optional[int] = None
-        self.unconfirmed: Optional[Path] = None  # a checkpoint of this run no step has run from yet
+        self.last_saved_step: int | None = None
+        self.unconfirmed: Path | None = None  # a checkpoint of this run no step has run from yet
         self._checked: set = set()  # tag dirs whose pickles passed check_safe_to_load
 
     def due(self, step: int) -> bool:
@@ -223,7 +240,7 @@ class CheckpointManager:
 
     # --- save
 
-    def save(self, engine, step: int, client_state: Dict[str, Any]) -> str:
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
         """Collective. Writes tag `step_{step:08d}`; moves `latest` only once every rank has written."""
         tag_dir = self.root / tag_for_step(step)
         if self.last_saved_step == step:  # e.g. the final save right after a periodic one
@@ -237,8 +254,9 @@ class CheckpointManager:
         _barrier(self.world_size)
         started = time.time()
         try:  # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
-            engine.save_checkpoint(str(self.root), tag=tag_dir.name, client_state={CLIENT_KEY: common},
-                                   save_latest=False)
+            engine.save_checkpoint(
+                str(self.root), tag=tag_dir.name, client_state={CLIENT_KEY: common}, save_latest=False
+            )
             if "rng" in client_state:
                 (tag_dir / "rng").mkdir(exist_ok=True)
                 _atomic_torch_save(client_state["rng"], tag_dir / "rng" / f"rank_{self.rank:05d}.pt")
@@ -259,8 +277,14 @@ class CheckpointManager:
     def _commit(self, tag_dir: Path, step: int, engine) -> None:
         """Rank 0, after the barrier: make the files durable, mark complete, move `latest`, prune."""
         _fsync_tree(tag_dir, skip=_is_rank_shard)  # shared files (ZeRO-1/2 model states), dir entries
-        record = {"step": step, "world_size": self.world_size, "zero_stage": _zero_stage(engine),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "healthy": True, "confirmed": False}
+        record = {
+            "step": step,
+            "world_size": self.world_size,
+            "zero_stage": _zero_stage(engine),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "healthy": True,
+            "confirmed": False,
+        }
         atomic_write_text(tag_dir / COMPLETE_FILE, json.dumps(record) + "\n")
         atomic_write_text(self.root / LATEST_FILE, tag_dir.name + "\n")
         self._prune(keep=tag_dir)
@@ -299,8 +323,8 @@ class CheckpointManager:
 
     # --- resume
 
-    def find_resume(self, resume: str) -> Optional[str]:
-        """"none" -> None; "auto" -> newest complete checkpoint of this output dir (None if there is none);
+    def find_resume(self, resume: str) -> str | None:
+        """ "none" -> None; "auto" -> newest complete checkpoint of this output dir (None if there is none);
         a path -> that checkpoint (a tag dir, a `checkpoints` dir or a run's output dir).
 
         A path from another run only seeds a fresh output dir: once this run has a checkpoint of its
@@ -317,7 +341,7 @@ class CheckpointManager:
             return str(own)
         return str(found)
 
-    def prepare_resume(self, path: Optional[str]) -> bool:
+    def prepare_resume(self, path: str | None) -> bool:
         """Collective, before the engine is built. True when `path` was saved by another number of
         ranks: rank 0 has converted it to DeepSpeed's universal format, and the engine must be built
         with `"checkpoint": {"load_universal": true}` in its DeepSpeed config to load it."""
@@ -332,14 +356,16 @@ class CheckpointManager:
         return True
 
     @staticmethod
-    def _complete_record(tag_dir: Path) -> Dict[str, Any]:
+    def _complete_record(tag_dir: Path) -> dict[str, Any]:
         record = read_complete(tag_dir)
         if record is None:
-            raise CheckpointError(f"{tag_dir} has no COMPLETE marker (its save never finished); "
-                                  f"resume from an earlier checkpoint or use --resume auto")
+            raise CheckpointError(
+                f"{tag_dir} has no COMPLETE marker (its save never finished); "
+                f"resume from an earlier checkpoint or use --resume auto"
+            )
         return record
 
-    def load(self, engine, path: str) -> Dict[str, Any]:
+    def load(self, engine, path: str) -> dict[str, Any]:
         """Collective. Restores DeepSpeed state; returns client_state with this rank's `rng` (None when
         the world size changed: per-rank streams do not map onto a different number of ranks)."""
         tag_dir = Path(path)
@@ -349,19 +375,29 @@ class CheckpointManager:
         load_dir = str(tag_dir.parent)
         if saved_world != self.world_size:
             if not engine.load_universal_checkpoint():
-                raise CheckpointError(f"{tag_dir} was saved by {saved_world} ranks; to load it on {self.world_size}, "
-                                      f"call prepare_resume() before building the engine and set "
-                                      f"checkpoint.load_universal in its DeepSpeed config")
+                raise CheckpointError(
+                    f"{tag_dir} was saved by {saved_world} ranks; to load it on {self.world_size}, "
+                    f"call prepare_resume() before building the engine and set "
+                    f"checkpoint.load_universal in its DeepSpeed config"
+                )
             load_dir = str(tag_dir / UNIVERSAL_DIR)
-        loaded, client_state = engine.load_checkpoint(load_dir, tag=tag_dir.name, load_module_strict=True,
-                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        loaded, client_state = engine.load_checkpoint(
+            load_dir,
+            tag=tag_dir.name,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         client_state = client_state or {}
         if loaded is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}; it is damaged, "
-                                  f"resume from another checkpoint")
+            raise CheckpointError(
+                f"DeepSpeed found no checkpoint files in {tag_dir}; it is damaged, resume from another checkpoint"
+            )
         if CLIENT_KEY not in client_state:
-            raise CheckpointError(f"{tag_dir} was not written by eva-train (no {CLIENT_KEY}); "
-                                  f"start from its weights with --model.init_from instead")
+            raise CheckpointError(
+                f"{tag_dir} was not written by eva-train (no {CLIENT_KEY}); "
+                f"start from its weights with --model.init_from instead"
+            )
         client_state = dict(client_state[CLIENT_KEY])
         client_state["rng"] = self._load_rng(tag_dir) if saved_world == self.world_size else None
         if self.rank == 0:
@@ -381,8 +417,9 @@ class CheckpointManager:
         """Rank 0 converts; its failure is raised on every rank (no rank left waiting in a barrier)."""
         error = [""]
         if self.rank == 0:
-            log.info("checkpoint %s was saved by %d ranks, loading on %d: resharding",
-                     tag_dir, saved_world, self.world_size)
+            log.info(
+                "checkpoint %s was saved by %d ranks, loading on %d: resharding", tag_dir, saved_world, self.world_size
+            )
             try:
                 convert_to_universal(tag_dir)
             except CheckpointError as exc:
@@ -392,7 +429,7 @@ class CheckpointManager:
         if error[0]:
             raise CheckpointError(error[0])
 
-    def _load_rng(self, tag_dir: Path) -> Optional[Dict[str, Any]]:
+    def _load_rng(self, tag_dir: Path) -> dict[str, Any] | None:
         path = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
         if not path.exists():
             return None
@@ -419,7 +456,7 @@ class CheckpointManager:
             atomic_write_text(latest, tag_dir.name + "\n")
 
 
-def newest_complete(ckpt_root: Path) -> Optional[Path]:
+def newest_complete(ckpt_root: Path) -> Path | None:
     """`latest` when it names a complete checkpoint; otherwise the highest complete step (a kill
     between COMPLETE and the `latest` rename, or a lost `latest`)."""
     latest = ckpt_root / LATEST_FILE
@@ -430,26 +467,31 @@ def newest_complete(ckpt_root: Path) -> Optional[Path]:
     return newest_healthy(ckpt_root)
 
 
-def newest_healthy(ckpt_root: Path, before_step: Optional[int] = None) -> Optional[Path]:
+def newest_healthy(ckpt_root: Path, before_step: int | None = None) -> Path | None:
     """The highest complete checkpoint not marked unhealthy (with step < before_step when given)."""
-    found = [p for s, p in list_tags(ckpt_root)
-             if is_healthy(read_complete(p)) and (before_step is None or s < before_step)]
+    found = [
+        p for s, p in list_tags(ckpt_root) if is_healthy(read_complete(p)) and (before_step is None or s < before_step)
+    ]
     return found[-1] if found else None
 
 
 def resolve_checkpoint_path(path: Path) -> Path:
     """A tag dir as is; an output dir or its `checkpoints/` -> its newest complete checkpoint."""
     if not path.exists():
-        raise CheckpointError(f"resume path '{path}' does not exist; pass a checkpoint dir "
-                              f"(OUT/checkpoints/step_XXXXXXXX), a run's output dir, auto or none")
+        raise CheckpointError(
+            f"resume path '{path}' does not exist; pass a checkpoint dir "
+            f"(OUT/checkpoints/step_XXXXXXXX), a run's output dir, auto or none"
+        )
     if read_complete(path) is not None:
         return path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     found = newest_complete(path)
     if found is None:
-        raise CheckpointError(f"'{path}' holds no complete checkpoint (no dir with a COMPLETE marker); "
-                              f"pass another path, or --resume none to start fresh")
+        raise CheckpointError(
+            f"'{path}' holds no complete checkpoint (no dir with a COMPLETE marker); "
+            f"pass another path, or --resume none to start fresh"
+        )
     return found
 
 

@@ -1,10 +1,11 @@
 """Who am I in the job: RANK/LOCAL_RANK/WORLD_SIZE from the launcher (deepspeed, torchrun, srun),
 and the process group. DeepSpeed reads no SLURM_* variables, so they are mapped here."""
+
 import datetime
 import os
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import MutableMapping
 
 SLURM_FALLBACK = {"RANK": "SLURM_PROCID", "LOCAL_RANK": "SLURM_LOCALID", "WORLD_SIZE": "SLURM_NTASKS"}
 
@@ -39,8 +40,10 @@ def world_from_env(environ: MutableMapping[str, str] = os.environ) -> WorldInfo:
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
         environ.setdefault("MASTER_PORT", str(_free_port()))
     elif "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
-        raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with `deepspeed`, "
-                         "torchrun or slurm/*.sh (which export them)")
+        raise ValueError(
+            "WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with `deepspeed`, "
+            "torchrun or slurm/*.sh (which export them)"
+        )
     return info
 
 

@@ -1,10 +1,11 @@
 """Crash-safe file primitives shared by everything that marks progress on disk: fsync a file or a
 folder, and write a small file atomically (temp in the same folder -> fsync -> rename -> fsync the
 folder), so a crash leaves either the old content or the new one under the final name."""
+
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def fsync_path(path) -> None:

@@ -14,13 +14,14 @@ list of builtins/collections/numpy types. Any other global is refused (`UnsafePi
 it) before it is looked up: no code from a checkpoint runs. bfloat16 (which numpy lacks) is
 `BF16Array`, a uint16 array subclass; `to_float32` widens it.
 """
+
 import io
 import mmap
 import pickle
 import struct
 import zipfile
 from collections import OrderedDict
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,17 @@ except ImportError:  # numpy 1
 
 LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header: ..., name length, extra length
 STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": "bf16",
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
-    "ByteStorage": np.uint8, "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bf16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "UntypedStorage": np.uint8,
 }
 
 
@@ -66,7 +75,7 @@ class DeepSpeedPlaceholder:
         return f"<{type(self).__qualname__} args={getattr(self, 'args', ())}>"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _placeholder_type(module: str, name: str) -> type:
     return type(name, (DeepSpeedPlaceholder,), {"__module__": "placeholder." + module})
 
@@ -78,10 +87,11 @@ class _StorageType:
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_):
     if 0 in size or not size:
-        return storage[offset:offset + (0 if size else 1)].reshape(size)
+        return storage[offset : offset + (0 if size else 1)].reshape(size)
     itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                           strides=[s * itemsize for s in stride], subok=True, writeable=False)
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=[s * itemsize for s in stride], subok=True, writeable=False
+    )
 
 
 def _rebuild_from_type(func, new_type, args, state):
@@ -110,22 +120,30 @@ ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch", "Size"): tuple,
-    ("torch", "Tensor"): None, ("torch.nn.parameter", "Parameter"): None,  # only as _rebuild_from_type_v2's type
+    ("torch", "Tensor"): None,
+    ("torch.nn.parameter", "Parameter"): None,  # only as _rebuild_from_type_v2's type
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
     **{key: _placeholder_type(*key) for key in _DEEPSPEED_OBJECTS},
     ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
     ("_codecs", "encode"): _latin1_bytes,
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-    **{(module, name): getattr(np_multiarray, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for name in ("_reconstruct", "scalar")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{
+        (module, name): getattr(np_multiarray, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    },
 }
 
 
 def refuse_unlisted(module: str, name: str, path) -> None:
     """The one-line refusal for a global outside `ALLOWED_GLOBALS`, naming it."""
-    raise UnsafePickleError(f"{path} refers to {module}.{name}, which a DeepSpeed checkpoint never holds; refusing "
-                            f"to unpickle it (it would run code of the file's choosing): use a checkpoint you wrote")
+    raise UnsafePickleError(
+        f"{path} refers to {module}.{name}, which a DeepSpeed checkpoint never holds; refusing "
+        f"to unpickle it (it would run code of the file's choosing): use a checkpoint you wrote"
+    )
 
 
 class _Unpickler(pickle.Unpickler):
@@ -160,7 +178,7 @@ def load(path) -> object:
         pkl = next((n for n in names if n.endswith("/data.pkl")), None)
         if pkl is None:
             raise TorchZipError(f"{path} has no data.pkl: not a torch.save file (or the legacy format)")
-        prefix = pkl[:-len("data.pkl")]
+        prefix = pkl[: -len("data.pkl")]
         order = prefix + "byteorder"
         if order in names and archive.read(order).strip() != b"little":
             raise TorchZipError(f"{path} was saved big-endian; load it with torch instead")
@@ -185,7 +203,9 @@ def load(path) -> object:
         except TorchZipError:
             raise
         except Exception as exc:  # noqa: BLE001 - a malformed pickle fails in many ways; one clear line
-            raise TorchZipError(f"{path} cannot be unpickled as a torch.save file ({type(exc).__name__}: {exc})") from None
+            raise TorchZipError(
+                f"{path} cannot be unpickled as a torch.save file ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def check_files(root) -> int:

@@ -1,11 +1,12 @@
 """The training loop of pretrain.py: build every piece (after config checks passed), resume, run steps
 with logging, validation, kNN monitoring, checkpoints, preemption and a stall watchdog."""
+
 import json
 import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import deepspeed
 import torch
@@ -23,9 +24,9 @@ from eva_train.models.teacher import build_teacher
 from eva_train.models.variants import VARIANTS
 from eva_train.optim.schedule import lr_at_step, plan_steps
 from eva_train.plan.gpus import peak_flops
+from eva_train.runtime.checkpoint import CheckpointManager
 from eva_train.runtime.distributed import WorldInfo, init_process_group
 from eva_train.runtime.fsio import atomic_write_text
-from eva_train.runtime.checkpoint import CheckpointManager
 from eva_train.train.engine import Trainer, build_ds_config, build_engine
 from eva_train.train.loop import run_loop
 from eva_train.train.metrics import MetricsSink
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Run:
     """Everything one training process runs with, built once by `build_run`; the loop reads it."""
+
     cfg: Config
     world: WorldInfo
     device: torch.device
@@ -51,14 +53,14 @@ class Run:
     start_step: int
     warmup_steps: int
     flops_per_image: float
-    peak_flops: Optional[float]
-    ds_config: Dict[str, Any]
-    kernels: Dict[str, Any]                    # backend, Triton version, the self-check's verdicts (config.json)
-    val_loader: Optional[SignalSafeLoader] = None
-    knn: Optional[KnnMonitor] = None
-    client_rng: Optional[dict] = None          # RNG state of the checkpoint resumed from
-    health: Optional[dict] = None              # the divergence guard's state in that checkpoint
-    bad_samples: Tuple[int, int] = (0, 0)      # (replaced, seen) by the run this one resumes
+    peak_flops: float | None
+    ds_config: dict[str, Any]
+    kernels: dict[str, Any]  # backend, Triton version, the self-check's verdicts (config.json)
+    val_loader: SignalSafeLoader | None = None
+    knn: KnnMonitor | None = None
+    client_rng: dict | None = None  # RNG state of the checkpoint resumed from
+    health: dict | None = None  # the divergence guard's state in that checkpoint
+    bad_samples: tuple[int, int] = (0, 0)  # (replaced, seen) by the run this one resumes
     grad_accum: int = 1
     code_version: str = ""
 
@@ -75,10 +77,19 @@ def prepare_data(cfg: Config) -> None:
 
 
 def _loader(cfg: Config, world: WorldInfo, paths, train: bool, sampler_state=None):
-    return build_loader(cfg.data, cfg.mask, index_paths=paths, img_size=cfg.model.img_size,
-                        patch_size=VARIANTS[cfg.model.variant].patch_size, micro_batch_size=cfg.train.micro_batch_size,
-                        rank=world.rank, world_size=world.world_size, seed=cfg.train.seed, train=train,
-                        sampler_state=sampler_state)
+    return build_loader(
+        cfg.data,
+        cfg.mask,
+        index_paths=paths,
+        img_size=cfg.model.img_size,
+        patch_size=VARIANTS[cfg.model.variant].patch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        seed=cfg.train.seed,
+        train=train,
+        sampler_state=sampler_state,
+    )
 
 
 def _flops_per_image(cfg: Config, teacher) -> float:
@@ -87,11 +98,12 @@ def _flops_per_image(cfg: Config, teacher) -> float:
     return train_flops_per_image(cfg.model, teacher.forward_flops_per_image(), teacher.out_dim, num_masked)
 
 
-def _knn_monitor(cfg: Config, world: WorldInfo) -> Optional[KnnMonitor]:
+def _knn_monitor(cfg: Config, world: WorldInfo) -> KnnMonitor | None:
     if cfg.eval.knn_every_steps <= 0:
         return None
-    return KnnMonitor(cfg.eval, cfg.model.img_size, VARIANTS[cfg.model.variant].patch_size, world.rank,
-                      world.world_size)
+    return KnnMonitor(
+        cfg.eval, cfg.model.img_size, VARIANTS[cfg.model.variant].patch_size, world.rank, world.world_size
+    )
 
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,9 +117,16 @@ def _autotune_kernels(cfg: Config, grid: int, device: torch.device) -> dict:
         return {}
     variant = VARIANTS[cfg.model.variant]
     norm_widths = [variant.mlp_hidden_dim] if variant.sub_ln else []
-    shapes = eva_kernels.vit_shapes(cfg.train.micro_batch_size, grid * grid + 1, variant.embed_dim, variant.num_heads,
-                                    PRECISION_DTYPES[cfg.train.precision], rope=variant.rope,
-                                    extra_norm_widths=norm_widths, device=device.type)
+    shapes = eva_kernels.vit_shapes(
+        cfg.train.micro_batch_size,
+        grid * grid + 1,
+        variant.embed_dim,
+        variant.num_heads,
+        PRECISION_DTYPES[cfg.train.precision],
+        rope=variant.rope,
+        extra_norm_widths=norm_widths,
+        device=device.type,
+    )
     return eva_kernels.autotune(shapes)["kernels"]
 
 
@@ -125,26 +144,50 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
     if ckpt.prepare_resume(resume_path):  # saved by another number of ranks: DeepSpeed's universal loader
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     # model.init_from starts a run; a resumed run continues from its checkpoint instead
-    engine, optimizer = build_engine(cfg, ds_config, teacher.out_dim, device, "" if resume_path else cfg.model.init_from)
+    engine, optimizer = build_engine(
+        cfg, ds_config, teacher.out_dim, device, "" if resume_path else cfg.model.init_from
+    )
     torch.manual_seed(cfg.train.seed * 1_000_003 + world.rank + 1)  # per-rank drop-path streams
     client = ckpt.load(engine, resume_path) if resume_path else {}
     if resume_path:
         log.info("resumed from %s at step %d", resume_path, client["step"])
     loader, sampler = _loader(cfg, world, cfg.data.index, True, client.get("sampler_state"))
     val_loader = _loader(cfg, world, cfg.data.val_index, False)[0] if cfg.data.val_index else None
-    total, warmup = plan_steps(total_steps=cfg.train.total_steps, epochs=cfg.train.epochs,
-                               warmup_steps=cfg.optim.warmup_steps, warmup_epochs=cfg.optim.warmup_epochs,
-                               dataset_size=sampler.epoch_length, global_batch_size=cfg.train.global_batch_size)
+    total, warmup = plan_steps(
+        total_steps=cfg.train.total_steps,
+        epochs=cfg.train.epochs,
+        warmup_steps=cfg.optim.warmup_steps,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        dataset_size=sampler.epoch_length,
+        global_batch_size=cfg.train.global_batch_size,
+    )
     lr_fn = partial(lr_at_step, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, total_steps=total)
     trainer = Trainer(engine, teacher, optimizer, device, cfg.train.precision, lr_fn)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return Run(cfg=cfg, world=world, device=device, trainer=trainer, engine=engine, loader=loader, sampler=sampler,
-               ckpt=ckpt, total_steps=total, start_step=int(client.get("step", 0)), warmup_steps=warmup,
-               flops_per_image=_flops_per_image(cfg, teacher), peak_flops=peak_flops(device_name, cfg.train.precision),
-               ds_config=ds_config, kernels={**eva_kernels.describe(), "selfcheck": kernel_decisions},
-               val_loader=val_loader, knn=_knn_monitor(cfg, world), client_rng=client.get("rng"),
-               health=client.get("health"), bad_samples=tuple(client.get("bad_samples", (0, 0))),
-               grad_accum=derived_grad_accum(cfg, world.world_size), code_version=code_version)
+    return Run(
+        cfg=cfg,
+        world=world,
+        device=device,
+        trainer=trainer,
+        engine=engine,
+        loader=loader,
+        sampler=sampler,
+        ckpt=ckpt,
+        total_steps=total,
+        start_step=int(client.get("step", 0)),
+        warmup_steps=warmup,
+        flops_per_image=_flops_per_image(cfg, teacher),
+        peak_flops=peak_flops(device_name, cfg.train.precision),
+        ds_config=ds_config,
+        kernels={**eva_kernels.describe(), "selfcheck": kernel_decisions},
+        val_loader=val_loader,
+        knn=_knn_monitor(cfg, world),
+        client_rng=client.get("rng"),
+        health=client.get("health"),
+        bad_samples=tuple(client.get("bad_samples", (0, 0))),
+        grad_accum=derived_grad_accum(cfg, world.world_size),
+        code_version=code_version,
+    )
 
 
 def write_run_config(run: Run) -> None:
@@ -152,10 +195,16 @@ def write_run_config(run: Run) -> None:
     if run.world.rank != 0:
         return
     record = run.cfg.to_dict()
-    record["run"] = {"world_size": run.world.world_size, "gradient_accumulation_steps": run.grad_accum,
-                     "total_steps": run.total_steps, "warmup_steps": run.warmup_steps,
-                     "kernels": run.kernels, "code_version": run.code_version,
-                     "deepspeed": run.ds_config, "device": str(run.device)}
+    record["run"] = {
+        "world_size": run.world.world_size,
+        "gradient_accumulation_steps": run.grad_accum,
+        "total_steps": run.total_steps,
+        "warmup_steps": run.warmup_steps,
+        "kernels": run.kernels,
+        "code_version": run.code_version,
+        "deepspeed": run.ds_config,
+        "device": str(run.device),
+    }
     atomic_write_text(Path(run.cfg.train.output_dir) / "config.json", json.dumps(record, indent=2))
 
 
@@ -172,7 +221,7 @@ def train(cfg: Config, world: WorldInfo, code_version: str) -> int:
         if slurm_job_summary():
             log.info(slurm_job_summary())  # which job, which restart, which task: the requeue history in the log
     except BaseException:  # e.g. a teacher file that broke after the start-up check: pretrain.main says it
-        watchdog.stop()    # in one line; the watchdog must not dump stacks meanwhile
+        watchdog.stop()  # in one line; the watchdog must not dump stacks meanwhile
         raise
     sink = MetricsSink(cfg.train.output_dir, cfg.logging, cfg.to_dict(), world.rank, run.total_steps, run.start_step)
     try:
@@ -198,7 +247,9 @@ def _final_report(run: Run) -> None:
     e, d = run.cfg.eval, run.cfg.data
     if not ((e.knn_train_index and e.knn_val_index) or (d.index and d.val_index)):
         # checked here, not at start-up: a training run must not die at its end over a report
-        log.warning("eval.final_report skipped: it needs a labeled train/val pair (eval.knn_train_index and "
-                    "eval.knn_val_index, or data.val_index)")
+        log.warning(
+            "eval.final_report skipped: it needs a labeled train/val pair (eval.knn_train_index and "
+            "eval.knn_val_index, or data.val_index)"
+        )
         return
     final_report(run.cfg, run.engine.module, rank=run.world.rank, world_size=run.world.world_size)

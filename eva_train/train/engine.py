@@ -1,11 +1,13 @@
 """The DeepSpeed side of training: the DeepSpeed config (batch sizes from the recipe), the student
 under ZeRO, AdamW param groups, the frozen teacher outside the engine, and one optimizer step."""
+
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any
 
 import torch
 
@@ -27,17 +29,21 @@ def resolve_ds_config_path(path: str) -> Path:
         if candidate.is_file():
             return candidate
     shipped = ", ".join(sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json")))
-    raise ConfigError(f"deepspeed config '{path}' not found; pass --deepspeed_config with one of "
-                      f"ds_configs/{{{shipped}}} or your own file")
+    raise ConfigError(
+        f"deepspeed config '{path}' not found; pass --deepspeed_config with one of "
+        f"ds_configs/{{{shipped}}} or your own file"
+    )
 
 
-def _check_agrees(raw: Dict[str, Any], key: str, wanted: Any, source: str) -> None:
+def _check_agrees(raw: dict[str, Any], key: str, wanted: Any, source: str) -> None:
     if key in raw and raw[key] != "auto" and raw[key] != wanted:
-        raise ConfigError(f"{source} sets {key}={raw[key]!r} but the recipe implies {wanted!r}; batch sizes, "
-                          f"clipping and precision come from the recipe: delete {key} from the JSON or change the recipe")
+        raise ConfigError(
+            f"{source} sets {key}={raw[key]!r} but the recipe implies {wanted!r}; batch sizes, "
+            f"clipping and precision come from the recipe: delete {key} from the JSON or change the recipe"
+        )
 
 
-def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The JSON (ZeRO + precision details) completed from the recipe; contradictions are ConfigErrors."""
     path = resolve_ds_config_path(cfg.train.deepspeed_config)
     try:
@@ -46,21 +52,29 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
         raise ConfigError(f"deepspeed config {path} is not valid JSON ({error}); fix the file") from None
     for owned in ("optimizer", "scheduler"):
         if owned in raw:
-            raise ConfigError(f"{path} has an '{owned}' block; the optimizer and lr schedule come from the "
-                              f"recipe's [optim] section: delete the block")
+            raise ConfigError(
+                f"{path} has an '{owned}' block; the optimizer and lr schedule come from the "
+                f"recipe's [optim] section: delete the block"
+            )
     stage = raw.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         # stage 0 (fp32/bf16) steps the optimizer without checking the gradients: a NaN would be applied
-        raise ConfigError(f"{path}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (their optimizers skip a "
-                          f"step with non-finite gradients, which the divergence guard relies on)")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (their optimizers skip a "
+            f"step with non-finite gradients, which the divergence guard relies on)"
+        )
     for section, key in (("bf16", "check_grad_overflow"), ("zero_optimization", "compute_grad_norm")):
         if raw.get(section, {}).get(key, True) is not True:
-            raise ConfigError(f"{path}: {section}.{key} must stay true (without it ZeRO-1/2 apply a step with NaN "
-                              f"gradients instead of skipping it, as the divergence guard needs); delete the key")
-    wanted = {"train_batch_size": cfg.train.global_batch_size,
-              "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-              "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
-              "gradient_clipping": float(cfg.optim.grad_clip)}
+            raise ConfigError(
+                f"{path}: {section}.{key} must stay true (without it ZeRO-1/2 apply a step with NaN "
+                f"gradients instead of skipping it, as the divergence guard needs); delete the key"
+            )
+    wanted = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": derived_grad_accum(cfg, world_size),
+        "gradient_clipping": float(cfg.optim.grad_clip),
+    }
     for key, value in wanted.items():
         _check_agrees(raw, key, value, str(path))
     for precision in ("bf16", "fp16"):
@@ -70,16 +84,16 @@ def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     config["bf16"] = dict(raw.get("bf16", {}), enabled=cfg.train.precision == "bf16")
     config["fp16"] = dict(raw.get("fp16", {}), enabled=cfg.train.precision == "fp16")
     if cfg.train.precision == "fp16":
-        config["fp16"].setdefault("loss_scale", 0)            # dynamic loss scale, as the EVA-01 run
+        config["fp16"].setdefault("loss_scale", 0)  # dynamic loss scale, as the EVA-01 run
         config["fp16"].setdefault("initial_scale_power", 16)
     return config
 
 
-def zero_stage(ds_config: Dict[str, Any]) -> int:
+def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: decay for matrices; none for biases, norms, position tables, cls/mask tokens.
     Shapes via `ds_shape` under ZeRO-3, where a partitioned parameter's own tensor is empty."""
     decay, no_decay = [], []
@@ -92,7 +106,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_student(cfg: Config, teacher_dim: int, ds_config: Dict[str, Any], init_from: str = "") -> torch.nn.Module:
+def build_student(cfg: Config, teacher_dim: int, ds_config: dict[str, Any], init_from: str = "") -> torch.nn.Module:
     """The student, built partitioned under ZeRO-3 so EVA-g never exists whole on one rank, then
     loaded from `init_from` (model.init_from, skipped by the caller when resuming) if given."""
     import deepspeed
@@ -117,33 +131,34 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 
 @dataclass
 class StepResult:
-    loss: float          # mean over the step's micro batches and all ranks
-    grad_norm: float     # global, before clipping (nan when DeepSpeed does not report it)
+    loss: float  # mean over the step's micro batches and all ranks
+    grad_norm: float  # global, before clipping (nan when DeepSpeed does not report it)
     lr: float
-    loss_finite: bool = True     # on every rank (agreed)
-    grads_finite: bool = True    # the global norm was finite, so DeepSpeed applied the step (agreed)
-    loss_scale: float = 1.0      # fp16's dynamic scale; 1 for fp32/bf16
-    bad_samples: int = 0         # this step's replaced (undecodable) samples, all ranks
-    seen_samples: int = 0        # this step's samples, all ranks
+    loss_finite: bool = True  # on every rank (agreed)
+    grads_finite: bool = True  # the global norm was finite, so DeepSpeed applied the step (agreed)
+    loss_scale: float = 1.0  # fp16's dynamic scale; 1 for fp32/bf16
+    bad_samples: int = 0  # this step's replaced (undecodable) samples, all ranks
+    seen_samples: int = 0  # this step's samples, all ranks
 
 
 class Trainer:
     """One optimizer step = gradient_accumulation_steps micro batches through the DeepSpeed engine."""
 
-    def __init__(self, engine, teacher, optimizer, device: torch.device, precision: str,
-                 lr_at_step: Callable[[int], float]):
+    def __init__(
+        self, engine, teacher, optimizer, device: torch.device, precision: str, lr_at_step: Callable[[int], float]
+    ):
         self.engine, self.teacher, self.optimizer = engine, teacher, optimizer
         self.device, self.dtype, self.lr_at_step = device, DTYPES[precision], lr_at_step
         self.faults = FaultPlan(_rank())  # test-only (EVA_FAULT_INJECT); inert otherwise
 
-    def micro_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        images = batch["images"].to(self.device, non_blocking=True)           # (B,3,H,W) uint8
-        mask = batch["mask"].to(self.device, non_blocking=True)               # (B,N) bool
-        target = self.teacher(images)                                         # (B,N,C) fp32, no grad
-        pred = self.engine(normalize_images(images, self.dtype), mask)        # (M,C)
+    def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images = batch["images"].to(self.device, non_blocking=True)  # (B,3,H,W) uint8
+        mask = batch["mask"].to(self.device, non_blocking=True)  # (B,N) bool
+        target = self.teacher(images)  # (B,N,C) fp32, no grad
+        pred = self.engine(normalize_images(images, self.dtype), mask)  # (M,C)
         return masked_cosine_loss(pred, target, mask)
 
-    def train_step(self, step: int, micro_batches: Sequence[Dict[str, torch.Tensor]]) -> StepResult:
+    def train_step(self, step: int, micro_batches: Sequence[dict[str, torch.Tensor]]) -> StepResult:
         """Optimizer step number `step` (0-based) on this rank's micro batches."""
         lr = self.lr_at_step(step)
         for group in self.optimizer.param_groups:
@@ -167,19 +182,28 @@ class Trainer:
         _all_reduce_sum(packed)
         loss_finite, grads_finite = bool(packed[1] == 0), bool(packed[2] == 0)
         if applied and not (loss_finite and grads_finite and (reported is None or math.isfinite(grad_norm))):
-            raise RuntimeError(f"step {step + 1}: DeepSpeed applied an optimizer step with a non-finite loss or "
-                               f"gradient norm ({grad_norm}); the divergence guard cannot undo it")
+            raise RuntimeError(
+                f"step {step + 1}: DeepSpeed applied an optimizer step with a non-finite loss or "
+                f"gradient norm ({grad_norm}); the divergence guard cannot undo it"
+            )
         loss_scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0))
-        return StepResult(loss=float(packed[0] / _world_size()), grad_norm=grad_norm, lr=lr, loss_finite=loss_finite,
-                          grads_finite=grads_finite, loss_scale=loss_scale, bad_samples=int(packed[3]),
-                          seen_samples=int(packed[4]))
+        return StepResult(
+            loss=float(packed[0] / _world_size()),
+            grad_norm=grad_norm,
+            lr=lr,
+            loss_finite=loss_finite,
+            grads_finite=grads_finite,
+            loss_scale=loss_scale,
+            bad_samples=int(packed[3]),
+            seen_samples=int(packed[4]),
+        )
 
     @torch.no_grad()
     def val_loss(self, loader) -> float:
         """Mean loss over one pass of the val loader (every rank runs the same number of forwards)."""
         self.engine.eval()
         try:
-            total = torch.zeros(2, device=self.device, dtype=torch.float64)   # (sum of loss x images, images)
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of loss x images, images)
             for batch in loader:
                 n = batch["images"].shape[0]
                 total += torch.tensor([self.micro_loss(batch).item() * n, n], device=self.device, dtype=torch.float64)
@@ -216,15 +240,19 @@ def _nan_unless_finite(loss: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, torch.ones_like(loss), torch.full_like(loss, float("nan"))).detach()
 
 
-def build_engine(cfg: Config, ds_config: Dict[str, Any], teacher_dim: int, device: torch.device,
-                 init_from: str = ""):
+def build_engine(cfg: Config, ds_config: dict[str, Any], teacher_dim: int, device: torch.device, init_from: str = ""):
     """(DeepSpeed engine, the AdamW it wraps)."""
     import deepspeed
 
     model = build_student(cfg, teacher_dim, ds_config, init_from)
     optimizer = build_optimizer(model, cfg, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    log.info("engine: ZeRO stage %d, %s, micro %d x accumulation %d, %d ranks", zero_stage(ds_config),
-             cfg.train.precision, ds_config["train_micro_batch_size_per_gpu"],
-             ds_config["gradient_accumulation_steps"], engine.world_size)
+    log.info(
+        "engine: ZeRO stage %d, %s, micro %d x accumulation %d, %d ranks",
+        zero_stage(ds_config),
+        cfg.train.precision,
+        ds_config["train_micro_batch_size_per_gpu"],
+        ds_config["gradient_accumulation_steps"],
+        engine.world_size,
+    )
     return engine, optimizer

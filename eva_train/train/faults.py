@@ -8,8 +8,8 @@ EVA_FAULT_INJECT is set. Never set it in a real run.
 Each (kind, step) fires once per process: a spike reload runs step numbers again on other
 batches, and a real spike tied to the skipped data would not come back either.
 """
+
 import os
-from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -18,7 +18,7 @@ KINDS = ("nan_loss", "loss_spike")
 SPIKE_FACTOR = 20.0
 
 
-def _steps(text: str) -> List[int]:
+def _steps(text: str) -> list[int]:
     steps = []
     for part in text.split(","):
         first, _, last = part.partition("-")
@@ -26,9 +26,9 @@ def _steps(text: str) -> List[int]:
     return steps
 
 
-def parse(spec: str, rank: int) -> Dict[int, Set[str]]:
+def parse(spec: str, rank: int) -> dict[int, set[str]]:
     """{step: kinds} that apply to `rank`; a malformed spec raises ValueError naming the entry."""
-    plan: Dict[int, Set[str]] = {}
+    plan: dict[int, set[str]] = {}
     for entry in filter(None, (e.strip() for e in spec.split(";"))):
         kind, _, where = entry.partition("@")
         steps, _, only_rank = where.partition(":")
@@ -38,17 +38,19 @@ def parse(spec: str, rank: int) -> Dict[int, Set[str]]:
             selected = _steps(steps)
             applies = not only_rank or int(only_rank) == rank
         except ValueError:
-            raise ValueError(f"{ENV_VAR}: bad entry {entry!r}; write KIND@STEPS[:RANK] with KIND in "
-                             f"{', '.join(KINDS)}, e.g. nan_loss@3,4 or loss_spike@6-8") from None
+            raise ValueError(
+                f"{ENV_VAR}: bad entry {entry!r}; write KIND@STEPS[:RANK] with KIND in "
+                f"{', '.join(KINDS)}, e.g. nan_loss@3,4 or loss_spike@6-8"
+            ) from None
         for step in selected if applies else ():
             plan.setdefault(step, set()).add(kind)
     return plan
 
 
 class FaultPlan:
-    def __init__(self, rank: int, spec: Optional[str] = None):
+    def __init__(self, rank: int, spec: str | None = None):
         self.plan = parse(os.environ.get(ENV_VAR, "") if spec is None else spec, rank)
-        self.fired: Set[Tuple[str, int]] = set()
+        self.fired: set[tuple[str, int]] = set()
 
     def apply(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss of step number `step`, with this step's faults applied."""

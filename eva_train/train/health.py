@@ -22,39 +22,43 @@ statistic is the cosine distance `loss + 1` (>= 0). A step spikes when its dista
 once the window is full). `spike_patience` consecutive spikes ask the loop to reload the newest
 healthy checkpoint and skip the batches since it.
 """
+
 import statistics
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 LOSS_FLOOR = -1.0  # masked_cosine_loss is -mean cos: never below -1
 
 
 @dataclass
 class Verdict:
-    bad: bool            # non-finite: counted toward max_bad_steps
-    skipped: bool        # the optimizer step was not applied
+    bad: bool  # non-finite: counted toward max_bad_steps
+    skipped: bool  # the optimizer step was not applied
     spike: bool
-    action: str = ""     # "" | "stop" (K bad in a row) | "reload" (spike patience reached)
+    action: str = ""  # "" | "stop" (K bad in a row) | "reload" (spike patience reached)
 
 
 class DivergenceGuard:
     """Same inputs on every rank (all-reduced loss and flags, DeepSpeed's global norm) -> same verdicts."""
 
-    def __init__(self, train_cfg, state: Optional[Dict[str, Any]] = None):
+    def __init__(self, train_cfg, state: dict[str, Any] | None = None):
         self.max_bad_steps = train_cfg.max_bad_steps
         self.spike_factor, self.spike_window = train_cfg.spike_factor, train_cfg.spike_window
         self.spike_patience = train_cfg.spike_patience
         state = state or {}
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.spike_reloads = int(state.get("spike_reloads", 0))
-        self.recent: List[float] = [float(x) for x in state.get("recent_distances", [])]
+        self.recent: list[float] = [float(x) for x in state.get("recent_distances", [])]
         # streaks are never saved: no checkpoint is written while one is open (may_save)
         self.bad_streak = self.spike_streak = 0
-        self.streak_start: Optional[int] = None  # first step of the open bad or spike streak
+        self.streak_start: int | None = None  # first step of the open bad or spike streak
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "spike_reloads": self.spike_reloads,
-                "recent_distances": list(self.recent)}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_steps": self.skipped_steps,
+            "spike_reloads": self.spike_reloads,
+            "recent_distances": list(self.recent),
+        }
 
     def may_save(self) -> bool:
         """A checkpoint now would hold state from finite, non-spiking steps only."""
@@ -86,7 +90,7 @@ class DivergenceGuard:
             self.streak_start = step if self.spike_streak == 1 else self.streak_start
             return Verdict(False, False, True, "reload" if self.spike_streak >= self.spike_patience else "")
         self.spike_streak = 0
-        self.recent = (self.recent + [distance])[-self.spike_window:]
+        self.recent = (self.recent + [distance])[-self.spike_window :]
         return Verdict(False, False, False)
 
     def spike_handled(self) -> None:

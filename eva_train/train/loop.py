@@ -1,14 +1,15 @@
 """The step loop: data -> step -> (val, kNN) -> log -> checkpoint -> preemption, deterministic across resume."""
+
 import logging
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from eva_train.data import BadSampleMonitor
-from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 from eva_train.runtime.checkpoint import newest_healthy
+from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 from eva_train.train.health import DivergenceGuard, Verdict
 from eva_train.train.metrics import ThroughputMeter, memory_gib, trim_after
 from eva_train.train.watchdog import SAVE_TIMEOUT_S
@@ -16,20 +17,25 @@ from eva_train.train.watchdog import SAVE_TIMEOUT_S
 log = logging.getLogger(__name__)
 
 
-def _next_micro_batches(run, batches) -> List[Dict[str, torch.Tensor]]:
+def _next_micro_batches(run, batches) -> list[dict[str, torch.Tensor]]:
     return [next(batches) for _ in range(run.grad_accum)]
 
 
-def client_state(run, step: int, monitor, guard: Optional[DivergenceGuard] = None) -> Dict[str, Any]:
+def client_state(run, step: int, monitor, guard: DivergenceGuard | None = None) -> dict[str, Any]:
     consumed_this_run = (step - run.start_step) * run.cfg.train.global_batch_size
-    return {"step": step, "samples_seen": step * run.cfg.train.global_batch_size,
-            "bad_samples": [monitor.bad_samples, monitor.seen_samples],  # whole run, all ranks
-            "sampler_state": run.sampler.state_after(consumed_this_run), "rng": capture_rng_state(),
-            "config": run.cfg.to_dict(), "code_version": run.code_version,
-            "health": guard.state_dict() if guard is not None else {}}
+    return {
+        "step": step,
+        "samples_seen": step * run.cfg.train.global_batch_size,
+        "bad_samples": [monitor.bad_samples, monitor.seen_samples],  # whole run, all ranks
+        "sampler_state": run.sampler.state_after(consumed_this_run),
+        "rng": capture_rng_state(),
+        "config": run.cfg.to_dict(),
+        "code_version": run.code_version,
+        "health": guard.state_dict() if guard is not None else {},
+    }
 
 
-def _evaluations(run, step: int) -> Dict[str, float]:
+def _evaluations(run, step: int) -> dict[str, float]:
     """val loss / kNN numbers due after `step` (same decision on every rank: collectives inside)."""
     out = {}
     every = run.cfg.train.val_every_steps
@@ -40,14 +46,21 @@ def _evaluations(run, step: int) -> Dict[str, float]:
     return out
 
 
-def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int, guard) -> Dict[str, Any]:
+def _record(run, step: int, result, meter: ThroughputMeter, bad_samples: int, guard) -> dict[str, Any]:
     samples_seen = step * run.cfg.train.global_batch_size
     record = {"step": step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm}
     record.update(meter.read(run.flops_per_image, run.peak_flops, run.world.world_size))
-    record.update({"epoch": samples_seen / run.sampler.epoch_length, "bad_samples": bad_samples,
-                   "samples_seen": samples_seen, "memory_gib": round(memory_gib(run.device), 3),
-                   "skipped_steps": guard.skipped_steps, "spike_reloads": guard.spike_reloads,
-                   "skipped_samples": run.sampler.skipped_before + run.sampler.skipped})
+    record.update(
+        {
+            "epoch": samples_seen / run.sampler.epoch_length,
+            "bad_samples": bad_samples,
+            "samples_seen": samples_seen,
+            "memory_gib": round(memory_gib(run.device), 3),
+            "skipped_steps": guard.skipped_steps,
+            "spike_reloads": guard.spike_reloads,
+            "skipped_samples": run.sampler.skipped_before + run.sampler.skipped,
+        }
+    )
     return record
 
 
@@ -75,15 +88,20 @@ def _settle_checkpoint(run, step: int, verdict: Verdict, guard: DivergenceGuard)
 def _divergence_message(run, step: int, guard: DivergenceGuard, result) -> str:
     first = guard.streak_start
     healthy = newest_healthy(run.ckpt.root)
-    advice = (f"newest healthy checkpoint: {healthy}; resume from it (--resume {healthy}) with a lower --optim.lr "
-              f"or after checking the data" if healthy else
-              "no healthy checkpoint was written; start again with a lower --optim.lr")
-    return (f"training diverged: {guard.bad_streak} consecutive non-finite steps ({first}-{step}, last loss "
-            f"{result.loss}, grad norm {result.grad_norm}; train.max_bad_steps={guard.max_bad_steps}); "
-            f"stopped without saving; {advice}")
+    advice = (
+        f"newest healthy checkpoint: {healthy}; resume from it (--resume {healthy}) with a lower --optim.lr "
+        f"or after checking the data"
+        if healthy
+        else "no healthy checkpoint was written; start again with a lower --optim.lr"
+    )
+    return (
+        f"training diverged: {guard.bad_streak} consecutive non-finite steps ({first}-{step}, last loss "
+        f"{result.loss}, grad norm {result.grad_norm}; train.max_bad_steps={guard.max_bad_steps}); "
+        f"stopped without saving; {advice}"
+    )
 
 
-def _reload_target(run, spike_start: int) -> Optional[str]:
+def _reload_target(run, spike_start: int) -> str | None:
     """Rank 0 picks, every rank gets the same answer: the newest healthy checkpoint older than the
     weights the first spike step ran from (those may be the cause)."""
     found = [None]
@@ -116,9 +134,17 @@ def _reload_after_spike(run, step: int, guard: DivergenceGuard, sink, watchdog, 
     if sink.enabled:
         trim_after(sink.path, back_to)  # the abandoned steps' lines go to metrics.abandoned.jsonl
     if run.world.rank == 0:
-        log.warning("loss spike at steps %d-%d (train.spike_factor=%g): reloaded %s and skipped the %d samples "
-                    "used since it (sampler now at epoch %d position %d)", spike_start, step,
-                    run.cfg.train.spike_factor, target, (step - back_to) * batch, state["epoch"], state["position"])
+        log.warning(
+            "loss spike at steps %d-%d (train.spike_factor=%g): reloaded %s and skipped the %d samples "
+            "used since it (sampler now at epoch %d position %d)",
+            spike_start,
+            step,
+            run.cfg.train.spike_factor,
+            target,
+            (step - back_to) * batch,
+            state["epoch"],
+            state["position"],
+        )
     return back_to, batches
 
 
@@ -131,7 +157,7 @@ def _stop_reason(run, step: int, preempted: bool) -> str:
     return "max_steps" if limit > 0 and step - run.start_step >= limit else ""
 
 
-def run_loop(run, sink, preemption, watchdog) -> Tuple[str, int]:
+def run_loop(run, sink, preemption, watchdog) -> tuple[str, int]:
     """Steps start_step..total_steps-1; returns (finished / preempted / max_steps / diverged (nothing saved), the
     last step taken)."""
     batches = iter(run.loader)  # before the RNG restore: creating the iterator draws from torch's RNG
@@ -156,8 +182,13 @@ def run_loop(run, sink, preemption, watchdog) -> Tuple[str, int]:
         meter.add(run.cfg.train.global_batch_size, data_wait_s)
         sink.advance()
         if verdict.skipped and run.world.rank == 0:
-            log.warning("step %d skipped (loss %s, grad norm %s): %d skipped so far", step, result.loss,
-                        result.grad_norm, guard.skipped_steps)
+            log.warning(
+                "step %d skipped (loss %s, grad norm %s): %d skipped so far",
+                step,
+                result.loss,
+                result.grad_norm,
+                guard.skipped_steps,
+            )
         if verdict.action:  # same verdict on every rank: it comes from all-reduced numbers
             sink.write(_record(run, step, result, meter, monitor.bad_samples, guard))
             meter.reset()
@@ -170,8 +201,9 @@ def run_loop(run, sink, preemption, watchdog) -> Tuple[str, int]:
             step, batches = _reload_after_spike(run, step, guard, sink, watchdog, batches)
         evaluations = _evaluations(run, step) if not verdict.action else {}
         reason = _stop_reason(run, step, preemption.agree(run.device))
-        if not verdict.action and (step % run.cfg.logging.log_every_steps == 0 or evaluations or reason
-                                   or verdict.skipped or verdict.spike):
+        if not verdict.action and (
+            step % run.cfg.logging.log_every_steps == 0 or evaluations or reason or verdict.skipped or verdict.spike
+        ):
             sink.write({**_record(run, step, result, meter, monitor.bad_samples, guard), **evaluations})
             meter.reset()
         if run.ckpt.due(step) or reason:

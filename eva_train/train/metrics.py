@@ -5,18 +5,20 @@ wandb: one run per output dir for its whole life. Its id is kept in OUT/wandb_id
 (requeue, kill + resume, another world size) continues the same run; the x-axis is our training
 `step` (a logged metric), not wandb's own counter, so steps a resumed run logs again after a kill
 land where they belong instead of being dropped as "not monotonic"."""
+
 import json
 import logging
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from eva_train.plan.gpus import mfu, peak_flops  # noqa: F401 - peak_flops re-exported: the one GPU table
 from eva_train.runtime.fsio import atomic_write_text
 
 log = logging.getLogger(__name__)
+
 
 def memory_gib(device) -> float:
     """Peak allocated accelerator memory, or this process's resident memory on CPU."""
@@ -43,13 +45,18 @@ class ThroughputMeter:
         self.data_wait_s += data_wait_s
         self.steps += 1
 
-    def read(self, flops_per_image: float, peak_flops_per_device: Optional[float], world_size: int) -> Dict[str, Any]:
+    def read(self, flops_per_image: float, peak_flops_per_device: float | None, world_size: int) -> dict[str, Any]:
         elapsed_s = max(time.perf_counter() - self.start, 1e-9)
         images_per_sec = self.images / elapsed_s
-        utilisation = mfu(flops_per_image, images_per_sec, world_size, peak_flops_per_device) \
-            if peak_flops_per_device else None  # unknown devices (and CPUs) give mfu = null
-        return {"images_per_sec": images_per_sec, "mfu": utilisation, "data_wait_frac": self.data_wait_s / elapsed_s,
-                "step_time_s": elapsed_s / max(1, self.steps)}
+        utilisation = (
+            mfu(flops_per_image, images_per_sec, world_size, peak_flops_per_device) if peak_flops_per_device else None
+        )  # unknown devices (and CPUs) give mfu = null
+        return {
+            "images_per_sec": images_per_sec,
+            "mfu": utilisation,
+            "data_wait_frac": self.data_wait_s / elapsed_s,
+            "step_time_s": elapsed_s / max(1, self.steps),
+        }
 
 
 def trim_after(path: Path, step: int) -> None:
@@ -65,8 +72,13 @@ def trim_after(path: Path, step: int) -> None:
         f.write("".join(line + "\n" for line, is_past in zip(lines, past) if is_past))
     kept = [line for line, is_past in zip(lines, past) if not is_past]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-    log.info("%s: %d lines after step %d (logged after the checkpoint this run starts from) moved to %s",
-             path, len(lines) - len(kept), step, path.with_name("metrics.abandoned.jsonl"))
+    log.info(
+        "%s: %d lines after step %d (logged after the checkpoint this run starts from) moved to %s",
+        path,
+        len(lines) - len(kept),
+        step,
+        path.with_name("metrics.abandoned.jsonl"),
+    )
 
 
 def _step_of(line: str) -> float:
@@ -79,8 +91,9 @@ def _step_of(line: str) -> float:
 class MetricsSink:
     """Where logged metrics go. Rank 0 writes; other ranks hold a sink that does nothing."""
 
-    def __init__(self, output_dir: str, logging_cfg, run_config: Dict[str, Any], rank: int, total_steps: int,
-                 start_step: int):
+    def __init__(
+        self, output_dir: str, logging_cfg, run_config: dict[str, Any], rank: int, total_steps: int, start_step: int
+    ):
         self.enabled = rank == 0
         self.path = Path(output_dir) / "metrics.jsonl"
         self.wandb_run = None
@@ -101,7 +114,7 @@ class MetricsSink:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def write(self, record: Dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:  # one whole line per write: a kill leaves at most a torn last line
@@ -155,7 +168,7 @@ def wandb_run_id(output_dir: str) -> str:
     return run_id
 
 
-def _start_wandb(output_dir: str, logging_cfg, run_config: Dict[str, Any]):
+def _start_wandb(output_dir: str, logging_cfg, run_config: dict[str, Any]):
     try:
         import wandb
     except ImportError as error:
@@ -163,11 +176,18 @@ def _start_wandb(output_dir: str, logging_cfg, run_config: Dict[str, Any]):
         return None
     run_id = wandb_run_id(output_dir)
     mode = wandb_mode()
-    for attempt_mode in ([mode, "offline"] if mode == "online" else [mode]):
+    for attempt_mode in [mode, "offline"] if mode == "online" else [mode]:
         try:
-            run = wandb.init(project=logging_cfg.wandb_project, name=logging_cfg.run_name or None, dir=output_dir,
-                             config=run_config, mode=attempt_mode, id=run_id, resume="allow",
-                             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True))
+            run = wandb.init(
+                project=logging_cfg.wandb_project,
+                name=logging_cfg.run_name or None,
+                dir=output_dir,
+                config=run_config,
+                mode=attempt_mode,
+                id=run_id,
+                resume="allow",
+                settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
+            )
         except Exception as error:
             log.warning("wandb init (%s) failed (%s)", attempt_mode, error)
             continue

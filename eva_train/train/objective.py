@@ -1,5 +1,6 @@
 """The masked-image-modeling objective of EVA: negative cosine similarity between the student's
 predictions and the teacher's features, over masked patches only."""
+
 import torch
 import torch.nn.functional as F
 
@@ -10,7 +11,7 @@ def masked_cosine_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     (-1 = perfect). Computed in fp32: a bf16 cosine over 768-d vectors loses the loss's last digits."""
     if mask.dtype != torch.bool or mask.shape != target.shape[:2]:
         raise ValueError(f"mask must be bool {tuple(target.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
-    picked = target[mask]                                                   # (M, C)
+    picked = target[mask]  # (M, C)
     if pred.shape != picked.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} do not match the {tuple(picked.shape)} masked targets")
     # cosine_similarity normalizes both sides: the EVA-01 target is the normalized teacher feature

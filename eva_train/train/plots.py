@@ -6,31 +6,45 @@ data_wait.png, health.png (skipped steps and bad samples), knn.png (when kNN was
 demo's closing report: pretrained vs random init), and overview.png (the curves on one page). Every curve is
 plotted against the optimizer step; a dashed line marks each resume (a launch that started past step 0).
 """
+
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-Series = Tuple[List[float], List[float]]
+Series = tuple[list[float], list[float]]
 
 # (file stem, title, [(metric key, label, unit scale)], y label, twin (key, label) or None)
 FIGURES = [
-    ("loss", "Training objective (lower is better)", [("loss", "train loss", 1.0), ("val_loss", "val loss", 1.0)],
-     "loss", ("lr", "learning rate")),
+    (
+        "loss",
+        "Training objective (lower is better)",
+        [("loss", "train loss", 1.0), ("val_loss", "val loss", 1.0)],
+        "loss",
+        ("lr", "learning rate"),
+    ),
     ("grad_norm", "Gradient norm (before clipping)", [("grad_norm", "grad norm", 1.0)], "L2 norm", None),
-    ("throughput", "Throughput", [("images_per_sec", "images/s (all ranks)", 1.0)], "images / s",
-     ("mfu", "MFU (fraction of peak)")),
+    (
+        "throughput",
+        "Throughput",
+        [("images_per_sec", "images/s (all ranks)", 1.0)],
+        "images / s",
+        ("mfu", "MFU (fraction of peak)"),
+    ),
     ("data_wait", "Time spent waiting for data", [("data_wait_frac", "data wait", 100.0)], "% of step time", None),
-    ("health", "Skipped steps and bad samples (cumulative)",
-     [("skipped_steps", "skipped steps (non-finite)", 1.0), ("bad_samples", "bad samples replaced", 1.0)],
-     "count", None),
+    (
+        "health",
+        "Skipped steps and bad samples (cumulative)",
+        [("skipped_steps", "skipped steps (non-finite)", 1.0), ("bad_samples", "bad samples replaced", 1.0)],
+        "count",
+        None,
+    ),
     ("knn", "kNN monitor", [("knn_top1", "kNN top-1", 1.0), ("knn_top5", "kNN top-5", 1.0)], "accuracy (%)", None),
 ]
 
 
-def read_jsonl(path: Path) -> List[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     """The whole lines of a JSON-lines file; a torn last line (a run killed mid-write, or still writing) is skipped."""
     if not path.exists():
         return []
@@ -43,11 +57,11 @@ def read_jsonl(path: Path) -> List[dict]:
     return records
 
 
-def load_series(output_dir) -> Dict[str, Series]:
+def load_series(output_dir) -> dict[str, Series]:
     """metric -> (steps, values), one point per step (the last logged value wins), steps increasing.
     metrics.jsonl of a resumed run already holds one line per step (lines past the resumed checkpoint are moved
     aside), so this is one continuous curve across launches."""
-    per_step: Dict[str, Dict[float, float]] = {}
+    per_step: dict[str, dict[float, float]] = {}
     for record in read_jsonl(Path(output_dir) / "metrics.jsonl"):
         step = record.get("step")
         for key, value in record.items():
@@ -56,7 +70,7 @@ def load_series(output_dir) -> Dict[str, Series]:
     return {key: (sorted(points), [points[s] for s in sorted(points)]) for key, points in per_step.items()}
 
 
-def resume_steps(output_dir) -> List[int]:
+def resume_steps(output_dir) -> list[int]:
     """Steps at which a later launch resumed (launches.jsonl is appended by the metrics sink at every start)."""
     return sorted({int(r["step"]) for r in read_jsonl(Path(output_dir) / "launches.jsonl") if r.get("step", 0) > 0})
 
@@ -74,7 +88,7 @@ def _pyplot():
     return plt
 
 
-def _draw_curves(ax, series: Dict[str, Series], figure, resumes: List[int]) -> bool:
+def _draw_curves(ax, series: dict[str, Series], figure, resumes: list[int]) -> bool:
     _, title, curves, ylabel, twin = figure
     drawn = False
     for key, label, scale in curves:
@@ -106,7 +120,7 @@ def _draw_curves(ax, series: Dict[str, Series], figure, resumes: List[int]) -> b
     return True
 
 
-def _save(fig, path: Path, written: Dict[str, Path]) -> None:
+def _save(fig, path: Path, written: dict[str, Path]) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")  # a reader (or a second plot_run) never sees a half-written PNG
     fig.savefig(tmp, dpi=110)
@@ -114,7 +128,7 @@ def _save(fig, path: Path, written: Dict[str, Path]) -> None:
     written[path.stem] = path
 
 
-def _draw_report(plt, report_path: Path, out_dir: Path, written: Dict[str, Path]) -> None:
+def _draw_report(plt, report_path: Path, out_dir: Path, written: dict[str, Path]) -> None:
     report = json.loads(report_path.read_text())
     metrics = [k for k in ("knn_top1", "knn_top5", "linear_top1", "linear_top5") if k in report["pretrained"]]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -124,14 +138,15 @@ def _draw_report(plt, report_path: Path, out_dir: Path, written: Dict[str, Path]
     ax.axhline(100 / report["num_classes"], color="gray", linestyle=":", label="chance")
     ax.set_xticks(list(xs), [k.replace("_", " ") for k in metrics])
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Closing report: {report['num_classes']} classes, {report['num_train']} train / "
-                 f"{report['num_val']} val images")
+    ax.set_title(
+        f"Closing report: {report['num_classes']} classes, {report['num_train']} train / {report['num_val']} val images"
+    )
     ax.legend(fontsize="small")
     _save(fig, out_dir / "final_report.png", written)
     plt.close(fig)
 
 
-def draw_run_plots(output_dir) -> Dict[str, Path]:
+def draw_run_plots(output_dir) -> dict[str, Path]:
     """Draw every picture the run's files allow into OUTPUT_DIR/plots/; returns {name: path}."""
     plt = _pyplot()
     if plt is None:
@@ -151,7 +166,7 @@ def draw_run_plots(output_dir) -> Dict[str, Path]:
         fig, axes = plt.subplots(rows, 2, figsize=(14, 4 * rows), squeeze=False)
         for ax, figure in zip(axes.flat, drawable):
             _draw_curves(ax, series, figure, resumes)
-        for ax in list(axes.flat)[len(drawable):]:
+        for ax in list(axes.flat)[len(drawable) :]:
             ax.axis("off")
         _save(fig, out_dir / "overview.png", written)
         plt.close(fig)
@@ -161,7 +176,7 @@ def draw_run_plots(output_dir) -> Dict[str, Path]:
     return written
 
 
-def draw_run_plots_safely(output_dir) -> Optional[Dict[str, Path]]:
+def draw_run_plots_safely(output_dir) -> dict[str, Path] | None:
     """For the end of a run: a picture that cannot be drawn is a warning, never a failed run."""
     try:
         written = draw_run_plots(output_dir)

@@ -15,6 +15,7 @@ run has closed its logs (`requeue`), since SLURM kills the job as soon as it is 
 Because the handler never raises, a second signal that arrives while the checkpoint is being
 written is recorded and the save runs to completion (its atomic rename happens or not at all).
 """
+
 import argparse
 import logging
 import os
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,16 @@ SLURM_QUERY_TIMEOUT_S = 30
 REQUEUE_TIMEOUT_S = 60
 
 
-def parse_signals(names: Sequence[str]) -> Tuple[int, ...]:
+def parse_signals(names: Sequence[str]) -> tuple[int, ...]:
     """["SIGTERM", "USR1", ...] -> signal numbers; ValueError naming an unknown or unusable one."""
     out = []
     for name in names:
         full = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
         if full not in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGQUIT"):
-            raise ValueError(f"train.save_signals: '{name}' is not a signal a job can save on; use any of "
-                             f"SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT")
+            raise ValueError(
+                f"train.save_signals: '{name}' is not a signal a job can save on; use any of "
+                f"SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT, SIGQUIT"
+            )
         out.append(int(getattr(signal, full)))
     return tuple(out)
 
@@ -57,15 +60,17 @@ class PreemptionHandler:
 
     def __init__(self, signals: Sequence = DEFAULT_SAVE_SIGNALS):
         self.signals = parse_signals([s if isinstance(s, str) else signal.Signals(s).name for s in signals])
-        self.received: List[str] = []       # names of the signals that arrived on this rank, in order
-        self.agreed_signals: List[str] = []  # names that arrived on any rank (after agree() said True)
+        self.received: list[str] = []  # names of the signals that arrived on this rank, in order
+        self.agreed_signals: list[str] = []  # names that arrived on any rank (after agree() said True)
         self._agreed = False
 
     def install(self) -> "PreemptionHandler":
         """Replace the handlers of `signals` (main thread only, as Python requires)."""
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionHandler.install() must run in the main thread (Python only "
-                               "delivers signals there); call it from the training entry point")
+            raise RuntimeError(
+                "PreemptionHandler.install() must run in the main thread (Python only "
+                "delivers signals there); call it from the training entry point"
+            )
         for signum in self.signals:
             signal.signal(signum, self._on_signal)
         return self
@@ -107,8 +112,11 @@ class PreemptionHandler:
         self.agreed_signals = [signal.Signals(s).name for s, f in zip(self.signals, flags) if f]
         self._agreed = bool(self.agreed_signals)
         if self._agreed:
-            log.warning("stop agreed (signals on any rank: %s; on this rank: %s); saving after this step",
-                        ", ".join(self.agreed_signals), ", ".join(self.received) or "none")
+            log.warning(
+                "stop agreed (signals on any rank: %s; on this rank: %s); saving after this step",
+                ", ".join(self.agreed_signals),
+                ", ".join(self.received) or "none",
+            )
         return self._agreed
 
     def requeue(self) -> bool:
@@ -120,37 +128,41 @@ class PreemptionHandler:
         """
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id:
-            log.warning("stopped on %s outside SLURM; resume by running the same command (--resume=auto)",
-                        ", ".join(self.agreed_signals or self.received) or "a signal")
+            log.warning(
+                "stopped on %s outside SLURM; resume by running the same command (--resume=auto)",
+                ", ".join(self.agreed_signals or self.received) or "a signal",
+            )
             return False
         requeue, why = requeue_verdict(query_job(job_id), self.agreed_signals or self.received)
         if not requeue:
-            log.warning("not requeueing SLURM job %s: %s; resume later with --resume=auto in the same output dir",
-                        job_id, why)
+            log.warning(
+                "not requeueing SLURM job %s: %s; resume later with --resume=auto in the same output dir", job_id, why
+            )
             return False
         log.warning("requeueing SLURM job %s: %s", job_id, why)
         return scontrol_requeue(job_id)
 
 
-def query_job(job_id: str) -> Dict[str, str]:
+def query_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o ID` as a field dict; {} when SLURM does not answer."""
     try:
-        done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                              timeout=SLURM_QUERY_TIMEOUT_S)
+        done = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=SLURM_QUERY_TIMEOUT_S
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         log.error("`scontrol show job %s` failed (%s)", job_id, err)
         return {}
     return dict(re.findall(r"(\w+)=(\S*)", done.stdout)) if done.returncode == 0 else {}
 
 
-def _seconds_left(fields: Dict[str, str], now: float) -> Optional[float]:
+def _seconds_left(fields: dict[str, str], now: float) -> float | None:
     try:
         return datetime.strptime(fields.get("EndTime", ""), "%Y-%m-%dT%H:%M:%S").timestamp() - now
     except ValueError:  # "Unknown" (no time limit) or missing
         return None
 
 
-def requeue_verdict(fields: Dict[str, str], signals: Sequence[str], now: Optional[float] = None) -> Tuple[bool, str]:
+def requeue_verdict(fields: dict[str, str], signals: Sequence[str], now: float | None = None) -> tuple[bool, str]:
     """(requeue?, why) from SLURM's fields of the job and the stop signals that arrived.
 
     Observed on SLURM 22.05: a user's `scancel` leaves JobState COMPLETING/CANCELLED with Reason
@@ -172,8 +184,10 @@ def requeue_verdict(fields: Dict[str, str], signals: Sequence[str], now: Optiona
         return True, f"the time limit is {max(left, 0):.0f} s away"
     if WARNING_SIGNAL in signals:
         return True, f"{WARNING_SIGNAL} is the time-limit warning (--signal=B:USR1@N)"
-    return False, (f"{', '.join(signals) or 'the signal'} with the job still RUNNING and neither preempted nor "
-                   f"near its time limit is a request to stop (e.g. scancel --signal=TERM)")
+    return False, (
+        f"{', '.join(signals) or 'the signal'} with the job still RUNNING and neither preempted nor "
+        f"near its time limit is a request to stop (e.g. scancel --signal=TERM)"
+    )
 
 
 def scontrol_requeue(job_id: str) -> bool:
@@ -184,24 +198,30 @@ def scontrol_requeue(job_id: str) -> bool:
         log.error("`%s` failed (%s); resubmit the job to resume", " ".join(cmd), err)
         return False
     if done.returncode != 0:
-        log.error("`%s` exited %d: %s; resubmit the job to resume", " ".join(cmd), done.returncode,
-                  (done.stderr or done.stdout).strip())
+        log.error(
+            "`%s` exited %d: %s; resubmit the job to resume",
+            " ".join(cmd),
+            done.returncode,
+            (done.stderr or done.stdout).strip(),
+        )
         return False
     log.warning("requeued SLURM job %s", job_id)
     return True
 
 
-def slurm_job_summary(environ: Optional[Dict[str, str]] = None) -> str:
+def slurm_job_summary(environ: dict[str, str] | None = None) -> str:
     """One log line naming the SLURM job, its restart count and this task; '' outside SLURM."""
     env = os.environ if environ is None else environ
     if "SLURM_JOB_ID" not in env:
         return ""
-    return (f"SLURM job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')} "
-            f"task {env.get('SLURM_PROCID', '?')}/{env.get('SLURM_NTASKS', '?')} "
-            f"on {env.get('SLURMD_NODENAME', '?')}")
+    return (
+        f"SLURM job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')} "
+        f"task {env.get('SLURM_PROCID', '?')}/{env.get('SLURM_NTASKS', '?')} "
+        f"on {env.get('SLURMD_NODENAME', '?')}"
+    )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m eva_train.train.preemption verdict JOB_ID SIGNAL`: the batch shell's question "requeue?",
     answered by the same rule as rank 0's. Prints the reason; exit 0 = requeue, 1 = do not."""
     parser = argparse.ArgumentParser(description=main.__doc__)

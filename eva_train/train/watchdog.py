@@ -11,6 +11,7 @@ The checker thread needs the GIL. If native code holds the GIL forever, the thre
 so it keeps `faulthandler`'s C-level timer armed `backstop_s` ahead: that timer dumps all stacks
 and exits the process without the GIL. One watchdog per process (faulthandler has one timer).
 """
+
 import faulthandler
 import os
 import socket
@@ -18,15 +19,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Optional, TextIO, Tuple
+from typing import TextIO
 
 STALL_EXIT_CODE = 75
 SAVE_TIMEOUT_S = 3600.0  # budget for one checkpoint save or reload (EVA-g's optimizer state is ~12 GB)
 
 
 class StallWatchdog:
-    def __init__(self, timeout_s: float, rank: int, backstop_s: Optional[float] = None,
-                 stream: Optional[TextIO] = None):
+    def __init__(self, timeout_s: float, rank: int, backstop_s: float | None = None, stream: TextIO | None = None):
         if timeout_s <= 0:
             raise ValueError(f"StallWatchdog timeout_s={timeout_s} must be > 0 (leave the watchdog out to disable it)")
         self.timeout_s = float(timeout_s)
@@ -35,11 +35,11 @@ class StallWatchdog:
         default_backstop_s = self.timeout_s + max(60.0, self.timeout_s / 2)
         self.backstop_s = max(float(backstop_s), self.timeout_s) if backstop_s is not None else default_backstop_s
         self.stream = stream or sys.stderr
-        self._last: Tuple[float, str, float] = (time.monotonic(), "start", self.timeout_s)
+        self._last: tuple[float, str, float] = (time.monotonic(), "start", self.timeout_s)
         self._beats = 0
         self._poll_s = min(1.0, self.timeout_s / 4)
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> "StallWatchdog":
         self._last = (time.monotonic(), "start", self.timeout_s)
@@ -48,7 +48,7 @@ class StallWatchdog:
         self._thread.start()
         return self
 
-    def beat(self, where: str, timeout_s: Optional[float] = None) -> None:
+    def beat(self, where: str, timeout_s: float | None = None) -> None:
         """Progress at `where`. `timeout_s` allows a longer budget until the next beat (e.g. a checkpoint save)."""
         self._last = (time.monotonic(), where, self.timeout_s if timeout_s is None else float(timeout_s))
         self._beats += 1
@@ -78,9 +78,11 @@ class StallWatchdog:
         faulthandler.dump_traceback_later(delay_s, repeat=False, file=fileno, exit=True)
 
     def _report_and_exit(self, where: str, idle_s: float) -> None:
-        lines = [f"[stall watchdog] rank {self.rank} on {socket.gethostname()} pid {os.getpid()}: "
-                 f"no progress for {idle_s:.1f}s (timeout {self._last[2]:.1f}s); last beat #{self._beats} "
-                 f"at '{where}'. Exiting with code {STALL_EXIT_CODE} instead of hanging. Stacks:"]
+        lines = [
+            f"[stall watchdog] rank {self.rank} on {socket.gethostname()} pid {os.getpid()}: "
+            f"no progress for {idle_s:.1f}s (timeout {self._last[2]:.1f}s); last beat #{self._beats} "
+            f"at '{where}'. Exiting with code {STALL_EXIT_CODE} instead of hanging. Stacks:"
+        ]
         names = {t.ident: t.name for t in threading.enumerate()}
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
@@ -92,4 +94,3 @@ class StallWatchdog:
             self.stream.flush()
         finally:
             os._exit(STALL_EXIT_CODE)
-

@@ -1,9 +1,9 @@
 """Small labeled image sets written to disk for the data and eval tests (imported as tests.helpers.data)."""
+
 import io
 import json
 import tarfile
 from pathlib import Path
-from typing import List
 
 import numpy as np
 from PIL import Image
@@ -27,14 +27,17 @@ def write_class_folder(root: Path, per_class: int, size: int = 16, num_classes: 
         for i in range(per_class):
             img = np.array(CLASS_COLORS[k], np.float32) * rng.uniform(0.6, 1.0)
             img = np.broadcast_to(img, (size, size, 3)).copy()
-            stripes = (np.arange(size) // 2 % 2 * 40.0)[:, None] if k % 2 else (np.arange(size) // 2 % 2 * 40.0)[None, :]
+            stripes = (
+                (np.arange(size) // 2 % 2 * 40.0)[:, None] if k % 2 else (np.arange(size) // 2 % 2 * 40.0)[None, :]
+            )
             img += stripes[..., None] + rng.normal(0, 12, (size, size, 3))
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / f"class_{k}" / f"{i}.png")
     return root
 
 
-def write_tar_shards(out_dir, num_samples: int = 64, num_shards: int = 2, img_size: int = 64,
-                     seed: int = 0) -> List[str]:
+def write_tar_shards(
+    out_dir, num_samples: int = 64, num_shards: int = 2, img_size: int = 64, seed: int = 0
+) -> list[str]:
     """Tiny webdataset shards: per sample KEY.jpg, KEY.cls, KEY.txt, KEY.json. Returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -46,9 +49,12 @@ def write_tar_shards(out_dir, num_samples: int = 64, num_shards: int = 2, img_si
             for i in range(shard, num_samples, num_shards):
                 label = i % NUM_CLASSES
                 key = f"{i:08d}"
-                members = {"jpg": jpeg_bytes(make_image(label, img_size, rng)), "cls": str(label).encode(),
-                           "txt": f"a {CLASS_NAMES[label]} picture".encode(),
-                           "json": json.dumps({"key": key, "label": label}).encode()}
+                members = {
+                    "jpg": jpeg_bytes(make_image(label, img_size, rng)),
+                    "cls": str(label).encode(),
+                    "txt": f"a {CLASS_NAMES[label]} picture".encode(),
+                    "json": json.dumps({"key": key, "label": label}).encode(),
+                }
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)

@@ -3,6 +3,7 @@
 switching the Triton interpreter on. Imported by the test modules as `kernel_helpers` (pytest puts
 tests/ on the import path of the modules it collects from there).
 """
+
 import contextlib
 import importlib
 import os
@@ -35,8 +36,10 @@ def use_interpreter_if_no_cuda() -> str | None:
     if torch.cuda.is_available():
         return None
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return ("TRITON_INTERPRET=1 was not set before triton was imported; set it in tests/conftest.py "
-                "before any import of triton/timm/eva_kernels, or export TRITON_INTERPRET=1")
+        return (
+            "TRITON_INTERPRET=1 was not set before triton was imported; set it in tests/conftest.py "
+            "before any import of triton/timm/eva_kernels, or export TRITON_INTERPRET=1"
+        )
     from triton.runtime.interpreter import InterpretedFunction  # only exists/needed on the interpreter path
 
     for name in _KERNEL_MODULES:
@@ -56,8 +59,9 @@ def kernels_runnable():
         pytest.fail(problem)
 
 
-def assert_close_like_torch(name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor,
-                            ref64: torch.Tensor, atol: float) -> None:
+def assert_close_like_torch(
+    name: str, ours: torch.Tensor, torch_same_precision: torch.Tensor, ref64: torch.Tensor, atol: float
+) -> None:
     """The accuracy rule of `eva_kernels.accuracy`, as a test assertion."""
     problem = tolerance_problem(name, ours, torch_same_precision, ref64, atol)
     assert problem is None, problem
@@ -70,7 +74,7 @@ def poisoned_outputs() -> Iterator[None]:
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2 ** 30))
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**30))
 
     torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
     torch.empty_like = lambda *a, **kw: poison(real_empty_like(*a, **kw))

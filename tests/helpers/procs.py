@@ -1,5 +1,6 @@
 """Launch real training processes as a launcher would (one process per rank, RANK/WORLD_SIZE/MASTER_* set), wait for
 them, kill them, and read what they logged."""
+
 import json
 import os
 import signal
@@ -25,14 +26,29 @@ def free_port() -> int:
 def launch_ranks(out: Path, world_size: int, command, env_extra=None):
     """`command` (a list) started once per rank, each in its own session, logging to OUT/log_rank{r}.txt."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="offline", WORLD_SIZE=str(world_size),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {}))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="offline",
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        **(env_extra or {}),
+    )
     procs = []
     for rank in range(world_size):
         log = open(out / f"log_rank{rank}.txt", "a")
-        procs.append(subprocess.Popen([str(c) for c in command], env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(c) for c in command],
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     return procs
 
 

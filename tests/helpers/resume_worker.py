@@ -5,6 +5,7 @@ set (the srun path of the real entry point). Every step reads the global samples
 of a synthetic dataset, so the data position is explicit; dropout makes the torch RNG matter.
 Rank 0 appends {"step", "loss", "first_sample"} to OUT/metrics.jsonl after every step.
 """
+
 import argparse
 import json
 import os
@@ -18,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from eva_train.config import CheckpointConfig
-from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 from eva_train.runtime.checkpoint import CheckpointManager
+from eva_train.runtime.rng import capture_rng_state, restore_rng_state
 
 GLOBAL_BATCH = 8
 IN_DIM, HIDDEN_DIM, OUT_DIM = 12, 24, 5  # odd sizes: ZeRO partitions get padding
@@ -52,12 +53,17 @@ def sample_batch(first: int, rank: int, world_size: int):
 
 def build_engine(args, world_size: int, load_universal: bool):
     torch.manual_seed(0)  # same initial weights on every rank and every launch
-    model = nn.Sequential(nn.Linear(IN_DIM, HIDDEN_DIM), nn.GELU(), nn.Dropout(args.dropout),
-                          nn.Linear(HIDDEN_DIM, OUT_DIM))
+    model = nn.Sequential(
+        nn.Linear(IN_DIM, HIDDEN_DIM), nn.GELU(), nn.Dropout(args.dropout), nn.Linear(HIDDEN_DIM, OUT_DIM)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), weight_decay=0.05)
-    ds_config = {"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size,
-                 "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage},
-                 "checkpoint": {"load_universal": load_universal}}
+    ds_config = {
+        "train_batch_size": GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": args.zero_stage},
+        "checkpoint": {"load_universal": load_universal},
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -70,6 +76,7 @@ def slow_down_saves(engine, seconds: float) -> None:
         result = real_save(*a, **kw)
         time.sleep(seconds)
         return result
+
     engine.save_checkpoint = save
 
 
@@ -77,8 +84,9 @@ def main():
     args = parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    ckpt_cfg = CheckpointConfig(every_steps=args.every_steps, keep_last=args.keep_last,
-                                keep_every=args.keep_every, resume=args.resume)
+    ckpt_cfg = CheckpointConfig(
+        every_steps=args.every_steps, keep_last=args.keep_last, keep_every=args.keep_every, resume=args.resume
+    )
     manager = CheckpointManager(args.out, ckpt_cfg, rank, world_size)
     resume_path = manager.find_resume(args.resume)
     engine = build_engine(args, world_size, load_universal=manager.prepare_resume(resume_path))
@@ -103,11 +111,22 @@ def main():
         step, first_sample, samples_seen = step + 1, samples_seen, samples_seen + GLOBAL_BATCH
         if rank == 0:
             with open(metrics, "a") as f:
-                f.write(json.dumps({"step": step, "loss": (mean_loss / world_size).item(),
-                                    "first_sample": first_sample}) + "\n")
+                f.write(
+                    json.dumps({"step": step, "loss": (mean_loss / world_size).item(), "first_sample": first_sample})
+                    + "\n"
+                )
         if manager.due(step) or step == args.total_steps:
-            manager.save(engine, step, {"step": step, "samples_seen": samples_seen, "rng": capture_rng_state(),
-                                        "config": vars(args), "code_version": "test"})
+            manager.save(
+                engine,
+                step,
+                {
+                    "step": step,
+                    "samples_seen": samples_seen,
+                    "rng": capture_rng_state(),
+                    "config": vars(args),
+                    "code_version": "test",
+                },
+            )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -6,17 +6,27 @@ so a pickle naming code is refused, never run. Training checkpoints wrap their w
 WRAPPER_KEYS found is taken, level after level, until a dict of tensors is reached (an EMA copy wins
 over the raw weights, as in timm and the EVA releases).
 """
+
 import zipfile
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 WRAPPER_KEYS = ("model_ema", "model", "module", "state_dict", "visual")
 
 
@@ -33,16 +43,27 @@ def read_state_dict(path: str, meta: bool = False) -> "OrderedDict[str, torch.Te
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         hint = "convert it to safetensors, or re-save only its state dict"
         if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
-            hint = ("it is a TorchScript archive (e.g. OpenAI's CLIP release): convert it once with `python -c \"import "
-                    "torch; torch.save(torch.jit.load('IN', map_location='cpu').state_dict(), 'OUT')\"`")
+            hint = (
+                "it is a TorchScript archive (e.g. OpenAI's CLIP release): convert it once with `python -c \"import "
+                "torch; torch.save(torch.jit.load('IN', map_location='cpu').state_dict(), 'OUT')\"`"
+            )
         raise ValueError(f"{path} could not be read as plain tensors ({type(exc).__name__}: {text}); {hint}") from None
     return unwrap(obj)
 
 
 def _safetensors_meta(path: str) -> "OrderedDict[str, torch.Tensor]":
     with safe_open(path, framework="pt") as f:
-        return OrderedDict((k, torch.empty(f.get_slice(k).get_shape(), dtype=_SAFETENSORS_DTYPES.get(
-            f.get_slice(k).get_dtype(), torch.float32), device="meta")) for k in f.keys())
+        return OrderedDict(
+            (
+                k,
+                torch.empty(
+                    f.get_slice(k).get_shape(),
+                    dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.float32),
+                    device="meta",
+                ),
+            )
+            for k in f.keys()
+        )
 
 
 def unwrap(obj) -> "OrderedDict[str, torch.Tensor]":
@@ -50,8 +71,10 @@ def unwrap(obj) -> "OrderedDict[str, torch.Tensor]":
     while isinstance(obj, Mapping) and not _is_tensor_dict(obj):
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
-            raise ValueError(f"no weights found: top-level keys are {list(obj)[:8]}; expected tensors or one of "
-                             f"{', '.join(WRAPPER_KEYS)}")
+            raise ValueError(
+                f"no weights found: top-level keys are {list(obj)[:8]}; expected tensors or one of "
+                f"{', '.join(WRAPPER_KEYS)}"
+            )
         obj = obj[key]
     if not isinstance(obj, Mapping):
         raise ValueError(f"no weights found: the file holds a {type(obj).__name__}, not a dict of tensors")
