@@ -15,11 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from eva_train.config import ModelConfig
 from eva_train.export.layouts import MIM_ONLY_PREFIXES, LayoutError, plan_layout
 from eva_train.export.safetensors_writer import read_metadata
+from eva_train.models import build_backbone, build_model
+from eva_train.models.pos_embed import resize_pos_embed
 from eva_train.models.weights_file import read_state_dict, unwrap  # noqa: F401 - read_state_dict re-exported
 
 log = logging.getLogger(__name__)
@@ -174,8 +178,6 @@ def _resize_pos_embed(state_dict, plan, model, shapes, report: ImportReport):
     name = routes[0].dest
     if tuple(state_dict[name].shape) == shapes["pos_embed"]:
         return state_dict
-    from eva_train.models.pos_embed import resize_pos_embed
-
     state_dict = OrderedDict(state_dict)
     table = state_dict[name]
     state_dict[name] = resize_pos_embed(table, model.grid_size, model.num_prefix_tokens)
@@ -219,8 +221,7 @@ def init_from(model: nn.Module, path: str) -> ImportReport:
     params = dict(model.named_parameters())
     partitioned = [name for name in converted if hasattr(params.get(name), "ds_id")]
     if partitioned:
-        import deepspeed
-        import torch.distributed as dist
+        import deepspeed  # only for a ZeRO-3 partitioned model (2.3 s to import; inference never needs it)
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         for name in partitioned:  # one param at a time: EVA-g is never whole on a rank
@@ -235,9 +236,6 @@ def init_from(model: nn.Module, path: str) -> ImportReport:
 
 def model_from_metadata(metadata: dict[str, str], state_dict: Mapping[str, torch.Tensor], backbone_only: bool):
     """Build the eva-train model a consolidated file was made from (its `config` metadata)."""
-    from eva_train.config import ModelConfig
-    from eva_train.models import build_backbone, build_model
-
     if "config" not in metadata:
         raise ValueError(
             "the file has no eva-train config in its metadata (not made by tools/consolidate.py "

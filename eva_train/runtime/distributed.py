@@ -49,6 +49,7 @@ def world_from_env(environ: MutableMapping[str, str] = os.environ) -> WorldInfo:
 
 def init_process_group(world: WorldInfo, timeout_s: int):
     """Create the process group (NCCL on GPUs, gloo on DeepSpeed's CPU accelerator); returns this rank's device."""
+    # imported here: pretrain.py reads world_from_env before validating, and deepspeed takes seconds to import
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator

@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+
 from eva_train.plan.gpus import mfu, peak_flops  # noqa: F401 - peak_flops re-exported: the one GPU table
 from eva_train.runtime.fsio import atomic_write_text
 
@@ -22,12 +25,8 @@ log = logging.getLogger(__name__)
 
 def memory_gib(device) -> float:
     """Peak allocated accelerator memory, or this process's resident memory on CPU."""
-    import torch
-
     if getattr(device, "type", "cpu") == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**30
 
 
@@ -170,7 +169,7 @@ def wandb_run_id(output_dir: str) -> str:
 
 def _start_wandb(output_dir: str, logging_cfg, run_config: dict[str, Any]):
     try:
-        import wandb
+        import wandb  # optional, and seconds to import: only when logging.wandb is on
     except ImportError as error:
         log.warning("wandb unavailable (%s); logging to metrics.jsonl only", error)
         return None
