@@ -4,16 +4,13 @@ or a real blow-up (--optim.lr=1e30, the case that used to end "finished" with 6e
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from eva_train.runtime.checkpoint import newest_complete, read_complete
+from tests.helpers.procs import launch_pretrain, wait_all
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "eva_train" / "pretrain.py"
@@ -23,30 +20,9 @@ BATCH = 64  # the demo recipe's global batch
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_pretrain(out: Path, world_size: int, demo_root: Path, *args: str, fault: str = ""):
     """Exit codes of the ranks (one process each, as torchrun or srun start them)."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        WANDB_MODE="offline",
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        EVA_FAULT_INJECT=fault,
-        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    )
-    cmd = [
-        sys.executable,
-        str(PRETRAIN),
-        "--output_dir",
-        str(out),
+    quick = [
         f"--data.demo_root={demo_root}",
         "--data.num_workers=0",
         "--train.precision=fp32",
@@ -55,24 +31,9 @@ def run_pretrain(out: Path, world_size: int, demo_root: Path, *args: str, fault:
         "--logging.wandb=false",
         "--logging.progress_bar=false",
         "--eval.final_report=false",
-        *args,
     ]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=open(out / f"log_rank{r}.txt", "a"),
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(world_size)
-    ]
-    try:
-        return [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs = launch_pretrain(out, world_size, [*quick, *args], env_extra={"EVA_FAULT_INJECT": fault})
+    return wait_all(procs, RUN_TIMEOUT_S)
 
 
 def logs(out: Path) -> str:

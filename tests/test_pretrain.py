@@ -3,23 +3,18 @@ ZeRO-1 run, a 2-rank run reading tar shards through an Arrow index, and the CLI'
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.procs import free_port, launch_pretrain, wait_all
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "eva_train" / "pretrain.py"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 RUN_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quick(*extra: str):
@@ -44,28 +39,11 @@ def metrics(out: Path):
 
 
 def launch_ranks(out: Path, world_size: int, args):
-    """One plain process per rank with the launcher's environment (as torchrun / srun would set it)."""
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        WANDB_MODE="offline",
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(PRETRAIN), "--output_dir", str(out), *args],
-            cwd=REPO,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world_size)
-    ]
-    logs = [p.communicate(timeout=RUN_TIMEOUT_S)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * world_size, logs[0][-4000:] + logs[-1][-4000:]
+    """One plain process per rank with the launcher's environment (as torchrun / srun would set it); their logs."""
+    procs = launch_pretrain(out, world_size, args)
+    codes = wait_all(procs, RUN_TIMEOUT_S)
+    logs = [(out / f"log_rank{r}.txt").read_text() for r in range(world_size)]
+    assert codes == [0] * world_size, logs[0][-4000:] + logs[-1][-4000:]
     return logs
 
 
