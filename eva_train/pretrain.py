@@ -100,17 +100,10 @@ def dataset_size(cfg: Config) -> tuple[int, str]:
 
 
 def plan(cfg: Config, world_size: int) -> dict:
-    from eva_train.optim.schedule import plan_steps
+    from eva_train.optim.schedule import recipe_steps
 
     size, source = dataset_size(cfg)
-    total, warmup = plan_steps(
-        total_steps=cfg.train.total_steps,
-        epochs=cfg.train.epochs,
-        warmup_steps=cfg.optim.warmup_steps,
-        warmup_epochs=cfg.optim.warmup_epochs,
-        dataset_size=size,
-        global_batch_size=cfg.train.global_batch_size,
-    )
+    total, warmup = recipe_steps(cfg, size)
     return {
         "recipe": cfg.recipe,
         "world_size": world_size,

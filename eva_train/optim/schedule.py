@@ -27,3 +27,16 @@ def plan_steps(
     total = total_steps if total_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
     warmup = warmup_steps if warmup_steps > 0 else int(round(warmup_epochs * steps_per_epoch))
     return total, min(warmup, total)
+
+
+def recipe_steps(cfg, dataset_size: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) of a pretraining config (`train` and `optim` sections) on `dataset_size` samples
+    per epoch: what the run, its dry run and the planner all count with."""
+    return plan_steps(
+        total_steps=cfg.train.total_steps,
+        epochs=cfg.train.epochs,
+        warmup_steps=cfg.optim.warmup_steps,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        dataset_size=dataset_size,
+        global_batch_size=cfg.train.global_batch_size,
+    )

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eva_train.config import Config, derived_grad_accum
-from eva_train.optim.schedule import plan_steps
+from eva_train.optim.schedule import recipe_steps
 from eva_train.plan import comm, memory
 from eva_train.plan.gpus import GpuSpec
 from eva_train.plan.shapes import RecipeShapes, recipe_shapes
@@ -71,14 +71,7 @@ def build_plan(
     compute_s = accum * micro / images_per_s
     link = gpu.link_gbs if nodes > 1 else gpu.nvlink_gbs
     traffic = comm.plan_comm(zero.stage, shapes.student.params, DTYPE_BYTES[precision], world, accum, link, compute_s)
-    total, _ = plan_steps(
-        total_steps=cfg.train.total_steps,
-        epochs=cfg.train.epochs,
-        warmup_steps=cfg.optim.warmup_steps,
-        warmup_epochs=cfg.optim.warmup_epochs,
-        dataset_size=dataset_size,
-        global_batch_size=cfg.train.global_batch_size,
-    )
+    total, _ = recipe_steps(cfg, dataset_size)
     step_s = max(compute_s, traffic.seconds_per_step)  # collectives overlap compute; the slower one sets the pace
     wall_s = total * step_s
     return {

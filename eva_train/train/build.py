@@ -22,7 +22,7 @@ from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.models.flops import train_flops_per_image
 from eva_train.models.teacher import build_teacher
 from eva_train.models.variants import VARIANTS
-from eva_train.optim.schedule import lr_at_step, plan_steps
+from eva_train.optim.schedule import lr_at_step, recipe_steps
 from eva_train.plan.gpus import peak_flops
 from eva_train.runtime.checkpoint import CheckpointManager
 from eva_train.runtime.distributed import WorldInfo, init_process_group
@@ -153,14 +153,7 @@ def build_run(cfg: Config, world: WorldInfo, code_version: str) -> Run:
         log.info("resumed from %s at step %d", resume_path, client["step"])
     loader, sampler = _loader(cfg, world, cfg.data.index, True, client.get("sampler_state"))
     val_loader = _loader(cfg, world, cfg.data.val_index, False)[0] if cfg.data.val_index else None
-    total, warmup = plan_steps(
-        total_steps=cfg.train.total_steps,
-        epochs=cfg.train.epochs,
-        warmup_steps=cfg.optim.warmup_steps,
-        warmup_epochs=cfg.optim.warmup_epochs,
-        dataset_size=sampler.epoch_length,
-        global_batch_size=cfg.train.global_batch_size,
-    )
+    total, warmup = recipe_steps(cfg, sampler.epoch_length)
     lr_fn = partial(lr_at_step, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=warmup, total_steps=total)
     trainer = Trainer(engine, teacher, optimizer, device, cfg.train.precision, lr_fn)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
