@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from eva_train.eval.knn import knn_accuracy
 from eva_train.eval.knn_monitor import KnnMonitor
 from eva_train.eval.linear_probe import fit_linear_probe, head_accuracy
 from eva_train.eval.protocol_config import build_protocol_config
@@ -28,15 +27,7 @@ RANDOM_INIT_SEED_OFFSET = 1  # the baseline's init differs from the pretrained r
 
 def _scores(monitor: KnnMonitor, model: torch.nn.Module) -> dict[str, float]:
     train_feats, train_labels, val_feats, val_labels = monitor.features(model)
-    scores = knn_accuracy(
-        train_feats,
-        train_labels,
-        val_feats,
-        val_labels,
-        monitor.num_classes,
-        k=monitor.cfg.knn_k,
-        temperature=monitor.cfg.knn_temperature,
-    )
+    scores = monitor.scores(train_feats, train_labels, val_feats, val_labels)
     head = fit_linear_probe(train_feats, train_labels, monitor.num_classes, build_protocol_config(PROBE_RECIPE))
     probe = head_accuracy(head, val_feats.cpu(), val_labels.cpu(), prefix="linear_")
     return {**scores, **probe}

@@ -86,7 +86,10 @@ class KnnMonitor:
 
     def run(self, model: torch.nn.Module) -> dict[str, float]:
         """`{"knn_top1": %, "knn_top5": %}`; the same on every rank."""
-        train_feats, train_labels, val_feats, val_labels = self.features(model)
+        return self.scores(*self.features(model))
+
+    def scores(self, train_feats, train_labels, val_feats, val_labels) -> dict[str, float]:
+        """kNN top-1/top-5 of already extracted features, with this monitor's k and temperature."""
         return knn_accuracy(
             train_feats,
             train_labels,
